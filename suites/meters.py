@@ -23,8 +23,10 @@ is counted once, in the first category that claims it:
 * ``params``: storages of the model's parameters and buffers (trainable or frozen).
 * ``grads``: ``p.grad`` of every parameter, and every module's ``.lowrank_grad`` (the OASIS / PCA /
   CompAct weight gradient, which replaces ``.weight.grad`` for compressed layers).
-* ``optimizer``: every tensor reachable from ``optimizer.state`` (nested dicts, lists, tuples and plain
-  objects such as galore-torch's projector with its ``ortho_matrix``; modules are not walked).
+* ``optimizer``: every tensor reachable from ``optimizer.state`` (nested mappings, lists, tuples and plain
+  objects such as galore-torch's projector with its ``ortho_matrix``) or from the optimizer object's
+  other attributes (OASIS keeps its bases in trackers it holds; a layer-wise optimizer holds inner
+  optimizers). Modules are not walked: what they own is "params".
 * ``activations``: tensors saved by autograd for backward (seen by a ``saved_tensors_hooks`` pack
   hook) that are not in a category above.
 * ``other``: everything else alive at the peak: temporaries of the forward, backward and optimizer
@@ -36,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import weakref
+from collections.abc import Mapping
 from contextlib import ExitStack
 
 import torch
@@ -62,16 +65,35 @@ def _walk_tensors(obj, out: list, seen: set, depth: int = 0) -> None:
     seen.add(id(obj))
     if isinstance(obj, torch.Tensor):
         out.append(obj)
-    elif isinstance(obj, dict):
+    elif isinstance(obj, Mapping):
         for value in obj.values():
             _walk_tensors(value, out, seen, depth + 1)
     elif isinstance(obj, (list, tuple, set)):
         for value in obj:
             _walk_tensors(value, out, seen, depth + 1)
-    elif isinstance(obj, (nn.Module, torch.optim.Optimizer, str, bytes, int, float, bool, type(None))):
-        return  # modules are "params"; scalars hold nothing
+    elif isinstance(obj, (nn.Module, str, bytes, int, float, bool, type(None))) or callable(obj):
+        return  # modules hold "params"; scalars and functions (hooks) hold nothing
     elif hasattr(obj, "__dict__"):
         _walk_tensors(vars(obj), out, seen, depth + 1)
+
+
+def _scalar(func, args):
+    """`.item()`, `float(t)`, `bool(t)`: the value, or under FakeTensorMode (no values) a placeholder.
+
+    Fake tensors have no data, so a Python scalar read from one (a loss printed, a `if t.max() > 0`
+    guard, a principal angle logged) gets 1 / 1.0 / True. Memory does not depend on these values in
+    the training steps measured here; shapes never come from them (a data-dependent shape still
+    raises).
+    """
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor
+
+    try:
+        return func(*args)
+    except DataDependentOutputException:
+        if not isinstance(args[0], FakeTensor):
+            raise
+        dtype = args[0].dtype
+        return True if dtype is torch.bool else (1.0 if dtype.is_floating_point else 1)
 
 
 class _Saved:
@@ -171,7 +193,10 @@ class TensorTracker(TorchDispatchMode):
     def _optimizer_tensors(self) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
         if self.optimizer is not None:
-            _walk_tensors(self.optimizer.state, out, set())
+            seen: set = set()
+            _walk_tensors(self.optimizer.state, out, seen)
+            # state kept on the optimizer object itself: OASIS trackers' bases, inner optimizers
+            _walk_tensors({k: v for k, v in vars(self.optimizer).items() if k != "param_groups"}, out, seen)
         return out
 
     def classify(self) -> dict[str, int]:
@@ -218,6 +243,8 @@ class TensorTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            return _scalar(func, args)
         # inputs too: a tensor made before tracking began (a batch, a cached mask) is live memory
         for t in tree_flatten((args, kwargs))[0]:
             if isinstance(t, torch.Tensor) and id(_storage(t)) not in self.live:

@@ -1,0 +1,310 @@
+"""Peak training memory of every method at any model scale, measured by running real training steps.
+
+    python -m suites.memory --model llama-2-7b --methods all --batch 8 --seq 512 --rank 32
+
+For each method: build the model from its config (a preset of `suites.models` or a transformers
+config.json), wrap it with the method's builder from the registry, and run real training steps
+(forward, backward, `optimizer.step()`, `optimizer.zero_grad()`): one warm-up step so lazily created
+optimizer state exists, then the measured window. With `--kind estimate` (the default) the model,
+the method and every step live under FakeTensorMode: shapes are computed, nothing is allocated, so a
+7B model is measured on a laptop in seconds. `--kind cpu` runs the same steps on real tensors (for
+small models); both count live tensor storages with the same tracker (`suites.meters`), so a small
+config gives the same bytes both ways.
+
+Policy (the published setups): pure low precision (`--dtype bf16`: weights, gradients, optimizer
+state and activations all bf16, no fp32 master copy; parameters a method builder creates in another
+dtype are cast, see `cast_params`), no gradient checkpointing unless asked, scaled
+dot-product attention. Periodic methods have their refresh period set to 1 for these runs so that the
+measured window contains a refresh (DESIGN §5); the keys are in `REFRESH_KEYS`.
+
+Generic memory tricks, offered to every method alike and recorded in the output:
+  --loss chunked     the causal-LM loss over token chunks, never the whole batch's logits (suites.lean)
+  --layerwise        optimizer steps inside backward, gradients freed at once (methods that support it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from suites import lean
+from suites.meters import fake_construction, make_meter
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+KINDS = ("estimate", "cpu")
+# hyper-parameters that set how often a basis is recomputed: 1 puts a refresh inside the window
+REFRESH_KEYS = {"update_proj_gap": 1, "refresh_every": 1, "update_every": 1}
+COMMON = {"lr": 1e-4, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "seed": 0}
+GIB = 2**30
+CATEGORY_COLS = ("params", "grads", "optimizer", "activations", "other")
+
+
+def load_config(model: str):
+    """A transformers config from a preset name of `suites.models` or a config.json (file or directory)."""
+    from suites.models import PRESETS, llama_config
+
+    if model in PRESETS:
+        return llama_config(model)
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.suffix == ".json" and path.is_file():
+        from transformers import AutoConfig
+
+        with open(path) as f:
+            raw = json.load(f)
+        if "model_type" not in raw:
+            raise ValueError(f"{path} has no model_type; not a transformers config")
+        return AutoConfig.for_model(**raw)
+    raise ValueError(f"unknown model {model!r}: give a preset ({', '.join(PRESETS)}) "
+                     "or a path to config.json")
+
+
+def build_model(config, dtype: torch.dtype, attn: str, checkpointing: bool):
+    """The randomly initialised causal LM of `config` in `dtype` (values are irrelevant to memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    model = model.to(dtype=dtype)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def make_batch(vocab: int, batch: int, seq: int) -> dict:
+    """A full-length batch like the harness': input_ids, attention_mask (ones) and labels (a copy)."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+
+def cast_params(model, dtype: torch.dtype) -> None:
+    """Pure `dtype`: floating parameters a builder made in another dtype are cast in place (peft, for one,
+    upcasts LoRA adapters of a bf16 model to fp32 by default). Optimizer state is created lazily from the
+    parameters, so it follows. Buffers and method state that is not a parameter (e.g. OASIS bases, fp32
+    by design) are left alone."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+
+
+def method_config(name: str, rank: int, overrides: dict) -> dict:
+    from suites.registry import method_defaults
+
+    defaults = method_defaults(name)
+    cfg = {**defaults, **COMMON, "rank": rank}
+    cfg.update({k: v for k, v in REFRESH_KEYS.items() if k in defaults})
+    cfg.update({k: v for k, v in overrides.items() if k in defaults or k in COMMON})
+    return cfg
+
+
+def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: str = "bf16",
+            checkpointing: bool = False, kind: str = "estimate", attn: str = "sdpa", loss: str = "full",
+            loss_chunk: int = 1024, window: int = 1, overrides: dict | None = None) -> dict:
+    """Peak memory of `window` training steps of `method` after one warm-up step; one result row."""
+    from suites.registry import build_method
+
+    config = load_config(model)
+    cfg = method_config(method, rank, dict(overrides or {}))
+    fake = kind == "estimate"
+    vocab = config.vocab_size
+    t0 = time.perf_counter()
+    with fake_construction() if fake else _nullcontext():
+        net = build_model(config, DTYPES[dtype], attn, checkpointing)
+        net, optimizer = build_method(method, net, cfg)
+        cast_params(net, DTYPES[dtype])
+        batch_ = make_batch(vocab, batch, seq)
+    meter = make_meter(kind, net, optimizer)
+    loss_fn = lean.causal_lm_loss if loss == "chunked" else lean.model_loss
+
+    def step():  # what the harness loop does (suites.loop), minus timing and logging
+        value = loss_fn(net, batch_, chunk_tokens=loss_chunk)
+        value.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with meter, _masks_as_in_real_runs():
+        step()
+        meter.start_window()
+        for _ in range(window):
+            step()
+    rec = meter.result()
+    return {"method": method, "peak_bytes": rec["peak_bytes"], "breakdown": rec["breakdown"],
+            "source": rec["source"],
+            "tricks": {"loss": loss, "layerwise": bool(cfg.get("layerwise", False)),
+                       "checkpointing": checkpointing},
+            "method_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
+            "wall_s": round(time.perf_counter() - t0, 2)}
+
+
+@contextlib.contextmanager
+def _masks_as_in_real_runs():
+    """transformers treats a fake tensor as "tracing" and then always materialises a (B, 1, S, S) attention
+    mask, where a real run with an all-ones attention_mask passes none and lets SDPA apply causality
+    itself (the flash-attention path). The check that reads the mask's values is answered by the
+    tracker's placeholder (True: all ones), which is what the batches measured here hold."""
+    try:
+        import transformers.masking_utils as masking
+    except ImportError:
+        yield
+        return
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    original = masking.is_tracing
+    masking.is_tracing = lambda tensor=None: original(None if isinstance(tensor, FakeTensor) else tensor)
+    try:
+        yield
+    finally:
+        masking.is_tracing = original
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run(args) -> dict:
+    from suites.registry import resolve_methods
+
+    methods = resolve_methods(args.methods)
+    overrides = dict(args.set)
+    if args.layerwise:
+        overrides["layerwise"] = True
+    rows = []
+    for name in methods:
+        row = measure(args.model, name, batch=args.batch, seq=args.seq, rank=args.rank, dtype=args.dtype,
+                      checkpointing=args.checkpointing, kind=args.kind, attn=args.attn, loss=args.loss,
+                      loss_chunk=args.loss_chunk, overrides=overrides)
+        rows.append(row)
+        if not args.quiet:
+            print(f"  {name}: {row['peak_bytes'] / GIB:.3f} GiB ({row['wall_s']} s)", file=sys.stderr)
+    adam = next((r["peak_bytes"] for r in rows if r["method"] == "adam"), None)
+    for r in rows:
+        r["ratio_to_adam"] = None if adam is None else round(r["peak_bytes"] / adam, 4)
+    config = {"model": args.model, "batch": args.batch, "seq": args.seq, "rank": args.rank,
+              "dtype": args.dtype, "checkpointing": args.checkpointing, "attn": args.attn, "loss": args.loss,
+              "loss_chunk": args.loss_chunk if args.loss == "chunked" else None, "layerwise": args.layerwise,
+              "kind": args.kind, "set": overrides, "torch": torch.__version__}
+    return {"config": config, "results": rows}
+
+
+def format_table(report: dict, markdown: bool = False) -> str:
+    big = max(r["peak_bytes"] for r in report["results"]) >= GIB
+    unit, scale = ("GiB", GIB) if big else ("MiB", 2**20)
+    cols = ("method", f"peak {unit}", *CATEGORY_COLS, "/adam", "tricks")
+    lines = []
+    for r in report["results"]:
+        b = r["breakdown"]
+        tricks = [k if k != "loss" else f"loss={v}" for k, v in r["tricks"].items()
+                  if (v if k != "loss" else v != "full")]
+        lines.append((r["method"], f"{r['peak_bytes'] / scale:.2f}",
+                      *(f"{b[k] / scale:.2f}" for k in CATEGORY_COLS),
+                      "-" if r["ratio_to_adam"] is None else f"{r['ratio_to_adam']:.3f}",
+                      ",".join(tricks) or "-"))
+    if markdown:
+        out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        out += ["| " + " | ".join(line) + " |" for line in lines]
+        return "\n".join(out)
+    widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(cols)]
+    fmt = "  ".join(f"{{:{'<' if i in (0, 8) else '>'}{w}}}" for i, w in enumerate(widths))
+    return "\n".join([fmt.format(*cols)] + [fmt.format(*line) for line in lines])
+
+
+def _key_value(text: str):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        value = json.loads(value)
+    except json.JSONDecodeError:
+        pass
+    return key, value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m suites.memory", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a preset of suites.models or a path to a config.json")
+    p.add_argument("--methods", default="all", help="'all' (the six mission methods) or a,b,...")
+    p.add_argument("--batch", type=_positive, default=8, help="micro-batch size (sequences)")
+    p.add_argument("--seq", type=_positive, default=512, help="sequence length (tokens)")
+    p.add_argument("--rank", type=_positive, default=32, help="rank of the low-rank methods")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                   help="dtype of the whole model and its training state (pure, no master copy)")
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (non-reentrant)")
+    p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation")
+    p.add_argument("--loss", choices=("full", "chunked"), default="full",
+                   help="full: the model's own loss over the whole batch's logits; chunked: suites.lean")
+    p.add_argument("--loss-chunk", type=_positive, default=1024, help="tokens per chunk for --loss chunked")
+    p.add_argument("--layerwise", action="store_true",
+                   help="optimizer steps inside backward (sets layerwise=true for methods that have it)")
+    p.add_argument("--kind", choices=KINDS, default="estimate",
+                   help="estimate: FakeTensorMode, nothing allocated; cpu: real tensors (small models)")
+    p.add_argument("--set", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                   help="a method hyper-parameter (JSON value), e.g. --set subspace_lr=0.1")
+    p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--quiet", action="store_true", help="no per-method progress on stderr")
+    return p
+
+
+def main(argv=None) -> int:
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    args = parser().parse_args(argv)
+    try:
+        from suites.registry import resolve_methods
+
+        resolve_methods(args.methods)
+        load_config(args.model)
+        report = run(args)
+    except ValueError as exc:
+        print(f"python -m suites.memory: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(report, markdown=args.markdown))
+    if args.json:
+        write_json(report, args.json)
+    return 0
+
+
+def write_json(obj, path: Path) -> None:
+    """Atomic write: a partial file never exists under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
