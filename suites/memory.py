@@ -19,6 +19,7 @@ measured window contains a refresh (DESIGN §5); the keys are in `REFRESH_KEYS`.
 
 Generic memory tricks, offered to every method alike and recorded in the output:
   --loss chunked     the causal-LM loss over token chunks, never the whole batch's logits (suites.lean)
+  --lean-blocks      RMSNorm and SwiGLU keep only their inputs for backward (suites.lean.make_lean)
   --layerwise        optimizer steps inside backward, gradients freed at once (methods that support it)
 """
 
@@ -111,7 +112,8 @@ def method_config(name: str, rank: int, overrides: dict) -> dict:
 
 def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: str = "bf16",
             checkpointing: bool = False, kind: str = "estimate", attn: str = "sdpa", loss: str = "full",
-            loss_chunk: int = 1024, window: int = 1, overrides: dict | None = None) -> dict:
+            loss_chunk: int = 1024, lean_blocks: bool = False, window: int = 1,
+            overrides: dict | None = None) -> dict:
     """Peak memory of `window` training steps of `method` after one warm-up step; one result row."""
     from suites.registry import build_method
 
@@ -122,6 +124,8 @@ def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: 
     t0 = time.perf_counter()
     with fake_construction() if fake else _nullcontext():
         net = build_model(config, DTYPES[dtype], attn, checkpointing)
+        if lean_blocks:
+            lean.make_lean(net)
         net, optimizer = build_method(method, net, cfg)
         cast_params(net, DTYPES[dtype])
         batch_ = make_batch(vocab, batch, seq)
@@ -142,8 +146,8 @@ def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: 
     rec = meter.result()
     return {"method": method, "peak_bytes": rec["peak_bytes"], "breakdown": rec["breakdown"],
             "source": rec["source"],
-            "tricks": {"loss": loss, "layerwise": bool(cfg.get("layerwise", False)),
-                       "checkpointing": checkpointing},
+            "tricks": {"loss": loss, "lean_blocks": lean_blocks,
+                       "layerwise": bool(cfg.get("layerwise", False)), "checkpointing": checkpointing},
             "method_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
             "wall_s": round(time.perf_counter() - t0, 2)}
 
@@ -188,7 +192,7 @@ def run(args) -> dict:
     for name in methods:
         row = measure(args.model, name, batch=args.batch, seq=args.seq, rank=args.rank, dtype=args.dtype,
                       checkpointing=args.checkpointing, kind=args.kind, attn=args.attn, loss=args.loss,
-                      loss_chunk=args.loss_chunk, overrides=overrides)
+                      loss_chunk=args.loss_chunk, lean_blocks=args.lean_blocks, overrides=overrides)
         rows.append(row)
         if not args.quiet:
             print(f"  {name}: {row['peak_bytes'] / GIB:.3f} GiB ({row['wall_s']} s)", file=sys.stderr)
@@ -198,6 +202,7 @@ def run(args) -> dict:
     config = {"model": args.model, "batch": args.batch, "seq": args.seq, "rank": args.rank,
               "dtype": args.dtype, "checkpointing": args.checkpointing, "attn": args.attn, "loss": args.loss,
               "loss_chunk": args.loss_chunk if args.loss == "chunked" else None, "layerwise": args.layerwise,
+              "lean_blocks": args.lean_blocks,
               "kind": args.kind, "set": overrides, "torch": torch.__version__}
     return {"config": config, "results": rows}
 
@@ -266,6 +271,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=("full", "chunked"), default="full",
                    help="full: the model's own loss over the whole batch's logits; chunked: suites.lean")
     p.add_argument("--loss-chunk", type=_positive, default=1024, help="tokens per chunk for --loss chunked")
+    p.add_argument("--lean-blocks", action="store_true",
+                   help="RMSNorm and SwiGLU that keep only their inputs for backward (suites.lean.make_lean)")
     p.add_argument("--layerwise", action="store_true",
                    help="optimizer steps inside backward (sets layerwise=true for methods that have it)")
     p.add_argument("--kind", choices=KINDS, default="estimate",
