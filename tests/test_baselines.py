@@ -1,0 +1,251 @@
+"""Every method behind the registry: trains, keeps the state its formula says, resumes identically, and
+rejects bad hyper-parameters with one clear ValueError.
+
+Models are `llama-tiny` (hidden 64, MLP 172, 2 layers) with a 512-token vocabulary instead of 32k: the
+embedding is trained by plain AdamW in every method, so the small vocabulary changes nothing that is
+tested here and keeps the file fast.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import pytest
+import torch
+
+from baselines._common import LLAMA_PROJECTIONS
+from suites.models import build_model, llama_config
+from suites.registry import (
+    ALL_METHODS,
+    EXTRA_METHODS,
+    MISSION_METHODS,
+    build_method,
+    method_defaults,
+    resolve_methods,
+)
+
+RANK = 8
+VOCAB = 512
+COMMON = {"lr": 3e-3, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "rank": RANK, "seed": 0}
+# short refresh periods so that 30 steps (and the resumed half of the round trip) cross a basis refresh
+FAST = {"update_proj_gap": 4, "refresh_every": 4, "regenerate_every": 4}
+CASES = [(name, {}) for name in ALL_METHODS]
+CASES += [("adam", {"layerwise": True}), ("galore", {"layerwise": True})]
+IDS = [name + ("-layerwise" if extra else "") for name, extra in CASES]
+
+warnings.filterwarnings("ignore", message=".*kernels.*")
+
+
+def _model(seed=0):
+    return build_model(llama_config("llama-tiny", vocab_size=VOCAB), seed=seed)
+
+
+def _build(name, extra=None, seed=0):
+    cfg = {**method_defaults(name), **COMMON, **FAST, **(extra or {})}
+    if name == "ldadam":
+        cfg["betas"] = method_defaults("ldadam")["betas"]
+    return build_method(name, _model(seed), cfg)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(3, VOCAB, (2, 16), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def _train(model, opt, batch, steps):
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+# ---- state element counts, read from the real optimizer / module tensors ----------------------------------
+
+def _tensors(value):
+    """Every non-scalar tensor reachable from an optimizer-state value (dicts, lists, projector objects)."""
+    if torch.is_tensor(value):
+        return [value] if value.dim() > 0 else []
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if hasattr(value, "__dict__") and not isinstance(value, torch.nn.Module):
+        return _tensors(vars(value))
+    return []
+
+
+def _layers(model):
+    """name -> module for each targeted projection (for LoRA: the peft wrapper holding base + adapters)."""
+    return {name: mod for name, mod in model.named_modules()
+            if name.rsplit(".", 1)[-1] in LLAMA_PROJECTIONS}
+
+
+def _state_numel(opt, module):
+    seen, total = set(), 0
+    for p in module.parameters():
+        for t in _tensors(opt.state[p]) if p in opt.state else []:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel()
+    return total
+
+
+def _expected_per_layer(name, m, n, r):
+    return {
+        "adam": 2 * m * n,
+        "lora": 2 * r * (m + n),
+        "galore": 2 * r * max(m, n) + r * min(m, n),
+        "galore8bit": 2 * r * max(m, n) + r * min(m, n),  # projected tensors < 4096 elements stay 32-bit
+        # moments + the current projector + the error buffer; P_{t-1} only lives inside step()
+        "ldadam": 2 * r * max(m, n) + r * min(m, n) + m * n,
+        "pca": 2 * r * m,
+        "compact": 2 * r * m,
+        "oasis": 2 * r * m,
+        "oasis-notransport": 2 * r * m,
+        "oasis-frozen": 2 * r * m,
+    }[name]
+
+
+@pytest.mark.parametrize(("name", "extra"), CASES, ids=IDS)
+def test_trains_and_keeps_the_state_its_formula_says(name, extra):
+    model, opt = _build(name, extra)
+    losses = _train(model, opt, _batch(), 30)
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.5, f"{name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+    if name == "adam8bit":  # counted in bytes: two uint8 states + one float32 absmax per 256-block each
+        for lname, mod in _layers(model).items():
+            st = opt.state[mod.weight]
+            m, n = mod.weight.shape
+            assert st["state1"].dtype == st["state2"].dtype == torch.uint8, lname
+            keys = ("state1", "state2", "absmax1", "absmax2")
+            nbytes = sum(st[k].numel() * st[k].element_size() for k in keys)
+            assert nbytes == 2 * m * n + 2 * 4 * math.ceil(m * n / 256), lname
+        return
+    for lname, mod in _layers(model).items():
+        weight = getattr(mod, "base_layer", mod).weight
+        m, n = weight.shape
+        assert _state_numel(opt, mod) == _expected_per_layer(name, m, n, RANK), lname
+    bases = [getattr(mod, "basis", None) for mod in _layers(model).values()]
+    bases = {id(b): b for b in bases if b is not None}
+    if name in ("pca", "compact") or name.startswith("oasis"):
+        # one d_in x r basis per distinct layer input (q/k/v and gate/up share theirs): 3 per decoder block
+        assert len(bases) == 3 * model.config.num_hidden_layers
+        assert all(b.shape[1] == RANK for b in bases.values())
+    else:
+        assert not bases
+
+
+@pytest.mark.parametrize(("name", "extra"), CASES, ids=IDS)
+def test_state_dict_round_trip_resumes_identically(name, extra):
+    batch, k = _batch(), 3
+    torch.manual_seed(7)  # LoRA dropout draws from the global RNG
+    model, opt = _build(name, extra)
+    _train(model, opt, batch, k)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buf)
+    rng = torch.get_rng_state()
+    _train(model, opt, batch, k)  # uninterrupted
+
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)  # a checkpoint must load without unpickling code objects
+    fresh_model, fresh_opt = _build(name, extra, seed=99)  # another init: all must come from the file
+    fresh_model.load_state_dict(saved["model"])
+    fresh_opt.load_state_dict(saved["optim"])
+    torch.set_rng_state(rng)
+    _train(fresh_model, fresh_opt, batch, k)
+
+    for (pname, p), (_, q) in zip(model.named_parameters(), fresh_model.named_parameters(), strict=True):
+        assert torch.equal(p, q), f"{name}: {pname} differs after resuming"
+
+
+@pytest.mark.parametrize("name", ["adam", "galore"])
+def test_layerwise_mode_gives_the_same_weights_as_the_ordinary_step(name):
+    batch = _batch()
+    results = []
+    for layerwise in (False, True):
+        model, opt = _build(name, {"layerwise": layerwise})
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))  # must reach inner groups
+        for _ in range(5):
+            model(**batch).loss.backward()
+            if layerwise:
+                assert all(p.grad is None for p in model.parameters())  # freed inside backward
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        results.append(model)
+    for p, q in zip(results[0].parameters(), results[1].parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_galore8bit_fix_moves_small_layers_like_32bit_galore():
+    from galore_torch import GaLoreAdamW8bit
+
+    from baselines.galore import GaLoreAdamW8bitFixed, GaLoreAdamWSerialisable, _no_cuda_synchronize
+
+    def run(cls, **kw):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(40, 24))  # projected 40 x 4 = 160 elements: 32-bit state path
+        opt = cls([{"params": [w], "rank": 4, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}],
+                  lr=1e-2, eps=1e-6, weight_decay=0.0, **kw)
+        w0 = w.detach().clone()
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            w.grad = torch.randn(40, 24, generator=g)
+            with _no_cuda_synchronize():
+                opt.step()
+        return w.detach() - w0
+
+    moved_fixed = run(GaLoreAdamW8bitFixed)
+    moved_ref = run(GaLoreAdamWSerialisable)
+    assert moved_fixed.abs().max() > 1e-3
+    torch.testing.assert_close(moved_fixed, moved_ref, atol=1e-5, rtol=1e-3)  # kernels round differently
+    # the defect this fix exists for: the package's own class leaves such a layer where it was
+    assert run(GaLoreAdamW8bit).abs().max() == 0
+
+
+def test_registry_names_and_resolution():
+    assert resolve_methods("all") == list(MISSION_METHODS)
+    assert resolve_methods("galore, adam,galore") == ["galore", "adam"]
+    assert set(ALL_METHODS) == set(MISSION_METHODS) | set(EXTRA_METHODS)
+    for name in ALL_METHODS:
+        assert isinstance(method_defaults(name), dict)
+    with pytest.raises(ValueError, match="unknown method 'sgd'; choose from adam, lora"):
+        resolve_methods("adam,sgd")
+    with pytest.raises(ValueError, match="choose from"):
+        build_method("sgd", _model(), COMMON)
+    with pytest.raises(ValueError, match="choose from"):
+        method_defaults("sgd")
+
+
+RANKED = [n for n in ALL_METHODS if n not in ("adam", "adam8bit")]
+
+
+@pytest.mark.parametrize("name", RANKED)
+def test_rank_above_layer_size_is_one_clear_error(name):
+    with pytest.raises(ValueError, match=r"rank=65 is out of range: .*1\.\.64") as info:
+        build_method(name, _model(), {**method_defaults(name), **COMMON, "rank": 65})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("name", "key", "value", "pattern"), [
+    ("galore", "proj_type", "diagonal", "choose from std, reverse_std, right, left"),
+    ("galore", "update_proj_gap", 0, "update_proj_gap=0 is out of range"),
+    ("ldadam", "rho", 1.5, r"rho=1.5 is out of range: must be a number in \[0, 1\)"),
+    ("adam", "lr", -1.0, "lr=-1.0 is out of range"),
+    ("lora", "betas", (0.9,), "betas=.* must be two numbers"),
+    ("oasis", "transport", "teleport", "choose from"),
+    ("oasis-frozen", "subspace_lr", 0.1, "pins subspace_lr=0.0 .* use method 'oasis'"),
+    ("galore8bit", "optim_bits", 32, "pins optim_bits=8"),
+    ("pca", "refresh_every", 0, "refresh_every=0 is out of range"),
+])
+def test_bad_hyper_parameters_are_one_clear_error(name, key, value, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        build_method(name, _model(), {**method_defaults(name), **COMMON, key: value})
