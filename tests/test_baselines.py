@@ -136,8 +136,8 @@ def test_trains_and_keeps_the_state_its_formula_says(name, extra):
     bases = [getattr(mod, "basis", None) for mod in _layers(model).values()]
     bases = {id(b): b for b in bases if b is not None}
     if name in ("pca", "compact") or name.startswith("oasis"):
-        # one d_in x r basis per distinct layer input (q/k/v and gate/up share theirs): 3 per decoder block
-        assert len(bases) == 3 * model.config.num_hidden_layers
+        # one d_in x r basis per distinct layer input: (q,k,v), o, (gate,up), down -> 4 per decoder block
+        assert len(bases) == 4 * model.config.num_hidden_layers
         assert all(b.shape[1] == RANK for b in bases.values())
     else:
         assert not bases
