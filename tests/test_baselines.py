@@ -38,6 +38,15 @@ IDS = [name + ("-layerwise" if extra else "") for name, extra in CASES]
 warnings.filterwarnings("ignore", message=".*kernels.*")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matrices: a second intra-op thread only adds contention on the shared CI cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _model(seed=0):
     return build_model(llama_config("llama-tiny", vocab_size=VOCAB), seed=seed)
 
@@ -249,3 +258,85 @@ def test_rank_above_layer_size_is_one_clear_error(name):
 def test_bad_hyper_parameters_are_one_clear_error(name, key, value, pattern):
     with pytest.raises(ValueError, match=pattern):
         build_method(name, _model(), {**method_defaults(name), **COMMON, key: value})
+
+
+# ---- basis rules of the activation-compression baselines ------------------------------------------------
+
+def _bases(model):
+    return {id(m.tracker): m for m in _layers(model).values()}.values()
+
+
+def test_pca_basis_is_the_top_principal_subspace_of_the_refresh_batch_and_fixed_in_between():
+    from baselines.pca import lean_gram
+    from oasis.subspace import largest_principal_angle
+
+    model, opt = _build("pca", {"refresh_every": 3})
+    batch = _batch()
+    captured = {}
+    layer = model.model.layers[0].mlp.down_proj  # d_in = 172: the input is the MLP hidden state
+    layer.register_forward_pre_hook(lambda mod, args: captured.__setitem__("x", args[0].detach().clone()))
+    history = []
+    for step in range(7):
+        model(**batch).loss.backward()
+        x2d = captured["x"].reshape(-1, 172)
+        if step % 3 == 0:  # refresh step: U spans the top-8 eigenvectors of this batch's X^T X
+            top = torch.linalg.eigh(x2d.T @ x2d)[1][:, -RANK:]
+            assert largest_principal_angle(top.T @ layer.basis) < 1e-2  # float32 arccos near 1
+        history.append(layer.basis.clone())
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(history[1], history[2]) and torch.equal(history[4], history[5])
+    assert not torch.equal(history[2], history[3])  # the weights changed, so the refreshed PCA did too
+    assert opt.subspace_drift() > 0
+    x = torch.randn(100, 24, dtype=torch.bfloat16)  # bf16 activations: blockwise float32 accumulation
+    torch.testing.assert_close(lean_gram(x), x.float().T @ x.float(), rtol=1e-5, atol=1e-4)
+
+
+def test_compact_basis_is_seeded_gaussian_regenerated_every_period_and_update_is_scaled():
+    model, opt = _build("compact", {"regenerate_every": 3})
+    twin, _ = _build("compact", {"regenerate_every": 3})
+    batch = _batch()
+    history = []
+    for _ in range(4):
+        model(**batch).loss.backward()
+        history.append([m.basis.clone() for m in _bases(model)])
+        opt.step()
+        opt.zero_grad()
+    twin(**batch)  # the same seed gives the same first basis in another instance
+    assert all(torch.equal(a, b.basis) for a, b in zip(history[0], _bases(twin), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(history[0], history[2], strict=True))
+    assert all(not torch.equal(a, b) for a, b in zip(history[2], history[3], strict=True))
+    all_entries = torch.cat([b.flatten() for b in history[3]])
+    assert abs(all_entries.var().item() * RANK - 1.0) < 0.1  # N(0, 1/r)
+    assert len({b.data_ptr() for b in history[0]}) == len(history[0])  # distinct layers, distinct draws
+    assert all(m.tracker.scale == 0.25 for m in _bases(model))
+    assert 1.0 < opt.subspace_drift() <= math.pi / 2 + 1e-6  # independent random 8-dim subspaces
+
+
+def test_compact_update_is_quarter_of_the_unscaled_one():
+    moved = []
+    for scale in (1.0, 0.25):
+        model, opt = _build("compact", {"scale": scale})
+        w = model.model.layers[0].self_attn.q_proj.weight
+        w0 = w.detach().clone()
+        model(**_batch()).loss.backward()
+        opt.step()
+        moved.append(w.detach() - w0)
+    torch.testing.assert_close(moved[1], 0.25 * moved[0])
+
+
+def test_oasis_variants_move_or_freeze_the_basis():
+    batch = _batch()
+    for name, should_move in (("oasis", True), ("oasis-notransport", True), ("oasis-frozen", False)):
+        model, opt = _build(name)
+        model(**batch).loss.backward()
+        first = [m.basis.clone() for m in _bases(model)]
+        opt.step()
+        opt.zero_grad()
+        for _ in range(3):
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        moved = [not torch.equal(a, m.basis) for a, m in zip(first, _bases(model), strict=True)]
+        assert all(moved) if should_move else not any(moved), name
+        assert opt.transport == ("none" if name == "oasis-notransport" else "ldadam")
