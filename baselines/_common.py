@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import nn
 
 # The seven Llama projections: attention (q, k, v, o) and MLP (gate, up, down). These are the layers every
@@ -89,7 +88,3 @@ def adam_kwargs(cfg: dict) -> dict:
     return {"lr": float(lr), "betas": (float(betas[0]), float(betas[1])), "eps": float(eps),
             "weight_decay": float(wd)}
 
-
-def state_numel(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> int:
-    """Elements of every tensor the optimizer keeps for `param` (scalar step counters excluded)."""
-    return sum(t.numel() for t in optimizer.state[param].values() if torch.is_tensor(t) and t.dim() > 0)

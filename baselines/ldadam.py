@@ -83,6 +83,7 @@ class LDAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank, rho=rho,
                         error_feedback=error_feedback)
         super().__init__(params, defaults)
+        self._drift: dict[int, torch.Tensor] = {}  # per weight: sum of angles moved since last query
         for group in self.param_groups:
             if group["rank"] is None:
                 continue
@@ -90,6 +91,15 @@ class LDAdamW(torch.optim.Optimizer):
                 if p.dim() != 2 or not 1 <= group["rank"] <= min(p.shape):
                     raise ValueError(f"LDAdam rank={group['rank']} is out of range for a {tuple(p.shape)} "
                                      f"weight: must be in 1..{min(p.shape) if p.dim() == 2 else 0}")
+
+    def subspace_drift(self) -> float:
+        """Mean over compressed weights of the largest principal angle (radians) between successive
+        projectors, summed since the previous call; 0.0 when nothing moved."""
+        if not self._drift:
+            return 0.0
+        drift = float(torch.stack(list(self._drift.values())).mean())
+        self._drift = {}
+        return drift
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Like torch's, except that a gradient tensor holding an error buffer is kept (it IS the buffer)."""
@@ -153,7 +163,11 @@ class LDAdamW(torch.optim.Optimizer):
             B = lifted_old.mul(rho / (1 - beta1 ** k)).add_(a, alpha=1 - rho)
             P = power_step(B, P_old, left)
             del B
-            m_new, v_new = transport_moments(m, v, P.T @ P_old, k, group["betas"], left)
+            C = P.T @ P_old
+            m_new, v_new = transport_moments(m, v, C, k, group["betas"], left)
+            # kept as a tensor (no host sync per step); smallest singular value of C = cos(largest angle)
+            angle = torch.linalg.svdvals(C.float()).min().clamp(-1.0, 1.0).arccos()
+            self._drift[id(p)] = self._drift[id(p)] + angle if id(p) in self._drift else angle
 
         g_low = project(P, a, left)
         if group["error_feedback"]:

@@ -171,3 +171,18 @@ def test_update_is_lr_times_lifted_adam_direction():
     P = opt.state[w]["proj"]
     expected = w0 - 1e-2 * lift(P, torch.sign(project(P, a, True)), True)
     torch.testing.assert_close(w.detach(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_subspace_drift_reports_projector_movement():
+    w, opt = _single((8, 20), 0.9)
+    assert opt.subspace_drift() == 0.0
+    g = torch.Generator().manual_seed(5)
+    w.grad = torch.randn(8, 20, generator=g)
+    opt.step()
+    assert opt.subspace_drift() == 0.0  # first step: SVD, no previous projector
+    P_old = opt.state[w]["proj"].clone()
+    w.grad.add_(torch.randn(8, 20, generator=g))
+    opt.step()
+    cos = torch.linalg.svdvals(opt.state[w]["proj"].T @ P_old).min().clamp(max=1.0)
+    assert opt.subspace_drift() == pytest.approx(float(torch.arccos(cos)), abs=1e-6)
+    assert opt.subspace_drift() == 0.0  # reset by the query
