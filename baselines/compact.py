@@ -2,7 +2,7 @@
 
 Same compressed layer and subspace AdamW as OASIS (`oasis.compress` + `OasisAdamW`, transport="none"); the
 basis is a d_in × r Gaussian matrix with N(0, 1/r) entries (so E[U Uᵀ] = I: the lifted gradient G U Uᵀ is
-unbiased), drawn from a per-layer seed and redrawn every `regenerate_every` steps (default 50); the weight
+unbiased), drawn from a per-layer seed and redrawn every `refresh_every` steps (default 50); the weight
 update is scaled by `scale` (default 0.25). Moments are never transported (CompAct does not).
 
 Deviation from CompAct: it regenerates U from the seed when needed instead of keeping it; here the d_in × r
@@ -19,7 +19,7 @@ from baselines._common import LLAMA_PROJECTIONS, adam_kwargs, check_rank, positi
 from oasis import OasisAdamW, compress
 from oasis.subspace import SubspaceTracker, largest_principal_angle, layer_seed, orthonormalize
 
-DEFAULTS = {"regenerate_every": 50, "scale": 0.25, "share_inputs": True}
+DEFAULTS = {"refresh_every": 50, "scale": 0.25, "share_inputs": True}
 
 
 class GaussianProjectionTracker(SubspaceTracker):
@@ -50,7 +50,7 @@ class GaussianProjectionTracker(SubspaceTracker):
 
 def build(model, cfg):
     rank = check_rank(model, cfg["rank"], input_side=True)
-    every = positive_int(cfg, "regenerate_every")
+    every = positive_int(cfg, "refresh_every")
     scale = cfg["scale"]
     if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale={scale!r} is out of range: must be a finite number > 0")

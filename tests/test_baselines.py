@@ -30,7 +30,7 @@ RANK = 8
 VOCAB = 512
 COMMON = {"lr": 3e-3, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "rank": RANK, "seed": 0}
 # short refresh periods so that 30 steps (and the resumed half of the round trip) cross a basis refresh
-FAST = {"update_proj_gap": 4, "refresh_every": 4, "regenerate_every": 4}
+FAST = {"update_proj_gap": 4, "refresh_every": 4}
 CASES = [(name, {}) for name in ALL_METHODS]
 CASES += [("adam", {"layerwise": True}), ("galore", {"layerwise": True})]
 IDS = [name + ("-layerwise" if extra else "") for name, extra in CASES]
@@ -293,8 +293,8 @@ def test_pca_basis_is_the_top_principal_subspace_of_the_refresh_batch_and_fixed_
 
 
 def test_compact_basis_is_seeded_gaussian_regenerated_every_period_and_update_is_scaled():
-    model, opt = _build("compact", {"regenerate_every": 3})
-    twin, _ = _build("compact", {"regenerate_every": 3})
+    model, opt = _build("compact", {"refresh_every": 3})
+    twin, _ = _build("compact", {"refresh_every": 3})
     batch = _batch()
     history = []
     for _ in range(4):
