@@ -42,6 +42,14 @@ def lift(P: torch.Tensor, low: torch.Tensor, left: bool) -> torch.Tensor:
     return P @ low if left else low @ P.T
 
 
+def add_lifted_(out: torch.Tensor, P: torch.Tensor, low: torch.Tensor, left: bool, alpha: float) -> None:
+    """out += alpha * lift(P, low), as one in-place GEMM: no m x n temporary."""
+    if left:
+        out.addmm_(P, low, alpha=alpha)
+    else:
+        out.addmm_(low, P.T, alpha=alpha)
+
+
 def _orthonormal(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(x.float())[0]
 
@@ -52,10 +60,18 @@ def top_subspace(a: torch.Tensor, rank: int, left: bool) -> torch.Tensor:
     return (U[:, :rank] if left else Vh[:rank].T).to(a.dtype)
 
 
-def power_step(B: torch.Tensor, P_prev: torch.Tensor, left: bool) -> torch.Tensor:
-    """One block power-iteration step on B B^T (left) or B^T B (right), warm-started at P_prev, then QR."""
-    Y = B @ (B.T @ P_prev) if left else B.T @ (B @ P_prev)
-    return _orthonormal(Y).to(B.dtype)
+def power_step(P_prev, m_prev, c_m: float, a, c_a: float, left: bool) -> torch.Tensor:
+    """One block power-iteration step, warm-started at P_prev, then QR, on B B^T (left) or B^T B (right) for
+    B = c_m * lift(P_prev, m_prev) + c_a * a. B (m x n) is never formed: with P_prev^T P_prev = I,
+      left:  B^T P_prev = c_m m_prev^T + c_a a^T P_prev,   B V = c_m P_prev (m_prev V) + c_a a V
+      right: B P_prev   = c_m m_prev   + c_a a P_prev,     B^T U = c_m P_prev (m_prev^T U) + c_a a^T U"""
+    if left:
+        V = torch.add(a.T @ P_prev, m_prev.T, alpha=c_m / c_a) if c_a else m_prev.T * c_m
+        Y = torch.add(a @ V, P_prev @ (m_prev @ V), alpha=c_m / c_a) if c_a else P_prev @ (m_prev @ V)
+    else:
+        U = torch.add(a @ P_prev, m_prev, alpha=c_m / c_a) if c_a else m_prev * c_m
+        Y = torch.add(a.T @ U, P_prev @ (m_prev.T @ U), alpha=c_m / c_a) if c_a else P_prev @ (m_prev.T @ U)
+    return _orthonormal(Y).to(a.dtype)  # overall scale (c_a) does not change the span
 
 
 def transport_moments(m, v, C, step: int, betas, left: bool):
@@ -83,6 +99,7 @@ class LDAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank, rho=rho,
                         error_feedback=error_feedback)
         super().__init__(params, defaults)
+        self._drift: dict[int, torch.Tensor] = {}  # per weight: sum of angles moved since last query
         for group in self.param_groups:
             if group["rank"] is None:
                 continue
@@ -90,6 +107,15 @@ class LDAdamW(torch.optim.Optimizer):
                 if p.dim() != 2 or not 1 <= group["rank"] <= min(p.shape):
                     raise ValueError(f"LDAdam rank={group['rank']} is out of range for a {tuple(p.shape)} "
                                      f"weight: must be in 1..{min(p.shape) if p.dim() == 2 else 0}")
+
+    def subspace_drift(self) -> float:
+        """Mean over compressed weights of the largest principal angle (radians) between successive
+        projectors, summed since the previous call; 0.0 when nothing moved."""
+        if not self._drift:
+            return 0.0
+        drift = float(torch.stack(list(self._drift.values())).mean())
+        self._drift = {}
+        return drift
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Like torch's, except that a gradient tensor holding an error buffer is kept (it IS the buffer)."""
@@ -145,23 +171,25 @@ class LDAdamW(torch.optim.Optimizer):
 
         if k == 0:
             P = top_subspace(a, rank, left)
-            m_new = v_new = None
-            lifted_old = None
+            P_old = m = m_new = v_new = None
         else:
             P_old, m, v = st["proj"], st["exp_avg"], st["exp_avg_sq"]
-            lifted_old = lift(P_old, m, left)
-            B = lifted_old.mul(rho / (1 - beta1 ** k)).add_(a, alpha=1 - rho)
-            P = power_step(B, P_old, left)
-            del B
-            m_new, v_new = transport_moments(m, v, P.T @ P_old, k, group["betas"], left)
+            # B = rho * (lifted, bias-corrected momentum) + (1 - rho) * (gradient + error buffer)
+            P = power_step(P_old, m, rho / (1 - beta1 ** k), a, 1 - rho, left)
+            C = P.T @ P_old
+            m_new, v_new = transport_moments(m, v, C, k, group["betas"], left)
+            # kept as a tensor (no host sync per step); smallest singular value of C = cos(largest angle)
+            angle = torch.linalg.svdvals(C.float()).min().clamp(-1.0, 1.0).arccos()
+            self._drift[id(p)] = self._drift[id(p)] + angle if id(p) in self._drift else angle
 
         g_low = project(P, a, left)
-        if group["error_feedback"]:
-            a.sub_(lift(P, g_low, left))  # gradient-compression error
-            if lifted_old is not None:    # optimizer-state-compression error (generalised EF)
-                a.add_(lifted_old.sub_(lift(P, m_new, left)), alpha=beta1 / (1 - beta1))
+        if group["error_feedback"]:  # all in place on a: the buffer costs no m x n temporary
+            add_lifted_(a, P, g_low, left, -1.0)  # gradient-compression error
+            if m is not None:  # optimizer-state-compression error (generalised EF)
+                coef = beta1 / (1 - beta1)
+                add_lifted_(a, P_old, m, left, coef)
+                add_lifted_(a, P, m_new, left, -coef)
             st["error"] = a
-        del lifted_old
 
         if m_new is None:
             m_new, v_new = torch.zeros_like(g_low), torch.zeros_like(g_low)
@@ -173,7 +201,7 @@ class LDAdamW(torch.optim.Optimizer):
         d = (v_new / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
         d = torch.div(m_new, d).div_(1 - beta1 ** t)
         p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.sub_(lift(P, d, left), alpha=group["lr"])
+        add_lifted_(p, P, d, left, -group["lr"])
 
 
 def build(model, cfg):

@@ -1,23 +1,104 @@
-"""Generic memory tricks for the training step, offered to every method alike.
+"""Memory-lean activations for Llama blocks: a generic trick, offered to every method alike.
+
+Hugging Face's LlamaRMSNorm saves a float32 copy of its input plus the normalised bf16 output for backward
+(3× the input's bytes in bf16 training), and the SwiGLU MLP saves the gate pre-activation, its SiLU and
+the up projection (three d_ff-wide tensors). The autograd functions below compute the same values but
+save only what backward cannot recompute cheaply:
+  RMSNorm: the input (its own dtype) and the per-token 1/rms (float32, one number per token);
+  SwiGLU:  gate and up; SiLU(gate) is recomputed in backward.
+Forward outputs are bit-identical to Hugging Face's; gradients agree to rounding. Nothing here depends on
+the training method, so runs that use it say so in their config (`lean_activations=true`).
 
 `causal_lm_loss(model, batch, chunk_tokens)`: the causal-LM loss without the whole batch's logits.
-A model's own loss materialises the logits of every token (N × vocab in the model dtype), an fp32
-copy, and the fp32 log-softmax saved for backward: at 8 × 512 tokens and a 32k vocabulary that is
-about 1.3 GB, at a 128k vocabulary about 5 GB. Here the decoder's last hidden state goes through the
-output layer a chunk of tokens at a time, each chunk under (non-reentrant) activation checkpointing,
-so only one chunk's logits exist at once, in forward and in backward. The value and the gradients
-are those of the model's own loss (mean cross-entropy over tokens whose label is not -100, labels
-shifted by one); `tests/test_memory.py` checks both.
-
-Applies to causal LMs whose logits are a plain projection of the decoder's last hidden state
-(`model.get_decoder()`, `model.get_output_embeddings()`), e.g. the Llama family, also wrapped by peft.
+A model's own loss materialises the logits of every token (N × vocab in the model dtype), an fp32 copy
+and the fp32 log-softmax saved for backward: at 8 × 512 tokens and a 32k vocabulary about 1.3 GB, at a
+128k vocabulary about 5 GB. Here the decoder's last hidden state goes through the output layer a chunk
+of tokens at a time, each chunk under (non-reentrant) activation checkpointing, so only one chunk's
+logits exist at once, in forward and in backward. Value and gradients are those of the model's own loss
+(mean cross-entropy over tokens whose label is not -100, labels shifted by one; `tests/test_memory.py`
+checks both). It applies to causal LMs whose logits are a plain projection of the decoder's last hidden
+state (`model.get_decoder()`, `model.get_output_embeddings()`), e.g. the Llama family, also under peft.
 """
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.float() * rstd
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_out * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        # d/dx of x * rstd, applied to g = grad_out * weight (in float32)
+        g = (grad_out * weight).float()
+        grad_x = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        grad_up = grad_out * silu
+        grad_gate = grad_out * up * sig * (1 + gate * (1 - sig))
+        return grad_gate, grad_up
+
+
+def _rmsnorm_forward(self, hidden_states: Tensor) -> Tensor:
+    return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _mlp_forward(self, x: Tensor) -> Tensor:
+    return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def _is_silu(act) -> bool:
+    # transformers' ACT2FN["silu"] is its own SiLUActivation class, not nn.SiLU
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def apply_lean_activations(model: nn.Module) -> int:
+    """Swap the forward of every RMSNorm and SiLU-gated MLP in `model` for the lean versions, in place.
+
+    Returns how many modules were patched (0 means the model has none of them; callers should say so).
+    """
+    patched = 0
+    for module in model.modules():
+        kind = type(module).__name__
+        if kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_rmsnorm_forward, module)
+            patched += 1
+        elif (kind.endswith("MLP") and all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
+              and _is_silu(getattr(module, "act_fn", None))):
+            module.forward = types.MethodType(_mlp_forward, module)
+            patched += 1
+    return patched
+
+
+# --- chunked loss ----------------------------------------------------------------------------------------
 
 IGNORE_INDEX = -100
 
@@ -48,85 +129,3 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = 1024) -> torch
                           use_reentrant=False)
         total = part if total is None else total + part
     return total / (shifted != IGNORE_INDEX).sum()
-
-
-# --- lean blocks: the same maths, fewer tensors kept for backward ------------------------------------------
-#
-# A Llama block keeps, per token, far more than its linear layers' inputs: RMSNorm saves an fp32 copy of
-# its input and the normalised bf16 output (3× the input's bytes), and SwiGLU saves the gate output, the
-# up output and silu(gate). `make_lean(model)` swaps these two blocks' forward for autograd functions that
-# save only their inputs (and the per-token 1/rms) and recompute the rest in backward, as fused-kernel
-# libraries do. Outputs are bit-identical; gradients agree to rounding (backward works in fp32). Every
-# method gets the same blocks, so the option is fair; tables mark runs that used it.
-
-
-class _RMSNormFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return weight * (xf * rstd).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        x, weight, rstd = ctx.saved_tensors
-        xhat = x.float() * rstd
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            rows = grad_out.reshape(-1, grad_out.shape[-1]).float()
-            grad_weight = (rows * xhat.to(x.dtype).float().reshape(rows.shape)).sum(0).to(weight.dtype)
-        g = (grad_out * weight).float()
-        grad_x = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
-        return grad_x.to(x.dtype), grad_weight, None
-
-
-class _SwiGLUFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        gate, up = ctx.saved_tensors
-        g, u, d = gate.float(), up.float(), grad_out.float()
-        sig = torch.sigmoid(g)
-        grad_up = (d * g * sig).to(up.dtype)
-        grad_gate = (d * u * sig * (1 + g * (1 - sig))).to(gate.dtype)
-        return grad_gate, grad_up
-
-
-def _lean_rmsnorm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    return _RMSNormFn.apply(hidden_states, self.weight, self.variance_epsilon)
-
-
-def _lean_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(_SwiGLUFn.apply(self.gate_proj(x), self.up_proj(x)))
-
-
-def _is_llama_rmsnorm(module) -> bool:
-    # Llama-style: y = weight * (x / rms(x)).to(dtype); variants such as Gemma's (1 + weight) use other names
-    return type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon") \
-        and isinstance(getattr(module, "weight", None), torch.Tensor)
-
-
-def _is_swiglu_mlp(module) -> bool:
-    act = getattr(module, "act_fn", None)
-    return all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) and act is not None \
-        and "silu" in type(act).__name__.lower()
-
-
-def make_lean(model) -> dict[str, int]:
-    """Give every Llama-style RMSNorm and SwiGLU MLP of `model` its lean forward, in place; returns counts."""
-    import types
-
-    counts = {"rmsnorm": 0, "swiglu": 0}
-    for module in model.modules():
-        if _is_llama_rmsnorm(module):
-            module.forward = types.MethodType(_lean_rmsnorm_forward, module)
-            counts["rmsnorm"] += 1
-        elif _is_swiglu_mlp(module):
-            module.forward = types.MethodType(_lean_mlp_forward, module)
-            counts["swiglu"] += 1
-    return counts

@@ -19,7 +19,7 @@ measured window contains a refresh (DESIGN §5); the keys are in `REFRESH_KEYS`.
 
 Generic memory tricks, offered to every method alike and recorded in the output:
   --loss chunked     the causal-LM loss over token chunks, never the whole batch's logits (suites.lean)
-  --lean-blocks      RMSNorm and SwiGLU keep only their inputs for backward (suites.lean.make_lean)
+  --lean-blocks      RMSNorm and SwiGLU keep only their inputs for backward (suites.lean.apply_lean_activations)
   --layerwise        optimizer steps inside backward, gradients freed at once (methods that support it)
 """
 
@@ -125,7 +125,7 @@ def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: 
     with fake_construction() if fake else _nullcontext():
         net = build_model(config, DTYPES[dtype], attn, checkpointing)
         if lean_blocks:
-            lean.make_lean(net)
+            lean.apply_lean_activations(net)
         net, optimizer = build_method(method, net, cfg)
         cast_params(net, DTYPES[dtype])
         batch_ = make_batch(vocab, batch, seq)
@@ -272,7 +272,7 @@ def parser() -> argparse.ArgumentParser:
                    help="full: the model's own loss over the whole batch's logits; chunked: suites.lean")
     p.add_argument("--loss-chunk", type=_positive, default=1024, help="tokens per chunk for --loss chunked")
     p.add_argument("--lean-blocks", action="store_true",
-                   help="RMSNorm and SwiGLU that keep only their inputs for backward (suites.lean.make_lean)")
+                   help="RMSNorm and SwiGLU that keep only their inputs for backward (suites.lean.apply_lean_activations)")
     p.add_argument("--layerwise", action="store_true",
                    help="optimizer steps inside backward (sets layerwise=true for methods that have it)")
     p.add_argument("--kind", choices=KINDS, default="estimate",

@@ -10,6 +10,14 @@ from baselines.ldadam import LDAdamW, lift, power_step, project, top_subspace, t
 BETAS = (0.908, 0.99)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()  # tiny matrices: a second thread only adds contention
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _moments(shape, seed=0):
     g = torch.Generator().manual_seed(seed)
     m = torch.randn(shape, generator=g, dtype=torch.float64)
@@ -66,9 +74,24 @@ def test_first_projector_is_top_singular_subspace_and_power_step_keeps_exact_sub
     torch.testing.assert_close(P_right @ P_right.T, V @ V.T, atol=1e-5, rtol=0)
     # a warm start that overlaps the true subspace reaches it in one step when B has rank r
     start, _ = torch.linalg.qr(U + 0.3 * torch.randn(12, 3, generator=g))
-    P = power_step(A, start, left=True)
+    P = power_step(start, torch.zeros(3, 20), 0.0, A, 1.0, left=True)
     torch.testing.assert_close(P.T @ P, torch.eye(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(P @ P.T, U @ U.T, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("left", [True, False])
+def test_factored_power_step_equals_the_step_on_explicit_B(left):
+    g = torch.Generator().manual_seed(4)
+    shape, r = ((9, 14) if left else (14, 9)), 3
+    P_prev, _ = torch.linalg.qr(torch.randn(9, r, generator=g, dtype=torch.float64))
+    m_prev = torch.randn((r, 14) if left else (14, r), generator=g, dtype=torch.float64)
+    a = torch.randn(shape, generator=g, dtype=torch.float64)
+    c_m, c_a = 0.908 / (1 - 0.908 ** 3), 1 - 0.908
+    B = c_m * lift(P_prev, m_prev, left) + c_a * a
+    Y = B @ (B.T @ P_prev) if left else B.T @ (B @ P_prev)
+    expected = torch.linalg.qr(Y.float())[0]
+    P = power_step(P_prev, m_prev, c_m, a, c_a, left)
+    torch.testing.assert_close(P @ P.T, (expected @ expected.T).double(), atol=1e-5, rtol=0)
 
 
 def _single(shape, beta1, rank=3, seed=0, error_feedback=True):
@@ -163,3 +186,18 @@ def test_update_is_lr_times_lifted_adam_direction():
     P = opt.state[w]["proj"]
     expected = w0 - 1e-2 * lift(P, torch.sign(project(P, a, True)), True)
     torch.testing.assert_close(w.detach(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_subspace_drift_reports_projector_movement():
+    w, opt = _single((8, 20), 0.9)
+    assert opt.subspace_drift() == 0.0
+    g = torch.Generator().manual_seed(5)
+    w.grad = torch.randn(8, 20, generator=g)
+    opt.step()
+    assert opt.subspace_drift() == 0.0  # first step: SVD, no previous projector
+    P_old = opt.state[w]["proj"].clone()
+    w.grad.add_(torch.randn(8, 20, generator=g))
+    opt.step()
+    cos = torch.linalg.svdvals(opt.state[w]["proj"].T @ P_old).min().clamp(max=1.0)
+    assert opt.subspace_drift() == pytest.approx(float(torch.arccos(cos)), abs=1e-6)
+    assert opt.subspace_drift() == 0.0  # reset by the query
