@@ -19,7 +19,7 @@ measured window contains a refresh (DESIGN §5); the keys are in `REFRESH_KEYS`.
 
 Generic memory tricks, offered to every method alike and recorded in the output:
   --loss chunked     the causal-LM loss over token chunks, never the whole batch's logits (suites.lean)
-  --lean-blocks      RMSNorm and SwiGLU keep only their inputs for backward (suites.lean.apply_lean_activations)
+  --lean-blocks      RMSNorm and SwiGLU keep only their inputs for backward (suites.lean)
   --layerwise        optimizer steps inside backward, gradients freed at once (methods that support it)
 """
 
@@ -272,7 +272,7 @@ def parser() -> argparse.ArgumentParser:
                    help="full: the model's own loss over the whole batch's logits; chunked: suites.lean")
     p.add_argument("--loss-chunk", type=_positive, default=1024, help="tokens per chunk for --loss chunked")
     p.add_argument("--lean-blocks", action="store_true",
-                   help="RMSNorm and SwiGLU that keep only their inputs for backward (suites.lean.apply_lean_activations)")
+                   help="RMSNorm and SwiGLU keep only their inputs for backward (suites.lean)")
     p.add_argument("--layerwise", action="store_true",
                    help="optimizer steps inside backward (sets layerwise=true for methods that have it)")
     p.add_argument("--kind", choices=KINDS, default="estimate",
