@@ -13,8 +13,9 @@ the training method, so runs that use it say so in their config (`lean_activatio
 A model's own loss materialises the logits of every token (N × vocab in the model dtype), an fp32 copy
 and the fp32 log-softmax saved for backward: at 8 × 512 tokens and a 32k vocabulary about 1.3 GB, at a
 128k vocabulary about 5 GB. Here the decoder's last hidden state goes through the output layer a chunk
-of tokens at a time, each chunk under (non-reentrant) activation checkpointing, so only one chunk's
-logits exist at once, in forward and in backward. Value and gradients are those of the model's own loss
+of tokens at a time (the logits are recomputed in backward, chunk by chunk), so only one chunk's
+logits exist at once, in forward and in backward, and the output layer's gradient is accumulated into one
+buffer. Value and gradients are those of the model's own loss
 (mean cross-entropy over tokens whose label is not -100, labels shifted by one; `tests/test_memory.py`
 checks both). It applies to causal LMs whose logits are a plain projection of the decoder's last hidden
 state (`model.get_decoder()`, `model.get_output_embeddings()`), e.g. the Llama family, also under peft.
@@ -27,7 +28,6 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -45,9 +45,12 @@ class _RMSNorm(torch.autograd.Function):
         grad_weight = None
         if ctx.needs_input_grad[1]:
             grad_weight = (grad_out * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        # d/dx of x * rstd, applied to g = grad_out * weight (in float32)
+        # d/dx of x * rstd, applied to g = grad_out * weight (in float32); two float32 temporaries (xhat, g),
+        # the rest in place, since this too runs where backward's memory peaks
         g = (grad_out * weight).float()
-        grad_x = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+        hidden = x.shape[-1]
+        dot = (g.reshape(-1, 1, hidden) @ xhat.reshape(-1, hidden, 1)).reshape(rstd.shape) / hidden
+        grad_x = g.sub_(xhat.mul_(dot)).mul_(rstd)
         return grad_x.to(x.dtype), grad_weight, None
 
 
@@ -60,10 +63,13 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         gate, up = ctx.saved_tensors
+        # two d_ff-wide temporaries, everything else in place: this runs at the deepest point of backward,
+        # where the step's memory peaks, and each temporary costs as much as a saved activation
         sig = torch.sigmoid(gate)
-        silu = gate * sig
-        grad_up = grad_out * silu
-        grad_gate = grad_out * up * sig * (1 + gate * (1 - sig))
+        silu = torch.mul(gate, sig)
+        # silu'(gate) = sig * (1 + gate * (1 - sig)) = sig - sig * silu + silu
+        grad_gate = sig.addcmul_(sig, silu, value=-1).add_(silu).mul_(up).mul_(grad_out)
+        grad_up = silu.mul_(grad_out)
         return grad_gate, grad_up
 
 
@@ -108,24 +114,59 @@ def model_loss(model, batch: dict, chunk_tokens: int | None = None) -> torch.Ten
     return model(**batch).loss
 
 
-def _chunk_loss(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum over tokens of cross_entropy(hidden @ weightᵀ, labels), one chunk of tokens at a time.
+
+    Forward keeps only the inputs; backward recomputes each chunk's logits, turns them into the logits'
+    gradient in place (softmax − one-hot) and accumulates the weight gradient into one buffer (addmm_), so
+    at any time one chunk's logits and one weight-sized gradient exist, never one per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.chunk = chunk
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            logits = (hidden[start:start + chunk] @ weight.T).float()
+            total += F.cross_entropy(logits, labels[start:start + chunk], ignore_index=IGNORE_INDEX,
+                                     reduction="sum")
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        hidden, weight, labels = ctx.saved_tensors
+        chunk = ctx.chunk
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden[start:start + chunk], labels[start:start + chunk]
+            probs = (h @ weight.T).float()
+            probs.sub_(probs.amax(-1, keepdim=True)).exp_()              # softmax, in place
+            probs.div_(probs.sum(-1, keepdim=True))
+            valid = (y != IGNORE_INDEX).unsqueeze(1)
+            # softmax − one-hot on tokens with a label; rows without one get no gradient
+            probs.scatter_add_(1, y.clamp(min=0).unsqueeze(1), -valid.to(probs.dtype))
+            probs.mul_(valid).mul_(grad_total)
+            dlogits = probs.to(hidden.dtype)
+            del probs
+            if grad_hidden is not None:
+                torch.mm(dlogits, weight, out=grad_hidden[start:start + chunk])
+            if grad_weight is not None:
+                grad_weight.addmm_(dlogits.T, h)
+        return grad_hidden, grad_weight, None, None
 
 
-def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = 1024) -> torch.Tensor:
+def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = 256) -> Tensor:
     """Mean next-token cross-entropy, computed `chunk_tokens` tokens at a time (see module docstring)."""
     decoder, head = model.get_decoder(), model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("causal_lm_loss needs an output layer without bias")
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = decoder(**inputs).last_hidden_state
     labels = batch["labels"]
     # shift the labels, not the hidden states: position t predicts token t+1, the last position nothing
     shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    chunk = chunk_tokens or flat.shape[0]
-    total = None
-    for start in range(0, flat.shape[0], chunk):
-        part = checkpoint(_chunk_loss, head, flat[start:start + chunk], shifted[start:start + chunk],
-                          use_reentrant=False)
-        total = part if total is None else total + part
+    total = _ChunkedLinearCrossEntropy.apply(flat, head.weight, shifted, chunk_tokens or flat.shape[0])
     return total / (shifted != IGNORE_INDEX).sum()

@@ -112,7 +112,7 @@ def method_config(name: str, rank: int, overrides: dict) -> dict:
 
 def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: str = "bf16",
             checkpointing: bool = False, kind: str = "estimate", attn: str = "sdpa", loss: str = "full",
-            loss_chunk: int = 1024, lean_blocks: bool = False, window: int = 1,
+            loss_chunk: int = 256, lean_blocks: bool = False, window: int = 1,
             overrides: dict | None = None) -> dict:
     """Peak memory of `window` training steps of `method` after one warm-up step; one result row."""
     from suites.registry import build_method
@@ -270,7 +270,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation")
     p.add_argument("--loss", choices=("full", "chunked"), default="full",
                    help="full: the model's own loss over the whole batch's logits; chunked: suites.lean")
-    p.add_argument("--loss-chunk", type=_positive, default=1024, help="tokens per chunk for --loss chunked")
+    p.add_argument("--loss-chunk", type=_positive, default=256, help="tokens per chunk for --loss chunked")
     p.add_argument("--lean-blocks", action="store_true",
                    help="RMSNorm and SwiGLU keep only their inputs for backward (suites.lean)")
     p.add_argument("--layerwise", action="store_true",
