@@ -17,6 +17,12 @@ dtype are cast, see `cast_params`), no gradient checkpointing unless asked, scal
 dot-product attention. Periodic methods have their refresh period set to 1 for these runs so that the
 measured window contains a refresh (DESIGN §5); the keys are in `REFRESH_KEYS`.
 
+Fidelity: fake tensors live on the CPU device, so an estimate follows the CPU kernels' choices of what
+to keep (CPU dropout keeps a bf16 noise tensor where CUDA keeps a bool mask; torch's AdamW runs
+single-tensor, where on CUDA its foreach default adds parameter-sized temporaries in the step), and
+allocator rounding and library workspaces are not counted. Under FakeTensorMode a Python scalar read
+from a tensor (`.item()`, `bool(t)`) is a placeholder (see `suites.meters`).
+
 Generic memory tricks, offered to every method alike and recorded in the output:
   --loss chunked     the causal-LM loss over token chunks, never the whole batch's logits (suites.lean)
   --lean-blocks      RMSNorm and SwiGLU keep only their inputs for backward (suites.lean)

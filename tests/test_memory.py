@@ -14,7 +14,7 @@ from suites.registry import build_method, method_defaults
 TINY = dict(batch=2, seq=16, rank=4)
 
 
-@pytest.mark.parametrize("method", ["adam", "lora", "galore"])
+@pytest.mark.parametrize("method", ["adam", "lora", "galore", "ldadam", "pca", "oasis"])
 def test_estimate_equals_real_cpu_run(method):
     est = measure("llama-tiny", method, kind="estimate", **TINY)
     cpu = measure("llama-tiny", method, kind="cpu", **TINY)
@@ -116,3 +116,13 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, needle):
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "oasis"])
+def test_estimate_equals_real_cpu_run_with_the_generic_tricks(method):
+    tricks = dict(loss="chunked", loss_chunk=8, lean_blocks=True)
+    est = measure("llama-tiny", method, kind="estimate", **TINY, **tricks)
+    cpu = measure("llama-tiny", method, kind="cpu", **TINY, **tricks)
+    assert est["peak_bytes"] == cpu["peak_bytes"] and est["breakdown"] == cpu["breakdown"]
+    assert est["tricks"] == {"loss": "chunked", "lean_blocks": True, "layerwise": False,
+                             "checkpointing": False}
