@@ -174,3 +174,22 @@ def test_estimate_needs_a_fake_model_and_kinds_are_checked():
         make_meter("estimate", layer, opt)
     with pytest.raises(ValueError, match="cuda, cpu, estimate"):
         make_meter("disk", layer, opt)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_meter_needs_cuda():
+    layer, opt = _linear_adam()
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        make_meter("cuda", layer, opt)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_meter_peak_covers_the_tracked_bytes():
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 256).cuda()
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)
+    x = torch.randn(64, 256, device="cuda")
+    rec = _measure("cuda", layer, opt, lambda: _step(layer, opt, x))
+    assert rec["source"] == "cuda" and rec["reserved_bytes"] >= rec["peak_bytes"]
+    assert rec["breakdown"]["params"] == (256 * 256 + 256) * F32
+    assert sum(rec["breakdown"].values()) == rec["peak_bytes"]
