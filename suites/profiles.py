@@ -37,7 +37,6 @@ _TRAIN = dict(
     weight_decay=0.0,
     betas=(0.9, 0.999),
     eps=1e-8,
-    grad_clip=0.0,           # max global grad norm on full-size gradients (0 = off); methods see the same value
     rank=8,
     # method hyper-parameters that the profile pins for every method that has them
     refresh_every=2,
@@ -58,8 +57,8 @@ PROFILES: dict[str, dict[str, dict]] = {
     "c4": {
         "smoke": dict(_TRAIN, model="llama-tiny", steps=4, mem_window=3, batch=2, seq_len=64,
                       eval_tokens=2048, lrs={**_LRS_PT, "galore": 1e-3}),
-        "cpu": dict(_TRAIN, model="llama-mini", steps=60, mem_window=21, batch=8, seq_len=256, warmup_steps=6,
-                    rank=64, refresh_every=20, update_proj_gap=20, eval_tokens=32768, eval_batch=16,
+        "cpu": dict(_TRAIN, model="llama-mini", steps=60, mem_window=11, batch=4, seq_len=128, warmup_steps=6,
+                    rank=32, refresh_every=10, update_proj_gap=10, eval_tokens=16384, eval_batch=8,
                     lrs=dict(_LRS_PT)),
         "paper": dict(_TRAIN, model="llama-130m", steps=20000, mem_window=201, batch=512, seq_len=256,
                       warmup_steps=2000, rank=256, refresh_every=200, update_proj_gap=200,
@@ -68,9 +67,9 @@ PROFILES: dict[str, dict[str, dict]] = {
     "gsm8k": {
         "smoke": dict(_TRAIN, model="llama-tiny", steps=4, mem_window=3, batch=2, seq_len=256, eval_limit=2,
                       max_gen_toks=8, eval_batch=2, lrs=dict(_LRS_FT)),
-        "cpu": dict(_TRAIN, model="llama-mini", base="c4", base_steps=300, steps=40, mem_window=21, batch=8,
-                    seq_len=256, warmup_steps=4, rank=32, refresh_every=20, update_proj_gap=20,
-                    eval_limit=32, eval_batch=32, max_gen_toks=96, lrs=dict(_LRS_FT)),
+        "cpu": dict(_TRAIN, model="llama-mini", base="c4", base_steps=200, steps=30, mem_window=11, batch=2,
+                    seq_len=256, warmup_steps=3, rank=32, refresh_every=10, update_proj_gap=10,
+                    eval_limit=32, eval_batch=16, max_gen_toks=96, lrs=dict(_LRS_FT)),
         "paper": dict(_TRAIN, model="llama-2-7b", base="meta-llama/Llama-2-7b-hf", dtype="bfloat16",
                       steps=1000, mem_window=201, batch=32, seq_len=512, warmup_steps=30, rank=32,
                       refresh_every=200, update_proj_gap=200, eval_limit=None, eval_batch=32, max_gen_toks=256,
@@ -80,9 +79,9 @@ PROFILES: dict[str, dict[str, dict]] = {
     "humaneval": {
         "smoke": dict(_TRAIN, model="llama-tiny", steps=4, mem_window=3, batch=2, seq_len=128, eval_limit=2,
                       max_gen_toks=8, eval_batch=2, lrs=dict(_LRS_FT)),
-        "cpu": dict(_TRAIN, model="llama-mini", base="c4", base_steps=300, steps=40, mem_window=21, batch=8,
-                    seq_len=256, warmup_steps=4, rank=32, refresh_every=20, update_proj_gap=20,
-                    eval_limit=32, eval_batch=32, max_gen_toks=96, lrs=dict(_LRS_FT)),
+        "cpu": dict(_TRAIN, model="llama-mini", base="c4", base_steps=200, steps=30, mem_window=11, batch=2,
+                    seq_len=256, warmup_steps=3, rank=32, refresh_every=10, update_proj_gap=10,
+                    eval_limit=16, eval_batch=16, max_gen_toks=96, lrs=dict(_LRS_FT)),
         "paper": dict(_TRAIN, model="llama-3.2-1b", base="meta-llama/Llama-3.2-1B", dtype="bfloat16",
                       steps=1000, mem_window=201, batch=32, seq_len=1024, warmup_steps=30, rank=32,
                       refresh_every=200, update_proj_gap=200, eval_limit=None, eval_batch=16, max_gen_toks=512,
