@@ -27,8 +27,8 @@ def orthonormalize(u: Tensor) -> Tensor:
     """QR with column signs fixed so that diag(R) > 0: a continuous choice, so a basis that barely moves keeps
     its column signs and the moment transport sees a rotation near the identity, not random sign flips."""
     q, r = torch.linalg.qr(u)
-    signs = torch.sign(torch.diagonal(r))
-    signs[signs == 0] = 1.0
+    # torch.where, not masked assignment: no data-dependent control flow (runs under FakeTensorMode)
+    signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
     return q * signs
 
 
@@ -38,17 +38,14 @@ def top_eigvecs(gram: Tensor, rank: int) -> Tensor:
     top = vecs[:, -rank:].flip(-1)
     # eigh's signs are arbitrary: make each column's largest-magnitude entry positive (deterministic)
     idx = top.abs().argmax(dim=0)
-    signs = torch.sign(top[idx, torch.arange(rank, device=top.device)])
-    signs[signs == 0] = 1.0
-    return top * signs
+    pivots = top[idx, torch.arange(rank, device=top.device)]
+    return top * torch.where(pivots < 0, -1.0, 1.0).to(top.dtype)
 
 
-def largest_principal_angle(rotation: Tensor) -> float:
-    """Largest principal angle (radians) between two r-dim subspaces, from R = U_newᵀ U_old."""
-    if rotation.numel() == 0:
-        return 0.0
+def largest_principal_angle(rotation: Tensor) -> Tensor:
+    """Largest principal angle (radians, 0-dim tensor) between two r-dim subspaces, from R = U_newᵀ U_old."""
     cos = torch.linalg.svdvals(rotation.double()).min().clamp(-1.0, 1.0)
-    return float(torch.arccos(cos))
+    return torch.arccos(cos)
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -80,6 +77,7 @@ class SubspaceTracker:
         self.steps = 0                         # optimizer steps seen
         self.last_update_step = -1
         self.drift_since_query = 0.0           # sum of largest principal angles since `pop_drift()`
+        # (kept as a tensor between queries: no host sync in forward, and FakeTensorMode-safe)
 
     # --- used by the compressed layer -------------------------------------------------------------------
     def due(self) -> bool:
@@ -104,7 +102,7 @@ class SubspaceTracker:
         new = self._next_basis(x2d, z).float()
         rotation = new.T @ old
         self.rotation = rotation if self.rotation is None else rotation @ self.rotation
-        self.drift_since_query += largest_principal_angle(rotation)
+        self.drift_since_query = self.drift_since_query + largest_principal_angle(rotation)
         self.basis.copy_(new)  # in place: modules sharing this tracker hold the same tensor
         self.last_update_step = self.steps
 
@@ -115,7 +113,7 @@ class SubspaceTracker:
 
     def pop_drift(self) -> float:
         drift, self.drift_since_query = self.drift_since_query, 0.0
-        return drift
+        return float(drift)
 
     def step(self) -> None:
         self.steps += 1
@@ -181,5 +179,6 @@ class OjaTracker(SubspaceTracker):
         u = self.basis
         s = (x2d.T @ z).float() / n           # d_in × r
         k = (z.T @ z).float() / n             # r × r
-        sigma = torch.linalg.svdvals(s)[0] if s.abs().max() > 0 else s.new_ones(())
+        # clamp: activations that are all zero give S = 0 and a zero step, not a division by zero
+        sigma = torch.linalg.svdvals(s)[0].clamp_min(torch.finfo(s.dtype).tiny)
         return orthonormalize(u + (self.subspace_lr / sigma) * (s - u @ k))

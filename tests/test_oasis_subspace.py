@@ -20,7 +20,7 @@ def _batch(q, eig, n, gen):
 
 
 def _angle_to(basis, q, rank):
-    return largest_principal_angle(q[:, :rank].T.float() @ basis)
+    return float(largest_principal_angle(q[:, :rank].T.float() @ basis))
 
 
 def test_tracker_reaches_the_top_r_eigenspace():
