@@ -25,11 +25,16 @@ def target_linears(model: nn.Module, targets=LLAMA_PROJECTIONS) -> list[tuple[st
     return found
 
 
-def check_rank(model: nn.Module, rank, targets=LLAMA_PROJECTIONS) -> int:
-    """`rank` as an int, or ValueError if it is not in 1..min(d_out, d_in) of the smallest targeted layer."""
+def check_rank(model: nn.Module, rank, targets=LLAMA_PROJECTIONS, *, input_side: bool = False) -> int:
+    """`rank` as an int, or ValueError if it is not in 1..min(d_out, d_in) of the smallest targeted layer
+    (1..d_in with `input_side`, for activation bases, which only need r <= d_in)."""
     layers = target_linears(model, targets)
-    name, small = min(layers, key=lambda nm: min(nm[1].weight.shape))
-    limit = min(small.weight.shape)
+
+    def size(nm):
+        return nm[1].in_features if input_side else min(nm[1].weight.shape)
+
+    name, small = min(layers, key=size)
+    limit = size((name, small))
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
         d_out, d_in = small.weight.shape
         raise ValueError(f"rank={rank!r} is out of range: must be an integer in 1..{limit} "
