@@ -36,8 +36,10 @@ def data_dir() -> Path:
 def require(relative: str) -> Path:
     path = data_dir() / relative
     if not path.exists():
-        raise DataMissing(f"missing data: expected {path} (put the offline copy there or set OASIS_DATA_DIR "
-                          f"to the folder that holds {relative.split('/')[0]}/)")
+        raise DataMissing(
+            f"missing data: expected {path} (put the offline copy there or set OASIS_DATA_DIR "
+            f"to the folder that holds {relative.split('/')[0]}/)"
+        )
     return path
 
 
@@ -50,7 +52,7 @@ def read_jsonl(path: Path):
 
 
 def load_tokenizer():
-    """The offline LLaMA SentencePiece tokenizer; the converted fast version is cached (conversion takes s)."""
+    """The offline LLaMA SentencePiece tokenizer (the converted fast form is cached: converting is slow)."""
     from transformers import AutoTokenizer
 
     source = require(f"tokenizers/{TOKENIZER_NAME}")
@@ -106,11 +108,14 @@ def _blocks_to_batches(tokens: torch.Tensor, batch: int, seq_len: int, n_batches
     if seed is not None:  # shuffle blocks so consecutive batches do not come from the same document
         g = torch.Generator().manual_seed(seed)
         blocks = blocks[torch.randperm(len(blocks), generator=g)]
-    return [{"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()}
-            for b in blocks.split(batch)]
+    return [
+        {"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()}
+        for b in blocks.split(batch)
+    ]
 
 
 # ---------------------------------------------------------------- Wikipedia / C4 (pretraining)
+
 
 def wikipedia_train_batches(tokenizer, *, steps: int, batch: int, seq_len: int, seed: int) -> list[dict]:
     """`steps` packed batches from the Wikipedia train shards, documents in a seeded order."""
@@ -128,27 +133,38 @@ def wikipedia_train_batches(tokenizer, *, steps: int, batch: int, seq_len: int, 
             rng.shuffle(texts)
             yield from texts
 
-    key = {"corpus": "wikipedia-train", "shards": [s.name for s in shards], "seed": seed, "n": n_tokens,
-           "tok": TOKENIZER_NAME}
+    key = {
+        "corpus": "wikipedia-train",
+        "shards": [s.name for s in shards],
+        "seed": seed,
+        "n": n_tokens,
+        "tok": TOKENIZER_NAME,
+    }
     tokens = _cached_tokens(key, lambda: _pack(docs(), tokenizer, n_tokens))
     return _blocks_to_batches(tokens, batch, seq_len, steps, seed)
 
 
 def heldout_batches(corpus: str, tokenizer, *, n_tokens: int, batch: int, seq_len: int) -> list[dict]:
     """The first `n_tokens` tokens of a held-out corpus in file order ("wikipedia" validation or "c4")."""
-    path = {"wikipedia": "wikipedia-en/validation-00000-of-00001.jsonl.gz",
-            "c4": "c4-sample/c4-en-train.00000-of-01024.first1000.jsonl"}[corpus]
+    path = {
+        "wikipedia": "wikipedia-en/validation-00000-of-00001.jsonl.gz",
+        "c4": "c4-sample/c4-en-train.00000-of-01024.first1000.jsonl",
+    }[corpus]
     source = require(path)
     n_blocks = max(1, n_tokens // seq_len)
     key = {"corpus": corpus, "file": source.name, "n": n_blocks * seq_len, "tok": TOKENIZER_NAME}
-    tokens = _cached_tokens(key, lambda: _pack((d["text"] for d in read_jsonl(source)), tokenizer,
-                                               n_blocks * seq_len))
+    tokens = _cached_tokens(
+        key, lambda: _pack((d["text"] for d in read_jsonl(source)), tokenizer, n_blocks * seq_len)
+    )
     blocks = tokens.view(n_blocks, seq_len).long()
-    return [{"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()}
-            for b in blocks.split(batch)]
+    return [
+        {"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()}
+        for b in blocks.split(batch)
+    ]
 
 
 # ---------------------------------------------------------------- GSM8K (fine-tuning)
+
 
 def gsm8k_prompt(question: str) -> str:
     """The prompt of lm-eval's `gsm8k` task (doc_to_text), so training and evaluation agree."""
@@ -174,7 +190,7 @@ def supervised_batch(pairs, tokenizer, seq_len: int | None = None) -> dict:
     for i, (p, a) in enumerate(pairs):
         n = len(p) + len(a)
         ids[i, :n] = torch.tensor(p + a)
-        labels[i, len(p):n] = torch.tensor(a)
+        labels[i, len(p) : n] = torch.tensor(a)
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
@@ -193,16 +209,19 @@ def gsm8k_train_batches(tokenizer, *, steps: int, batch: int, seq_len: int, seed
             break
     if len(pairs) < steps * batch:  # more steps than problems: another epoch in the same order
         pairs = (pairs * (steps * batch // max(1, len(pairs)) + 1))[: steps * batch]
-    return [supervised_batch(pairs[i: i + batch], tokenizer, seq_len) for i in range(0, len(pairs), batch)]
+    return [supervised_batch(pairs[i : i + batch], tokenizer, seq_len) for i in range(0, len(pairs), batch)]
 
 
 def gsm8k_eval_pairs(tokenizer, limit: int | None) -> list[tuple[list[int], list[int]]]:
     """(prompt_ids, answer_ids) of the first `limit` test problems, in lm-eval's order."""
-    return [_prompt_answer_ids(tokenizer, gsm8k_prompt(ex["question"]), ex["answer"])
-            for ex in gsm8k_examples("test")[: limit or None]]
+    return [
+        _prompt_answer_ids(tokenizer, gsm8k_prompt(ex["question"]), ex["answer"])
+        for ex in gsm8k_examples("test")[: limit or None]
+    ]
 
 
 # ---------------------------------------------------------------- code (HumanEval fine-tuning)
+
 
 def stdlib_sources() -> list[Path]:
     """The running interpreter's own standard-library Python sources (an offline code corpus), sorted."""
@@ -227,8 +246,14 @@ def code_train_batches(tokenizer, *, steps: int, batch: int, seq_len: int, seed:
             except (OSError, UnicodeDecodeError):
                 continue
 
-    key = {"corpus": "python-stdlib", "root": sysconfig.get_paths()["stdlib"], "n_files": len(files),
-           "seed": seed, "n": n_tokens, "tok": TOKENIZER_NAME}
+    key = {
+        "corpus": "python-stdlib",
+        "root": sysconfig.get_paths()["stdlib"],
+        "n_files": len(files),
+        "seed": seed,
+        "n": n_tokens,
+        "tok": TOKENIZER_NAME,
+    }
     tokens = _cached_tokens(key, lambda: _pack(texts(), tokenizer, n_tokens))
     return _blocks_to_batches(tokens, batch, seq_len, steps, seed)
 

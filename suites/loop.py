@@ -34,11 +34,13 @@ def is_oom(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return isinstance(exc, (RuntimeError, MemoryError)) and (
-        "out of memory" in text or "can't allocate memory" in text or isinstance(exc, MemoryError))
+        "out of memory" in text or "can't allocate memory" in text or isinstance(exc, MemoryError)
+    )
 
 
 def lr_factor(schedule: str, warmup: int, steps: int, min_ratio: float):
     """LambdaLR factor: linear warm-up over `warmup` steps, then cosine decay to `min_ratio`."""
+
     def factor(step: int) -> float:
         if schedule == "constant":
             return 1.0
@@ -46,29 +48,43 @@ def lr_factor(schedule: str, warmup: int, steps: int, min_ratio: float):
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, steps - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return factor
 
 
 @dataclass
 class TrainResult:
-    status: str = "ok"                      # ok | diverged | oom | error
+    status: str = "ok"  # ok | diverged | oom | error
     error: str | None = None
-    curve: list = field(default_factory=list)   # [step, train_loss, eval_loss|None]
-    drift: list | None = None                   # [step, radians] when the optimizer tracks a basis
+    curve: list = field(default_factory=list)  # [step, train_loss, eval_loss|None]
+    drift: list | None = None  # [step, radians] when the optimizer tracks a basis
     memory: dict | None = None
     speed: dict | None = None
     steps_done: int = 0
 
 
-def train(model, optimizer, batches: list[dict], *, steps: int, mem_window: int, schedule: str,
-          warmup_steps: int, min_lr_ratio: float, meter, device: str, progress=None) -> TrainResult:
+def train(
+    model,
+    optimizer,
+    batches: list[dict],
+    *,
+    steps: int,
+    mem_window: int,
+    schedule: str,
+    warmup_steps: int,
+    min_lr_ratio: float,
+    meter,
+    device: str,
+    progress=None,
+) -> TrainResult:
     """Run `steps` optimizer steps over `batches` (cycled) and measure memory and speed.
 
     Exceptions other than divergence and out-of-memory propagate (the caller records them as `error`).
     """
     res = TrainResult()
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_factor(schedule, warmup_steps, steps, min_lr_ratio))
+        optimizer, lr_factor(schedule, warmup_steps, steps, min_lr_ratio)
+    )
     drift_fn = getattr(optimizer, "subspace_drift", None)
     if not callable(drift_fn):
         drift_fn = None
@@ -126,6 +142,8 @@ def train(model, optimizer, batches: list[dict], *, steps: int, mem_window: int,
 
     timed = [i for i in times if i > mem_window] or [i for i in times if i > 0]
     if timed:
-        res.speed = {"tokens_per_s": sum(tokens[i] for i in timed) / sum(times[i] for i in timed),
-                     "step_time_s": statistics.median(times[i] for i in timed)}
+        res.speed = {
+            "tokens_per_s": sum(tokens[i] for i in timed) / sum(times[i] for i in timed),
+            "step_time_s": statistics.median(times[i] for i in timed),
+        }
     return res

@@ -21,72 +21,221 @@ PERIODIC_KEYS = ("refresh_every", "update_proj_gap")
 
 # Keys every training profile has (values here are only the types' witnesses; profiles set them all).
 _TRAIN = dict(
-    model="llama-tiny",      # preset in suites.models.PRESETS
-    base="random",           # "random" (random init) | "c4" (pretrained by this project's c4 suite) | hub id
-    base_steps=0,            # optimizer steps of the c4 pretraining that makes a "c4" base
-    base_lr=3e-3,            # learning rate of that pretraining (AdamW)
+    model="llama-tiny",  # preset in suites.models.PRESETS
+    base="random",  # "random" (random init) | "c4" (pretrained by this project's c4 suite) | hub id
+    base_steps=0,  # optimizer steps of the c4 pretraining that makes a "c4" base
+    base_lr=3e-3,  # learning rate of that pretraining (AdamW)
     dtype="float32",
-    seed=0,                  # data order and model init
-    steps=4,                 # optimizer steps (step 0 is the memory warm-up step)
-    mem_window=3,            # steps measured after the warm-up step; speed is timed on the steps after it
+    seed=0,  # data order and model init
+    steps=4,  # optimizer steps (step 0 is the memory warm-up step)
+    mem_window=3,  # steps measured after the warm-up step; speed is timed on the steps after it
     batch=2,
     seq_len=64,
-    schedule="cosine",       # linear warm-up, then cosine to min_lr_ratio * lr | "constant"
+    schedule="cosine",  # linear warm-up, then cosine to min_lr_ratio * lr | "constant"
     warmup_steps=1,
     min_lr_ratio=0.1,
     weight_decay=0.0,
     betas=(0.9, 0.999),
     eps=1e-8,
     rank=8,
+    lean_activations=False,  # suites.lean: memory-lean RMSNorm/SwiGLU autograd, applied to every method alike
     # method hyper-parameters that the profile pins for every method that has them
     refresh_every=2,
     update_proj_gap=2,
-    eval_limit=4,            # problems / documents evaluated (None = all)
+    eval_limit=4,  # problems / documents evaluated (None = all)
     eval_batch=8,
-    max_gen_toks=32,         # greedy generation budget for accuracy / pass@1
-    eval_tokens=4096,        # held-out tokens for the c4 suite's validation loss
-    exec_timeout=5.0,        # seconds per HumanEval program
+    max_gen_toks=32,  # greedy generation budget for accuracy / pass@1
+    eval_tokens=4096,  # held-out tokens for the c4 suite's validation loss
+    exec_timeout=5.0,  # seconds per HumanEval program
 )
 
-_LRS_FT = {"adam": 1e-4, "lora": 1e-3, "galore": 1e-3, "ldadam": 1e-4, "pca": 1e-4, "oasis": 1e-4,
-           "default": 1e-4}
-_LRS_PT = {"adam": 1e-3, "lora": 1e-3, "galore": 1e-2, "ldadam": 1e-3, "pca": 1e-3, "oasis": 1e-3,
-           "default": 1e-3}
+_LRS_FT = {
+    "adam": 1e-4,
+    "lora": 1e-3,
+    "galore": 1e-3,
+    "ldadam": 1e-4,
+    "pca": 1e-4,
+    "oasis": 1e-4,
+    "default": 1e-4,
+}
+# the cpu profiles fine-tune a small base pretrained for only a few hundred steps: larger steps help
+_LRS_FT_CPU = {
+    "adam": 1e-3,
+    "lora": 3e-3,
+    "galore": 3e-3,
+    "ldadam": 1e-3,
+    "pca": 1e-3,
+    "oasis": 1e-3,
+    "default": 1e-3,
+}
+_LRS_PT = {
+    "adam": 1e-3,
+    "lora": 1e-3,
+    "galore": 1e-2,
+    "ldadam": 1e-3,
+    "pca": 1e-3,
+    "oasis": 1e-3,
+    "default": 1e-3,
+}
 
 PROFILES: dict[str, dict[str, dict]] = {
     "c4": {
-        "smoke": dict(_TRAIN, model="llama-tiny", steps=4, mem_window=3, batch=2, seq_len=64,
-                      eval_tokens=2048, lrs={**_LRS_PT, "galore": 1e-3}),
-        "cpu": dict(_TRAIN, model="llama-mini", steps=60, mem_window=11, batch=4, seq_len=128, warmup_steps=6,
-                    rank=32, refresh_every=10, update_proj_gap=10, eval_tokens=16384, eval_batch=8,
-                    lrs=dict(_LRS_PT)),
-        "paper": dict(_TRAIN, model="llama-130m", steps=20000, mem_window=201, batch=512, seq_len=256,
-                      warmup_steps=2000, rank=256, refresh_every=200, update_proj_gap=200,
-                      eval_tokens=10_000_000, eval_batch=64, lrs=dict(_LRS_PT)),
+        "smoke": dict(
+            _TRAIN,
+            model="llama-tiny",
+            steps=4,
+            mem_window=3,
+            batch=2,
+            seq_len=64,
+            eval_tokens=2048,
+            lrs={**_LRS_PT, "galore": 1e-3},
+        ),
+        "cpu": dict(
+            _TRAIN,
+            model="llama-mini",
+            steps=60,
+            mem_window=11,
+            batch=4,
+            seq_len=128,
+            warmup_steps=6,
+            rank=32,
+            refresh_every=10,
+            update_proj_gap=10,
+            eval_tokens=16384,
+            eval_batch=8,
+            lrs=dict(_LRS_PT),
+        ),
+        "paper": dict(
+            _TRAIN,
+            model="llama-130m",
+            steps=20000,
+            mem_window=201,
+            batch=512,
+            seq_len=256,
+            warmup_steps=2000,
+            rank=256,
+            refresh_every=200,
+            update_proj_gap=200,
+            eval_tokens=10_000_000,
+            eval_batch=64,
+            lrs=dict(_LRS_PT),
+        ),
     },
     "gsm8k": {
-        "smoke": dict(_TRAIN, model="llama-tiny", steps=4, mem_window=3, batch=2, seq_len=256, eval_limit=2,
-                      max_gen_toks=8, eval_batch=2, lrs=dict(_LRS_FT)),
-        "cpu": dict(_TRAIN, model="llama-mini", base="c4", base_steps=200, steps=30, mem_window=11, batch=2,
-                    seq_len=256, warmup_steps=3, rank=32, refresh_every=10, update_proj_gap=10,
-                    eval_limit=32, eval_batch=16, max_gen_toks=96, lrs=dict(_LRS_FT)),
-        "paper": dict(_TRAIN, model="llama-2-7b", base="meta-llama/Llama-2-7b-hf", dtype="bfloat16",
-                      steps=1000, mem_window=201, batch=32, seq_len=512, warmup_steps=30, rank=32,
-                      refresh_every=200, update_proj_gap=200, eval_limit=None, eval_batch=32, max_gen_toks=256,
-                      lrs={"adam": 1e-5, "lora": 2e-4, "galore": 1e-5, "ldadam": 1e-5, "pca": 1e-5,
-                           "oasis": 1e-5, "default": 1e-5}),
+        "smoke": dict(
+            _TRAIN,
+            model="llama-tiny",
+            steps=4,
+            mem_window=3,
+            batch=2,
+            seq_len=256,
+            eval_limit=2,
+            max_gen_toks=8,
+            eval_batch=2,
+            lrs=dict(_LRS_FT),
+        ),
+        "cpu": dict(
+            _TRAIN,
+            model="llama-mini",
+            base="c4",
+            base_steps=200,
+            steps=24,
+            mem_window=6,
+            batch=2,
+            seq_len=256,
+            warmup_steps=3,
+            rank=32,
+            refresh_every=5,
+            update_proj_gap=5,
+            eval_limit=32,
+            eval_batch=16,
+            max_gen_toks=96,
+            lrs=dict(_LRS_FT_CPU),
+        ),
+        "paper": dict(
+            _TRAIN,
+            model="llama-2-7b",
+            base="meta-llama/Llama-2-7b-hf",
+            dtype="bfloat16",
+            steps=1000,
+            mem_window=201,
+            batch=32,
+            seq_len=512,
+            warmup_steps=30,
+            rank=32,
+            refresh_every=200,
+            update_proj_gap=200,
+            eval_limit=None,
+            eval_batch=32,
+            max_gen_toks=256,
+            lrs={
+                "adam": 1e-5,
+                "lora": 2e-4,
+                "galore": 1e-5,
+                "ldadam": 1e-5,
+                "pca": 1e-5,
+                "oasis": 1e-5,
+                "default": 1e-5,
+            },
+        ),
     },
     "humaneval": {
-        "smoke": dict(_TRAIN, model="llama-tiny", steps=4, mem_window=3, batch=2, seq_len=128, eval_limit=2,
-                      max_gen_toks=8, eval_batch=2, lrs=dict(_LRS_FT)),
-        "cpu": dict(_TRAIN, model="llama-mini", base="c4", base_steps=200, steps=30, mem_window=11, batch=2,
-                    seq_len=256, warmup_steps=3, rank=32, refresh_every=10, update_proj_gap=10,
-                    eval_limit=16, eval_batch=16, max_gen_toks=96, lrs=dict(_LRS_FT)),
-        "paper": dict(_TRAIN, model="llama-3.2-1b", base="meta-llama/Llama-3.2-1B", dtype="bfloat16",
-                      steps=1000, mem_window=201, batch=32, seq_len=1024, warmup_steps=30, rank=32,
-                      refresh_every=200, update_proj_gap=200, eval_limit=None, eval_batch=16, max_gen_toks=512,
-                      lrs={"adam": 1e-5, "lora": 2e-4, "galore": 1e-5, "ldadam": 1e-5, "pca": 1e-5,
-                           "oasis": 1e-5, "default": 1e-5}),
+        "smoke": dict(
+            _TRAIN,
+            model="llama-tiny",
+            steps=4,
+            mem_window=3,
+            batch=2,
+            seq_len=128,
+            eval_limit=2,
+            max_gen_toks=8,
+            eval_batch=2,
+            lrs=dict(_LRS_FT),
+        ),
+        "cpu": dict(
+            _TRAIN,
+            model="llama-mini",
+            base="c4",
+            base_steps=200,
+            steps=24,
+            mem_window=6,
+            batch=2,
+            seq_len=256,
+            warmup_steps=3,
+            rank=32,
+            refresh_every=5,
+            update_proj_gap=5,
+            eval_limit=16,
+            eval_batch=16,
+            max_gen_toks=96,
+            lrs=dict(_LRS_FT_CPU),
+        ),
+        "paper": dict(
+            _TRAIN,
+            model="llama-3.2-1b",
+            base="meta-llama/Llama-3.2-1B",
+            dtype="bfloat16",
+            steps=1000,
+            mem_window=201,
+            batch=32,
+            seq_len=1024,
+            warmup_steps=30,
+            rank=32,
+            refresh_every=200,
+            update_proj_gap=200,
+            eval_limit=None,
+            eval_batch=16,
+            max_gen_toks=512,
+            lrs={
+                "adam": 1e-5,
+                "lora": 2e-4,
+                "galore": 1e-5,
+                "ldadam": 1e-5,
+                "pca": 1e-5,
+                "oasis": 1e-5,
+                "default": 1e-5,
+            },
+        ),
     },
 }
 
@@ -99,12 +248,14 @@ def profile(suite: str, name: str) -> dict:
     if suite not in PROFILES:
         raise ProfileError(f"unknown suite {suite!r}; choose from {', '.join(PROFILES)}")
     if name not in PROFILES[suite]:
-        raise ProfileError(f"unknown profile {name!r} for suite {suite}; choose from {', '.join(PROFILES[suite])}")
+        raise ProfileError(
+            f"unknown profile {name!r} for suite {suite}; choose from {', '.join(PROFILES[suite])}"
+        )
     return copy.deepcopy(PROFILES[suite][name])
 
 
 def parse_value(key: str, text: str, witness):
-    """Parse `text` as the type of `witness` (the current value of `key`); ProfileError when it does not fit."""
+    """Parse `text` as the type of `witness` (the current value of `key`); ProfileError if it does not fit."""
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
@@ -131,7 +282,9 @@ def parse_value(key: str, text: str, witness):
         try:
             nums = tuple(float(p) for p in parts)
         except ValueError:
-            raise ProfileError(f"--set {key}={text}: expected {len(witness)} comma-separated numbers") from None
+            raise ProfileError(
+                f"--set {key}={text}: expected {len(witness)} comma-separated numbers"
+            ) from None
         if len(nums) != len(witness):
             raise ProfileError(f"--set {key}={text}: expected {len(witness)} comma-separated numbers")
         return nums
@@ -191,8 +344,9 @@ def _check_budget(prof: dict) -> None:
     if prof["steps"] < 2:
         raise ProfileError("steps must be at least 2 (one warm-up step and a measured window)")
     if not 1 <= prof["mem_window"] <= prof["steps"] - 1:
-        raise ProfileError(f"mem_window must be in [1, steps-1] = [1, {prof['steps'] - 1}], "
-                           f"got {prof['mem_window']}")
+        raise ProfileError(
+            f"mem_window must be in [1, steps-1] = [1, {prof['steps'] - 1}], got {prof['mem_window']}"
+        )
     if prof["rank"] < 1:
         raise ProfileError(f"rank must be a positive integer, got {prof['rank']}")
     if prof["schedule"] not in ("cosine", "constant"):
@@ -216,6 +370,8 @@ def resolve(suite: str, profile_name: str, prof: dict, method: str, defaults: di
     cfg["betas"] = tuple(cfg["betas"])
     for key in PERIODIC_KEYS:
         if key in cfg and not 1 <= int(cfg[key]) <= prof["mem_window"]:
-            raise ProfileError(f"{method}: {key}={cfg[key]} puts no basis refresh inside the memory window "
-                               f"(steps 1..{prof['mem_window']}); set {key} <= mem_window")
+            raise ProfileError(
+                f"{method}: {key}={cfg[key]} puts no basis refresh inside the memory window "
+                f"(steps 1..{prof['mem_window']}); set {key} <= mem_window"
+            )
     return cfg

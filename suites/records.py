@@ -18,8 +18,25 @@ from pathlib import Path
 
 SCHEMA = "oasis-bench/run-record/1"
 STATUSES = ("ok", "diverged", "oom", "error")
-RECORD_KEYS = ("schema", "run_id", "suite", "profile", "method", "status", "error", "config", "config_hash",
-               "metrics", "memory", "speed", "curve", "subspace", "env", "started_at", "wall_s")
+RECORD_KEYS = (
+    "schema",
+    "run_id",
+    "suite",
+    "profile",
+    "method",
+    "status",
+    "error",
+    "config",
+    "config_hash",
+    "metrics",
+    "memory",
+    "speed",
+    "curve",
+    "subspace",
+    "env",
+    "started_at",
+    "wall_s",
+)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -47,12 +64,18 @@ def run_id(config: dict) -> str:
 def git_commit() -> str | None:
     """HEAD of the repository the harness runs from, with '+dirty' when tracked files differ."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
         if not head:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -62,9 +85,16 @@ def environment(device: str, dtype: str) -> dict:
     import torch
     import transformers
 
-    env = {"git_commit": git_commit(), "python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "device": device, "dtype": dtype,
-           "host_cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()}
+    env = {
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": device,
+        "dtype": dtype,
+        "host_cpu": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env

@@ -15,6 +15,7 @@ import argparse
 import ctypes
 import itertools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -24,6 +25,8 @@ from pathlib import Path
 
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")  # no hub on the CPU profiles; the paper profile checks access itself
+# bitsandbytes warns on import about an optional CPU kernel package; bad input must stay one line on stderr
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 from suites import profiles, records  # noqa: E402
 from suites.data import CACHE_DIR, DataMissing, require  # noqa: E402
@@ -39,31 +42,53 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m suites.run", description=(
-        "Train and evaluate every method of a suite under identical budgets (data order, steps, tokens, batch, "
-        "sequence length, schedule, rank, evaluation; only learning rates differ, per method from the profile). "
-        "Each run is its own process and writes one JSON record to --out; a restarted sweep skips runs that "
-        "already have an ok record."),
-        epilog=("examples:\n  python -m suites.run gsm8k --methods all\n"
-                "  python -m suites.run c4 --methods adam,oasis --profile smoke\n"
-                "  python -m suites.run gsm8k --methods oasis --sweep rank=8,16,32 --set steps=60\n"
-                "profile keys (see suites/profiles.py) and method hyper-parameters (suites/registry.py) can be "
-                "overridden with --set; 'lr=X' sets every method's learning rate, 'lr.NAME=X' one method's.\n"
-                "data: $OASIS_DATA_DIR (default <repo>/../shared/data)."),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="python -m suites.run",
+        description=(
+            "Train and evaluate every method of a suite under identical budgets (data order, steps, "
+            "tokens, batch, sequence length, schedule, rank, evaluation; only learning rates differ, per "
+            "method from the profile). Each run is its own process and writes one JSON record to --out; "
+            "a restarted sweep skips runs that already have an ok record."
+        ),
+        epilog=(
+            "examples:\n  python -m suites.run gsm8k --methods all\n"
+            "  python -m suites.run c4 --methods adam,oasis --profile smoke\n"
+            "  python -m suites.run gsm8k --methods oasis --sweep rank=8,16,32 --set steps=60\n"
+            "profile keys (see suites/profiles.py) and method hyper-parameters (suites/registry.py) can be "
+            "overridden with --set; 'lr=X' sets every method's learning rate, 'lr.NAME=X' one method's.\n"
+            "data: $OASIS_DATA_DIR (default <repo>/../shared/data)."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("suite", help="gsm8k | humaneval | c4")
-    p.add_argument("--methods", default="all", help="'all' (adam,lora,galore,ldadam,pca,oasis) or a comma list")
-    p.add_argument("--profile", default="cpu", help="smoke (seconds, tests/CI) | cpu (minutes) | paper (GPU, hub)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a profile key or method hyper-parameter (repeatable)")
-    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
-                   help="one run per value (repeatable: the cartesian product)")
+    p.add_argument(
+        "--methods", default="all", help="'all' (adam,lora,galore,ldadam,pca,oasis) or a comma list"
+    )
+    p.add_argument(
+        "--profile", default="cpu", help="smoke (seconds, tests/CI) | cpu (minutes) | paper (GPU, hub)"
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a profile key or method hyper-parameter (repeatable)",
+    )
+    p.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="one run per value (repeatable: the cartesian product)",
+    )
     p.add_argument("--out", default="results", help="folder for the run records (default: results/)")
     p.add_argument("--device", default="auto", choices=None, help="auto (CUDA when present) | cpu | cuda")
     return p
 
 
 # ------------------------------------------------------------------------------------------- planning
+
 
 def _method_key_witnesses() -> dict:
     from suites.registry import ALL_METHODS, method_defaults
@@ -96,8 +121,10 @@ def _check_rank(cfg: dict) -> None:
     shapes = linear_shapes(llama_config(cfg["model"]))
     name, (d_out, d_in) = min(shapes.items(), key=lambda kv: min(kv[1]))
     if cfg["rank"] > min(d_out, d_in):
-        raise UsageError(f"rank {cfg['rank']} is larger than layer {name} ({d_out}x{d_in}) of {cfg['model']}; "
-                         f"choose rank <= {min(d_out, d_in)}")
+        raise UsageError(
+            f"rank {cfg['rank']} is larger than layer {name} ({d_out}x{d_in}) of {cfg['model']}; "
+            f"choose rank <= {min(d_out, d_in)}"
+        )
 
 
 def _check_hub_base(base: str) -> None:
@@ -106,9 +133,11 @@ def _check_hub_base(base: str) -> None:
 
         AutoConfig.from_pretrained(base)
     except Exception:  # noqa: BLE001 - any failure means the weights cannot be had here
-        raise UsageError(f"base model {base} is not available offline (no hub access and not in the HF cache); "
-                         "the paper profile needs a machine with hub access: HF_HUB_OFFLINE=0 and "
-                         "`huggingface-cli login` for gated Llama weights") from None
+        raise UsageError(
+            f"base model {base} is not available offline (no hub access and not in the HF cache); "
+            "the paper profile needs a machine with hub access: HF_HUB_OFFLINE=0 and "
+            "`huggingface-cli login` for gated Llama weights"
+        ) from None
 
 
 def base_config(cfg: dict) -> dict:
@@ -142,7 +171,7 @@ def plan(args) -> tuple[list[dict], str]:
     sweep_axes = []
     for text in args.sweep:
         key, values = profiles.parse_assignment(text)
-        # values are comma-separated; use ';' between values that hold commas themselves (betas=0.9,0.99;0.9,0.95)
+        # values are comma-separated; ';' separates values that hold commas (betas=0.9,0.99;0.9,0.95)
         values = [v for v in values.split(";" if ";" in values else ",") if v.strip()]
         if not values:
             raise UsageError(f"--sweep {text}: no values")
@@ -169,6 +198,7 @@ def plan(args) -> tuple[list[dict], str]:
 
 # ------------------------------------------------------------------------------------------- running
 
+
 def _die_with_parent():
     """Child processes die with this one (Linux), so a killed sweep leaves no run behind."""
     try:
@@ -181,8 +211,11 @@ def launch(spec: dict) -> int:
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="oasis-run-", delete=False) as f:
         json.dump(spec, f)
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "suites.worker", f.name],
-                                cwd=records.REPO_ROOT, preexec_fn=_die_with_parent if os.name == "posix" else None)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "suites.worker", f.name],
+            cwd=records.REPO_ROOT,
+            preexec_fn=_die_with_parent if os.name == "posix" else None,
+        )
         try:
             return proc.wait()
         except BaseException:
@@ -200,8 +233,11 @@ def ensure_base(cfg: dict) -> str:
     model_dir = home / "model"
     if (model_dir / "config.json").exists():
         return str(model_dir)
-    print(f"pretraining the base once ({bcfg['model']}, {bcfg['steps']} steps of the c4 suite); cached in "
-          f"{home.relative_to(records.REPO_ROOT)}", file=sys.stderr)
+    print(
+        f"pretraining the base once ({bcfg['model']}, {bcfg['steps']} steps of the c4 suite); cached in "
+        f"{home.relative_to(records.REPO_ROOT)}",
+        file=sys.stderr,
+    )
     launch({"config": bcfg, "out_dir": str(home), "save_dir": str(model_dir), "position": 1})
     if not (model_dir / "config.json").exists():
         rec = next(iter(records.load_records(home)), None)
@@ -214,15 +250,31 @@ def failure_record(cfg: dict, why: str) -> dict:
     """The parent's record for a run whose process died before writing its own."""
     from datetime import datetime, timezone
 
-    return {"schema": records.SCHEMA, "run_id": records.run_id(cfg), "suite": cfg["suite"],
-            "profile": cfg["profile"], "method": cfg["method"], "status": "error", "error": why, "config": cfg,
-            "config_hash": records.config_hash(cfg), "metrics": {}, "memory": None, "speed": None, "curve": [],
-            "subspace": None, "env": records.environment(cfg["device"], cfg["dtype"]),
-            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "wall_s": 0.0}
+    return {
+        "schema": records.SCHEMA,
+        "run_id": records.run_id(cfg),
+        "suite": cfg["suite"],
+        "profile": cfg["profile"],
+        "method": cfg["method"],
+        "status": "error",
+        "error": why,
+        "config": cfg,
+        "config_hash": records.config_hash(cfg),
+        "metrics": {},
+        "memory": None,
+        "speed": None,
+        "curve": [],
+        "subspace": None,
+        "env": records.environment(cfg["device"], cfg["dtype"]),
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": 0.0,
+    }
 
 
 def summary(rows: list[dict], headline: str) -> str:
-    lines = [f"{'method':<18} {'status':<9} {'peak MiB':>9} {headline:>14} {'tokens/s':>9} {'wall s':>7}  run_id"]
+    lines = [
+        f"{'method':<18} {'status':<9} {'peak MiB':>9} {headline:>14} {'tokens/s':>9} {'wall s':>7}  run_id"
+    ]
     for rec in rows:
         mem = rec.get("memory") or {}
         peak = f"{mem['peak_bytes'] / 2**20:.1f}" if mem.get("peak_bytes") is not None else "-"
@@ -230,8 +282,10 @@ def summary(rows: list[dict], headline: str) -> str:
         metric = f"{metric:.4f}" if isinstance(metric, (int, float)) else "-"
         speed = rec.get("speed") or {}
         tps = f"{speed['tokens_per_s']:.0f}" if speed.get("tokens_per_s") else "-"
-        lines.append(f"{rec['method']:<18} {rec['status']:<9} {peak:>9} {metric:>14} {tps:>9} "
-                     f"{rec.get('wall_s') or 0:>7.1f}  {rec['run_id']}")
+        lines.append(
+            f"{rec['method']:<18} {rec['status']:<9} {peak:>9} {metric:>14} {tps:>9} "
+            f"{rec.get('wall_s') or 0:>7.1f}  {rec['run_id']}"
+        )
         if rec.get("error"):
             lines.append(f"{'':<18} {rec['error'][:100]}")
     return "\n".join(lines)
@@ -251,10 +305,19 @@ def main(argv: list[str] | None = None) -> int:
     done = records.completed_hashes(out)
     todo = [c for c in configs if records.config_hash(c) not in done]
     if len(todo) < len(configs):
-        print(f"resuming: {len(configs) - len(todo)} of {len(configs)} runs already have an ok record in {out}",
-              file=sys.stderr)
-    bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc=f"{args.suite}/{args.profile}",
-               unit="run", position=0, dynamic_ncols=True, disable=bool(os.environ.get("OASIS_NO_PROGRESS")))
+        print(
+            f"resuming: {len(configs) - len(todo)} of {len(configs)} runs already have an ok record in {out}",
+            file=sys.stderr,
+        )
+    bar = tqdm(
+        total=len(configs),
+        initial=len(configs) - len(todo),
+        desc=f"{args.suite}/{args.profile}",
+        unit="run",
+        position=0,
+        dynamic_ncols=True,
+        disable=bool(os.environ.get("OASIS_NO_PROGRESS")),
+    )
     try:
         for cfg in todo:
             bar.set_postfix(method=cfg["method"], refresh=True)
@@ -266,14 +329,18 @@ def main(argv: list[str] | None = None) -> int:
                     spec["base_dir"] = ensure_base(cfg)
                 code = launch(spec)
                 if not path.exists() or path.stat().st_mtime_ns == before:
-                    records.write_record(failure_record(cfg, f"run process exited with code {code} "
-                                                             "before writing its record"), out)
+                    records.write_record(
+                        failure_record(cfg, f"run process exited with code {code} before writing its record"),
+                        out,
+                    )
             except RuntimeError as exc:
                 records.write_record(failure_record(cfg, str(exc)), out)
             bar.update(1)
     except KeyboardInterrupt:
         bar.close()
-        print("\ninterrupted: finished runs are recorded; run the same command again to resume", file=sys.stderr)
+        print(
+            "\ninterrupted: finished runs are recorded; run the same command again to resume", file=sys.stderr
+        )
         return 130
     bar.close()
     wanted = {records.config_hash(c) for c in configs}

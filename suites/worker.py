@@ -9,6 +9,7 @@ out-of-memory and any other exception each become a record with that status.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import sys
@@ -45,6 +46,7 @@ def load_model(cfg: dict, base_dir: str | None, device: str):
 
 
 def run(spec: dict) -> dict:
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional-kernel notice on import
     import torch
 
     from suites import records
@@ -67,13 +69,28 @@ def run(spec: dict) -> dict:
         tokenizer = load_tokenizer()
         batches = suite.train_batches(tokenizer, cfg)
         model = load_model(cfg, spec.get("base_dir"), device)
+        if cfg.get("lean_activations"):
+            from suites.lean import apply_lean_activations
+
+            if not apply_lean_activations(model):
+                raise ValueError("lean_activations=true but the model has no RMSNorm/SwiGLU modules to patch")
         model, optimizer = build_method(cfg["method"], model, cfg)
         meter = make_meter("cuda" if device.startswith("cuda") else "cpu", model, optimizer)
         progress = _progress(cfg, spec.get("position", 1))
         try:
-            res = train(model, optimizer, batches, steps=cfg["steps"], mem_window=cfg["mem_window"],
-                        schedule=cfg["schedule"], warmup_steps=cfg["warmup_steps"],
-                        min_lr_ratio=cfg["min_lr_ratio"], meter=meter, device=device, progress=progress)
+            res = train(
+                model,
+                optimizer,
+                batches,
+                steps=cfg["steps"],
+                mem_window=cfg["mem_window"],
+                schedule=cfg["schedule"],
+                warmup_steps=cfg["warmup_steps"],
+                min_lr_ratio=cfg["min_lr_ratio"],
+                meter=meter,
+                device=device,
+                progress=progress,
+            )
         finally:
             if progress is not None:
                 progress.close()
@@ -85,15 +102,28 @@ def run(spec: dict) -> dict:
                 _save(model, tokenizer, spec["save_dir"])
     except Exception as exc:  # noqa: BLE001 - a failed run is a result, recorded with its message
         res.status = "oom" if is_oom(exc) else "error"
-        res.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ''}"
+        res.error = (
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ''}"
+        )
         if os.environ.get("OASIS_DEBUG"):
             traceback.print_exc()
     record = {
-        "schema": records.SCHEMA, "run_id": records.run_id(cfg), "suite": cfg["suite"], "profile": cfg["profile"],
-        "method": cfg["method"], "status": res.status, "error": res.error, "config": cfg,
-        "config_hash": records.config_hash(cfg), "metrics": metrics, "memory": res.memory, "speed": res.speed,
-        "curve": res.curve, "subspace": {"drift": res.drift} if res.drift is not None else None,
-        "env": records.environment(device, cfg["dtype"]), "started_at": started,
+        "schema": records.SCHEMA,
+        "run_id": records.run_id(cfg),
+        "suite": cfg["suite"],
+        "profile": cfg["profile"],
+        "method": cfg["method"],
+        "status": res.status,
+        "error": res.error,
+        "config": cfg,
+        "config_hash": records.config_hash(cfg),
+        "metrics": metrics,
+        "memory": res.memory,
+        "speed": res.speed,
+        "curve": res.curve,
+        "subspace": {"drift": res.drift} if res.drift is not None else None,
+        "env": records.environment(device, cfg["dtype"]),
+        "started_at": started,
         "wall_s": round(time.perf_counter() - t0, 3),
     }
     records.write_record(record, spec["out_dir"])
@@ -113,8 +143,14 @@ def _progress(cfg: dict, position: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=cfg["steps"], desc=f"  {cfg['method']}", position=position, leave=False,
-                unit="step", dynamic_ncols=True)
+    return tqdm(
+        total=cfg["steps"],
+        desc=f"  {cfg['method']}",
+        position=position,
+        leave=False,
+        unit="step",
+        dynamic_ncols=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,8 +19,12 @@ def token_nll(model, batches, device) -> tuple[float, int]:
         ids = batch["input_ids"].to(device)
         logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
         labels = batch["labels"].to(device)[:, 1:]
-        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                              ignore_index=IGNORE, reduction="sum")
+        nll = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.size(-1)),
+            labels.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
         total += float(nll)
         count += int((labels != IGNORE).sum())
     model.train()

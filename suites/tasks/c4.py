@@ -18,19 +18,23 @@ def check_data() -> None:
     data.require("wikipedia-en/validation-00000-of-00001.jsonl.gz")
     data.require("c4-sample/c4-en-train.00000-of-01024.first1000.jsonl")
     if not list(data.require("wikipedia-en").glob("train-*.jsonl.gz")):
-        raise data.DataMissing(f"missing data: expected train-*.jsonl.gz under {data.data_dir() / 'wikipedia-en'}")
+        raise data.DataMissing(
+            f"missing data: expected train-*.jsonl.gz under {data.data_dir() / 'wikipedia-en'}"
+        )
 
 
 def train_batches(tokenizer, cfg: dict) -> list[dict]:
-    return data.wikipedia_train_batches(tokenizer, steps=cfg["steps"], batch=cfg["batch"],
-                                        seq_len=cfg["seq_len"], seed=cfg["seed"])
+    return data.wikipedia_train_batches(
+        tokenizer, steps=cfg["steps"], batch=cfg["batch"], seq_len=cfg["seq_len"], seed=cfg["seed"]
+    )
 
 
 def evaluate(model, tokenizer, cfg: dict, device: str) -> dict:
     metrics = {}
     for corpus, prefix in (("wikipedia", ""), ("c4", "c4_")):
-        batches = data.heldout_batches(corpus, tokenizer, n_tokens=cfg["eval_tokens"], batch=cfg["eval_batch"],
-                                       seq_len=cfg["seq_len"])
+        batches = data.heldout_batches(
+            corpus, tokenizer, n_tokens=cfg["eval_tokens"], batch=cfg["eval_batch"], seq_len=cfg["seq_len"]
+        )
         loss = mean_nll(model, batches, device)
         metrics[f"{prefix}eval_loss"] = loss
         metrics[f"{prefix}eval_ppl"] = ppl(loss)

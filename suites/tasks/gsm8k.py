@@ -29,14 +29,17 @@ def check_data() -> None:
 
 
 def train_batches(tokenizer, cfg: dict) -> list[dict]:
-    return data.gsm8k_train_batches(tokenizer, steps=cfg["steps"], batch=cfg["batch"], seq_len=cfg["seq_len"],
-                                    seed=cfg["seed"])
+    return data.gsm8k_train_batches(
+        tokenizer, steps=cfg["steps"], batch=cfg["batch"], seq_len=cfg["seq_len"], seed=cfg["seed"]
+    )
 
 
 def answer_nll(model, tokenizer, cfg: dict, device: str) -> float:
     pairs = data.gsm8k_eval_pairs(tokenizer, cfg["eval_limit"])
-    batches = [data.supervised_batch(pairs[i: i + cfg["eval_batch"]], tokenizer)
-               for i in range(0, len(pairs), cfg["eval_batch"])]
+    batches = [
+        data.supervised_batch(pairs[i : i + cfg["eval_batch"]], tokenizer)
+        for i in range(0, len(pairs), cfg["eval_batch"])
+    ]
     return mean_nll(model, batches, device)
 
 
@@ -50,6 +53,7 @@ def lm_eval_accuracy(model, tokenizer, cfg: dict, device: str) -> dict:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import datasets
+
         datasets.disable_progress_bars()
     except (ImportError, AttributeError):
         pass
@@ -58,19 +62,35 @@ def lm_eval_accuracy(model, tokenizer, cfg: dict, device: str) -> dict:
     model.eval()
     with tempfile.TemporaryDirectory(prefix="oasis-lm-eval-") as include:
         Path(include, TASK_YAML.name).write_text(text)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg["eval_batch"], device=device,
-                  max_length=int(getattr(model.config, "max_position_embeddings", 2048)))
+        lm = HFLM(
+            pretrained=model,
+            tokenizer=tokenizer,
+            batch_size=cfg["eval_batch"],
+            device=device,
+            max_length=int(getattr(model.config, "max_position_embeddings", 2048)),
+        )
         out = lm_eval.simple_evaluate(
-            model=lm, tasks=[TASK_NAME], task_manager=TaskManager(include_path=include, include_defaults=False),
-            limit=cfg["eval_limit"], gen_kwargs={"max_gen_toks": cfg["max_gen_toks"]}, log_samples=False,
-            bootstrap_iters=0, random_seed=cfg["seed"], numpy_random_seed=cfg["seed"],
-            torch_random_seed=cfg["seed"], fewshot_random_seed=cfg["seed"], verbosity="ERROR")
+            model=lm,
+            tasks=[TASK_NAME],
+            task_manager=TaskManager(include_path=include, include_defaults=False),
+            limit=cfg["eval_limit"],
+            gen_kwargs={"max_gen_toks": cfg["max_gen_toks"]},
+            log_samples=False,
+            bootstrap_iters=0,
+            random_seed=cfg["seed"],
+            numpy_random_seed=cfg["seed"],
+            torch_random_seed=cfg["seed"],
+            fewshot_random_seed=cfg["seed"],
+            verbosity="ERROR",
+        )
     model.train()
     res = out["results"][TASK_NAME]
     n = out.get("n-samples", {}).get(TASK_NAME, {}).get("effective")
-    return {"accuracy": float(res["exact_match,strict-match"]),
-            "accuracy_flexible": float(res["exact_match,flexible-extract"]),
-            "eval_problems": int(n) if n is not None else None}
+    return {
+        "accuracy": float(res["exact_match,strict-match"]),
+        "accuracy_flexible": float(res["exact_match,flexible-extract"]),
+        "eval_problems": int(n) if n is not None else None,
+    }
 
 
 def evaluate(model, tokenizer, cfg: dict, device: str) -> dict:

@@ -30,8 +30,9 @@ def check_data() -> None:
 
 
 def train_batches(tokenizer, cfg: dict) -> list[dict]:
-    return data.code_train_batches(tokenizer, steps=cfg["steps"], batch=cfg["batch"], seq_len=cfg["seq_len"],
-                                   seed=cfg["seed"])
+    return data.code_train_batches(
+        tokenizer, steps=cfg["steps"], batch=cfg["batch"], seq_len=cfg["seq_len"], seed=cfg["seed"]
+    )
 
 
 def truncate(completion: str) -> str:
@@ -40,17 +41,24 @@ def truncate(completion: str) -> str:
 
 
 @torch.no_grad()
-def greedy_completions(model, tokenizer, prompts: list[str], max_new: int, batch: int, device: str) -> list[str]:
+def greedy_completions(
+    model, tokenizer, prompts: list[str], max_new: int, batch: int, device: str
+) -> list[str]:
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the last position of every row
     out = []
     try:
         for i in range(0, len(prompts), batch):
-            enc = tokenizer(prompts[i: i + batch], return_tensors="pt", padding=True).to(device)
-            gen = model.generate(**enc, max_new_tokens=max_new, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            new = gen[:, enc["input_ids"].shape[1]:]
+            enc = tokenizer(prompts[i : i + batch], return_tensors="pt", padding=True).to(device)
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new = gen[:, enc["input_ids"].shape[1] :]
             out += [truncate(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     finally:
         tokenizer.padding_side = side
@@ -64,9 +72,14 @@ def run_program(program: str, timeout: float) -> bool:
         path = Path(tmp, "program.py")
         path.write_text(program)
         try:
-            proc = subprocess.run([sys.executable, "-I", str(path)], cwd=tmp, capture_output=True, timeout=timeout,
-                                  env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"},
-                                  stdin=subprocess.DEVNULL)
+            proc = subprocess.run(
+                [sys.executable, "-I", str(path)],
+                cwd=tmp,
+                capture_output=True,
+                timeout=timeout,
+                env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"},
+                stdin=subprocess.DEVNULL,
+            )
         except subprocess.TimeoutExpired:
             return False
         return proc.returncode == 0
@@ -78,16 +91,26 @@ def program_for(problem: dict, completion: str) -> str:
 
 def evaluate(model, tokenizer, cfg: dict, device: str) -> dict:
     problems = data.humaneval_problems(cfg["eval_limit"])
-    completions = greedy_completions(model, tokenizer, [p["prompt"] for p in problems], cfg["max_gen_toks"],
-                                     cfg["eval_batch"], device)
+    completions = greedy_completions(
+        model, tokenizer, [p["prompt"] for p in problems], cfg["max_gen_toks"], cfg["eval_batch"], device
+    )
     passed = [run_program(program_for(p, c), cfg["exec_timeout"]) for p, c in zip(problems, completions)]
     pairs = []
     for p in problems:
         prompt = tokenizer(p["prompt"]).input_ids
-        solution = tokenizer(p["canonical_solution"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        solution = tokenizer(p["canonical_solution"], add_special_tokens=False).input_ids + [
+            tokenizer.eos_token_id
+        ]
         pairs.append((prompt, solution))
-    batches = [data.supervised_batch(pairs[i: i + cfg["eval_batch"]], tokenizer)
-               for i in range(0, len(pairs), cfg["eval_batch"])]
+    batches = [
+        data.supervised_batch(pairs[i : i + cfg["eval_batch"]], tokenizer)
+        for i in range(0, len(pairs), cfg["eval_batch"])
+    ]
     nll = mean_nll(model, batches, device)
-    return {"pass@1": sum(passed) / len(passed), "passed": int(sum(passed)), "eval_problems": len(problems),
-            "canonical_nll": nll, "canonical_ppl": ppl(nll)}
+    return {
+        "pass@1": sum(passed) / len(passed),
+        "passed": int(sum(passed)),
+        "eval_problems": len(problems),
+        "canonical_nll": nll,
+        "canonical_ppl": ppl(nll),
+    }
