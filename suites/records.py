@@ -137,13 +137,13 @@ def write_record(record: dict, out_dir: str | os.PathLike) -> Path:
     return path
 
 
-def load_records(out_dir: str | os.PathLike) -> list[dict]:
+def load_records(out_dir: str | os.PathLike, recursive: bool = True) -> list[dict]:
     """Every readable record under `out_dir` (recursively), oldest first; unreadable files are skipped."""
     root = Path(out_dir)
     if not root.is_dir():
         return []
     records = []
-    for path in sorted(root.rglob("*.json")):
+    for path in sorted(root.rglob("*.json") if recursive else root.glob("*.json")):
         try:
             rec = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -155,5 +155,9 @@ def load_records(out_dir: str | os.PathLike) -> list[dict]:
 
 
 def completed_hashes(out_dir: str | os.PathLike) -> set[str]:
-    """config hashes that already have an `ok` record: a resumed sweep skips these."""
-    return {r["config_hash"] for r in load_records(out_dir) if r.get("status") == "ok"}
+    """config hashes that already have an `ok` record directly in `out_dir`: a resumed sweep skips these.
+
+    Not recursive, so reference runs committed in a sub-folder (e.g. results/reference/) never stop a
+    fresh `--out results` sweep from running.
+    """
+    return {r["config_hash"] for r in load_records(out_dir, recursive=False) if r.get("status") == "ok"}

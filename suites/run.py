@@ -45,16 +45,16 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m suites.run",
         description=(
-            "Train and evaluate every method of a suite under identical budgets (data order, steps, "
-            "tokens, batch, sequence length, schedule, rank, evaluation; only learning rates differ, per "
-            "method from the profile). Each run is its own process and writes one JSON record to --out; "
+            "Train and evaluate every method of a suite under identical budgets (data order, steps,\n"
+            "tokens, batch, sequence length, schedule, rank, evaluation; only learning rates differ, per\n"
+            "method, from the profile). Each run is its own process and writes one JSON record to --out;\n"
             "a restarted sweep skips runs that already have an ok record."
         ),
         epilog=(
             "examples:\n  python -m suites.run gsm8k --methods all\n"
             "  python -m suites.run c4 --methods adam,oasis --profile smoke\n"
             "  python -m suites.run gsm8k --methods oasis --sweep rank=8,16,32 --set steps=60\n"
-            "profile keys (see suites/profiles.py) and method hyper-parameters (suites/registry.py) can be "
+            "profile keys (suites/profiles.py) and method hyper-parameters (suites/registry.py) can be\n"
             "overridden with --set; 'lr=X' sets every method's learning rate, 'lr.NAME=X' one method's.\n"
             "data: $OASIS_DATA_DIR (default <repo>/../shared/data)."
         ),
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     wanted = {records.config_hash(c) for c in configs}
     latest = {}
-    for rec in records.load_records(out):
+    for rec in records.load_records(out, recursive=False):
         if rec["config_hash"] in wanted:
             latest[rec["config_hash"]] = rec
     rows = [latest[records.config_hash(c)] for c in configs if records.config_hash(c) in latest]

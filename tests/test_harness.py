@@ -172,6 +172,8 @@ BAD_INPUTS = {
     "malformed value": ["c4", "--set", "steps=many"],
     "malformed assignment": ["c4", "--set", "steps"],
     "float for an int": ["c4", "--set", "batch=2.5"],
+    "malformed lr": ["c4", "--set", "lr=fast"],
+    "malformed betas": ["c4", "--set", "betas=0.9"],
     "rank above a layer": ["c4", "--profile", "smoke", "--set", "rank=65"],
     "refresh outside window": [
         "c4",

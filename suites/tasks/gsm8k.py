@@ -8,6 +8,8 @@ answers given the prompt, on the same test problems.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -47,7 +49,6 @@ def lm_eval_accuracy(model, tokenizer, cfg: dict, device: str) -> dict:
     """Run lm-eval's gsm8k definition on the first `eval_limit` test problems (all when None)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     for name in ("lm-eval", "lm_eval", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -69,20 +70,10 @@ def lm_eval_accuracy(model, tokenizer, cfg: dict, device: str) -> dict:
             device=device,
             max_length=int(getattr(model.config, "max_position_embeddings", 2048)),
         )
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[TASK_NAME],
-            task_manager=TaskManager(include_path=include, include_defaults=False),
-            limit=cfg["eval_limit"],
-            gen_kwargs={"max_gen_toks": cfg["max_gen_toks"]},
-            log_samples=False,
-            bootstrap_iters=0,
-            random_seed=cfg["seed"],
-            numpy_random_seed=cfg["seed"],
-            torch_random_seed=cfg["seed"],
-            fewshot_random_seed=cfg["seed"],
-            verbosity="ERROR",
-        )
+        # lm-eval and datasets draw their own progress bars; the run's bar is enough on a terminal
+        quiet = os.environ.get("OASIS_DEBUG") is None
+        with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+            out = _simple_evaluate(lm_eval, lm, include, cfg)
     model.train()
     res = out["results"][TASK_NAME]
     n = out.get("n-samples", {}).get(TASK_NAME, {}).get("effective")
@@ -91,6 +82,25 @@ def lm_eval_accuracy(model, tokenizer, cfg: dict, device: str) -> dict:
         "accuracy_flexible": float(res["exact_match,flexible-extract"]),
         "eval_problems": int(n) if n is not None else None,
     }
+
+
+def _simple_evaluate(lm_eval, lm, include: str, cfg: dict) -> dict:
+    from lm_eval.tasks import TaskManager
+
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[TASK_NAME],
+        task_manager=TaskManager(include_path=include, include_defaults=False),
+        limit=cfg["eval_limit"],
+        gen_kwargs={"max_gen_toks": cfg["max_gen_toks"]},
+        log_samples=False,
+        bootstrap_iters=0,
+        random_seed=cfg["seed"],
+        numpy_random_seed=cfg["seed"],
+        torch_random_seed=cfg["seed"],
+        fewshot_random_seed=cfg["seed"],
+        verbosity="ERROR",
+    )
 
 
 def evaluate(model, tokenizer, cfg: dict, device: str) -> dict:
