@@ -17,7 +17,7 @@ import yaml
 
 # Hyper-parameters that make a method recompute its projection every N optimizer steps. The memory
 # window must contain such a refresh (DESIGN §5), which `resolve` checks for every key listed here.
-PERIODIC_KEYS = ("refresh_every", "update_proj_gap")
+PERIODIC_KEYS = ("refresh_every", "update_proj_gap", "regenerate_every")
 
 # Keys every training profile has (values here are only the types' witnesses; profiles set them all).
 _TRAIN = dict(
@@ -42,6 +42,7 @@ _TRAIN = dict(
     # method hyper-parameters that the profile pins for every method that has them
     refresh_every=2,
     update_proj_gap=2,
+    regenerate_every=2,
     eval_limit=4,  # problems / documents evaluated (None = all)
     eval_batch=8,
     max_gen_toks=32,  # greedy generation budget for accuracy / pass@1
@@ -101,6 +102,7 @@ PROFILES: dict[str, dict[str, dict]] = {
             rank=32,
             refresh_every=10,
             update_proj_gap=10,
+            regenerate_every=10,
             eval_tokens=16384,
             eval_batch=8,
             lrs=dict(_LRS_PT),
@@ -116,6 +118,7 @@ PROFILES: dict[str, dict[str, dict]] = {
             rank=256,
             refresh_every=200,
             update_proj_gap=200,
+            regenerate_every=200,
             eval_tokens=10_000_000,
             eval_batch=64,
             lrs=dict(_LRS_PT),
@@ -147,6 +150,7 @@ PROFILES: dict[str, dict[str, dict]] = {
             rank=32,
             refresh_every=5,
             update_proj_gap=5,
+            regenerate_every=5,
             eval_limit=32,
             eval_batch=16,
             max_gen_toks=96,
@@ -165,6 +169,7 @@ PROFILES: dict[str, dict[str, dict]] = {
             rank=32,
             refresh_every=200,
             update_proj_gap=200,
+            regenerate_every=200,
             eval_limit=None,
             eval_batch=32,
             max_gen_toks=256,
@@ -205,6 +210,7 @@ PROFILES: dict[str, dict[str, dict]] = {
             rank=32,
             refresh_every=5,
             update_proj_gap=5,
+            regenerate_every=5,
             eval_limit=16,
             eval_batch=16,
             max_gen_toks=96,
@@ -223,6 +229,7 @@ PROFILES: dict[str, dict[str, dict]] = {
             rank=32,
             refresh_every=200,
             update_proj_gap=200,
+            regenerate_every=200,
             eval_limit=None,
             eval_batch=16,
             max_gen_toks=512,
@@ -238,6 +245,10 @@ PROFILES: dict[str, dict[str, dict]] = {
         ),
     },
 }
+
+
+# shared optimizer keys that `KEY.METHOD=value` may set for one method (budgets stay shared)
+PER_METHOD_KEYS = ("betas", "eps", "weight_decay", "rank")
 
 
 class ProfileError(ValueError):
@@ -321,9 +332,14 @@ def apply_overrides(prof: dict, overrides: list[tuple[str, str]], method_keys: d
             value = parse_value(key, text, 1.0)
             prof["lrs"] = {k: value for k in prof["lrs"]}
             prof["lr_override"] = value
+        elif "." in key and key.split(".", 1)[0] in PER_METHOD_KEYS + tuple(method_keys):
+            # KEY.METHOD=value: one method's hyper-parameter (e.g. betas.ldadam=0.908,0.99)
+            base, method = key.split(".", 1)
+            witness = prof[base] if base in prof else method_keys[base]
+            prof.setdefault("per_method", {}).setdefault(method, {})[base] = parse_value(key, text, witness)
         elif key.startswith("lr."):
             prof["lrs"][key[3:]] = parse_value(key, text, 1.0)
-        elif key in prof and key != "lrs":
+        elif key in prof and key not in ("lrs", "lr_override", "per_method"):
             witness = prof[key]
             if key == "eval_limit":
                 witness = None if text.strip().lower() in ("none", "null", "all") else 0
@@ -331,7 +347,8 @@ def apply_overrides(prof: dict, overrides: list[tuple[str, str]], method_keys: d
         elif key in method_keys:
             prof[key] = parse_value(key, text, method_keys[key])
         else:
-            known = sorted([k for k in prof if k not in ("lrs", "lr_override")] + list(method_keys) + ["lr"])
+            internal = ("lrs", "lr_override", "per_method")
+            known = sorted([k for k in prof if k not in internal] + list(method_keys) + ["lr", "lr.METHOD"])
             raise ProfileError(f"unknown key {key!r} for --set/--sweep; known keys: {', '.join(known)}")
     _check_budget(prof)
     return prof
@@ -367,6 +384,7 @@ def resolve(suite: str, profile_name: str, prof: dict, method: str, defaults: di
         if key != "lr":
             cfg[key] = prof.get(key, value)
     cfg["lr"] = prof["lrs"].get(method, prof["lrs"]["default"])
+    cfg.update(prof.get("per_method", {}).get(method, {}))
     cfg["betas"] = tuple(cfg["betas"])
     for key in PERIODIC_KEYS:
         if key in cfg and not 1 <= int(cfg[key]) <= prof["mem_window"]:

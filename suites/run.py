@@ -177,8 +177,14 @@ def plan(args) -> tuple[list[dict], str]:
             raise UsageError(f"--sweep {text}: no values")
         sweep_axes.append([(key, v) for v in values])
     configs = []
+    from suites.registry import ALL_METHODS
+
     for point in itertools.product(*sweep_axes) if sweep_axes else [()]:
         p = profiles.apply_overrides(prof, sets + list(point), method_keys)
+        named = set(p.get("per_method", {})) | (set(p["lrs"]) - {"default"})
+        if named - set(ALL_METHODS):
+            raise UsageError(f"unknown method {sorted(named - set(ALL_METHODS))[0]!r} in --set KEY.METHOD; "
+                             f"choose from {', '.join(ALL_METHODS)}")
         for method in methods:
             cfg = profiles.resolve(args.suite, args.profile, p, method, method_defaults(method), device)
             _check_rank(cfg)

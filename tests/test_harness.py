@@ -173,6 +173,7 @@ BAD_INPUTS = {
     "malformed assignment": ["c4", "--set", "steps"],
     "float for an int": ["c4", "--set", "batch=2.5"],
     "malformed lr": ["c4", "--set", "lr=fast"],
+    "unknown method in KEY.METHOD": ["c4", "--set", "lr.sgd=0.1"],
     "malformed betas": ["c4", "--set", "betas=0.9"],
     "rank above a layer": ["c4", "--profile", "smoke", "--set", "rank=65"],
     "refresh outside window": [
@@ -234,6 +235,12 @@ def test_profiles_share_budgets_and_differ_only_in_lr():
     assert records.config_hash(cfg2) != records.config_hash(cfg)
     # keys a method does not have never enter its config (so they cannot change its hash)
     assert "refresh_every" not in cfg and "update_proj_gap" not in cfg
+    # KEY.METHOD sets one method's optimizer hyper-parameter only
+    per = profiles.apply_overrides(prof, [("betas.ldadam", "0.908,0.99")], {})
+    ld = profiles.resolve("gsm8k", "cpu", per, "ldadam", method_defaults("ldadam"), "cpu")
+    ad = profiles.resolve("gsm8k", "cpu", per, "adam", method_defaults("adam"), "cpu")
+    assert ld["betas"] == (0.908, 0.99) and ad["betas"] == tuple(prof["betas"])
+    assert records.config_hash(ad) == records.config_hash(cfg)
 
 
 def test_every_profile_puts_a_refresh_inside_the_memory_window():
