@@ -323,36 +323,46 @@ def _band(ax, steps, stats, color, label, **kw):
 
 
 def loss_curves(groups: list[Group], out: Path) -> dict[tuple, list[Path]]:
+    """Training loss per step (mean ± std over seeds); validation loss where recorded: its own panel when
+    it was evaluated several times, else markers on the training panel (e.g. one final evaluation)."""
     produced = {}
     for (suite, profile), gs in _by_suite_profile(groups).items():
         ref = [g for g in reference_groups(gs) if g.method in CURVE_METHODS and mean_series(g, "curve")[0]]
         if not ref:
             continue
-        has_eval = any(mean_series(g, "curve", col=2)[0] for g in ref)
-        fig, axes = plt.subplots(1, 2 if has_eval else 1, figsize=(10 if has_eval else 5.5, 3.8),
-                                 squeeze=False)
+        ref.sort(key=lambda g: (CURVE_METHODS.index(g.method), g.key))
+        evals = {id(g): mean_series(g, "curve", col=2) for g in ref}
+        n_eval = max(len(steps) for steps, _ in evals.values())
+        split = n_eval >= 3
+        fig, axes = plt.subplots(1, 2 if split else 1, figsize=(10 if split else 6, 3.8), squeeze=False)
         axes = axes[0]
         labels = _labels(ref)
         styles = ["-", "--", ":", "-."]
         count = defaultdict(int)
-        for g in sorted(ref, key=lambda g: CURVE_METHODS.index(g.method)):
+        for g in ref:
             ls = styles[count[g.method] % len(styles)]
             count[g.method] += 1
             steps, stats = mean_series(g, "curve", col=1)
             _band(axes[0], steps, stats, method_color(g.method), labels[id(g)], linewidth=1.2, linestyle=ls)
-            if has_eval:
-                steps, stats = mean_series(g, "curve", col=2)
-                if steps:
-                    _band(axes[1], steps, stats, method_color(g.method), labels[id(g)], linewidth=1.5,
-                          linestyle=ls, marker="o", markersize=3)
+            steps, stats = evals[id(g)]
+            if steps:
+                ax = axes[1] if split else axes[0]
+                ax.errorbar(steps, [s.mean for s in stats], yerr=[s.std or 0.0 for s in stats],
+                            color=method_color(g.method), linestyle=ls if split else "none", capsize=3,
+                            label=None if not split else labels[id(g)], **method_marker(g.method))
         axes[0].set_ylabel("training loss (nats/token)")
-        axes[0].set_title("training loss (mean ± std over seeds)")
-        if has_eval:
+        axes[0].set_title("training loss per step (mean ± std over seeds)")
+        handles, names = axes[0].get_legend_handles_labels()
+        if n_eval and not split:
+            handles.append(Line2D([], [], color="#555555", marker="o", linestyle="none"))
+            names.append("validation loss (markers)")
+        axes[0].legend(handles, names)
+        if split:
             axes[1].set_ylabel("validation loss (nats/token)")
             axes[1].set_title("validation loss")
+            axes[1].legend()
         for ax in axes:
             ax.set_xlabel("optimizer step")
-            ax.legend()
         _suptitle(fig, f"Loss curves: {suite} ({profile} profile), reference configurations")
         fig.tight_layout(rect=(0, 0, 1, 0.93))
         produced[(suite, profile)] = save(fig, out, f"fig5_loss_curves_{suite}_{profile}", ref)
@@ -389,7 +399,7 @@ def subspace_drift(groups: list[Group], out: Path) -> dict[tuple, list[Path]]:
                         xy=(0.01, 0.02), xycoords="axes fraction", fontsize=7, color="#555555")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("subspace drift per step (rad)\nlargest principal angle, mean over bases")
-        ax.legend(loc="upper right", ncol=len(ref))
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(ref), frameon=False)
         _suptitle(fig, f"Subspace drift: {suite} ({profile} profile)")
         fig.tight_layout(rect=(0, 0, 1, 0.93))
         produced[(suite, profile)] = save(fig, out, f"fig6_subspace_drift_{suite}_{profile}", ref)
