@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Fields without which a file cannot be placed in any table or figure.
-REQUIRED = ("run_id", "suite", "profile", "method", "status", "config", "config_hash")
+REQUIRED = ("schema", "run_id", "suite", "profile", "method", "status", "config", "config_hash")
 STATUSES = ("ok", "diverged", "oom", "error")
 CATEGORIES = ("params", "grads", "optimizer", "activations", "other")
 # Keys whose modal value picks a method's reference configuration (main table, loss curves, breakdown);

@@ -76,7 +76,10 @@ _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#
 
 
 def _tex(s: str) -> str:
-    return "".join(_TEX.get(ch, ch) for ch in str(s))
+    """Escape for LaTeX; `code` spans (Markdown backticks) become \\texttt."""
+    parts = str(s).split("`")
+    esc = ["".join(_TEX.get(ch, ch) for ch in part) for part in parts]
+    return "".join(r"\texttt{" + p + "}" if i % 2 else p for i, p in enumerate(esc))
 
 
 def _csv(v):
@@ -151,12 +154,14 @@ def run_table(name: str, caption: str, groups: list[Group], all_groups: list[Gro
             hits = pub.lookup(suite, g.config.get("model"), g.method, m)
             if hits:
                 published[(g.method, g.config.get("model"), m)] = hits
+    reserved = any(g.values("memory", "reserved_bytes") for g in groups)  # CUDA runs record it
     header = (["method", *cols, "seeds", "status", f"peak memory ({unit[0]})", "memory source",
-               "memory / adam"] + [metric_label(m) for m in metrics] + ["tokens/s"]
+               "memory / adam"] + ([f"reserved ({unit[0]})"] if reserved else [])
+              + [metric_label(m) for m in metrics] + ["tokens/s"]
               + (["published (cited)"] if published else []))
     csv_header = (["method", *cols, "config_key", "config_hashes", "seeds", "status",
                    "peak_bytes_mean", "peak_bytes_std", "peak_bytes_n", "memory_source",
-                   "memory_ratio_to_adam"]
+                   "memory_ratio_to_adam", "reserved_bytes_mean"]
                   + [f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")]
                   + ["tokens_per_s_mean", "tokens_per_s_std", "tokens_per_s_n", "published"])
     rows, csv_rows = [], []
@@ -171,12 +176,13 @@ def run_table(name: str, caption: str, groups: list[Group], all_groups: list[Gro
         cfg = [fmt_value(g.config.get(k, "–")) for k in cols]
         rows.append([g.method, *cfg, str(len(seeds)), status_text(g), fmt_bytes(peak, unit),
                      "/".join(g.sources()) or "–", "–" if ratio is None else f"{ratio:.2f}×"]
+                    + ([fmt_bytes(g.stat("memory", "reserved_bytes"), unit)] if reserved else [])
                     + [fmt_metric(m, g.stat("metrics", m)) for m in metrics] + [fmt_rate(rate)]
                     + (["; ".join(cites) or "–"] if published else []))
         csv_rows.append([g.method, *[g.config.get(k) for k in cols], g.key,
                          " ".join(sorted(r.config_hash for r in g.runs)),
                          " ".join(map(str, seeds)), status_text(g), *_stat_cols(peak),
-                         "/".join(g.sources()), ratio]
+                         "/".join(g.sources()), ratio, _stat_cols(g.stat("memory", "reserved_bytes"))[0]]
                         + [v for m in metrics for v in _stat_cols(g.stat("metrics", m))]
                         + [*_stat_cols(rate), "; ".join(cites)])
     notes = ["Values are mean ± sample std over seeds (configs identical except `seed`); "
@@ -188,6 +194,10 @@ def run_table(name: str, caption: str, groups: list[Group], all_groups: list[Gro
     if published:
         notes.append("published (cited): numbers from the cited papers for the same model and method, "
                      "measured in their setups (not ours); sources in published_" + suite + ".md.")
+    elif pub.for_suite(suite):
+        models = ", ".join(sorted({p.model for p in pub.for_suite(suite)}))
+        notes.append(f"Published numbers for {suite} exist only for other models ({models}): see "
+                     f"published_{suite}.md; they are not comparable with these rows.")
     if len(model) > 1:
         notes.append("Rows cover several models; compare within a model.")
     return Table(name, caption, header, rows, csv_header, csv_rows, notes)
