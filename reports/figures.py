@@ -14,7 +14,15 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
 
-from reports.load import CATEGORIES, Group, Stat, fmt_value, reference_groups, varying_keys  # noqa: E402
+from reports.load import (  # noqa: E402
+    CATEGORIES,
+    SOURCE_WORDS,
+    Group,
+    Stat,
+    describe_estimate,
+    reference_groups,
+    varying_keys,
+)
 from reports.style import (  # noqa: E402
     CATEGORY_COLORS,
     memory_unit,
@@ -89,10 +97,8 @@ def memory_breakdown(groups: list[Group], estimates: list[dict], out: Path) -> l
             (g, g.method, {c: (s.mean if s else 0.0) for c, s in stats.items()}, peak.mean if peak else None))
         used.append(g)
     for est in estimates:
-        meta = est["meta"]
-        what = ", ".join(f"{k}={fmt_value(meta[k])}" for k in ("model", "batch", "seq", "seq_len", "rank")
-                         if k in meta)
-        title = f"estimate (FakeTensorMode): {what or est['path']}"
+        what, source = describe_estimate(est)
+        title = f"{source}:\n{what}"
         for r in est["rows"]:
             if r.get("breakdown"):
                 parts = {c: float(r["breakdown"].get(c, 0)) for c in CATEGORIES}
@@ -104,7 +110,7 @@ def memory_breakdown(groups: list[Group], estimates: list[dict], out: Path) -> l
     nrows = math.ceil(n / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 4.2 * nrows), squeeze=False)
     # recorded runs first, then the estimates, each alphabetically
-    order = sorted(panels.items(), key=lambda kv: (kv[0].startswith("estimate"), kv[0]))
+    order = sorted(panels.items(), key=lambda kv: (kv[0].startswith(SOURCE_WORDS["estimate"]), kv[0]))
     for ax, (title, bars) in zip(axes.flat, order, strict=False):
         labels = _labels([b[0] for b in bars if b[0] is not None])
         top = max(max(sum(b[2].values()), b[3] or 0) for b in bars)

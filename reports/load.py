@@ -185,10 +185,12 @@ def _dedupe(runs: list[Run]) -> tuple[list[Run], list[tuple[str, str]]]:
 
 
 def _as_estimate(data) -> dict | None:
-    """A `suites.memory --json` file, as {model, batch, seq, rank, rows: [{method, peak_bytes, breakdown}]}.
+    """A `suites.memory --json` file, as {"meta": {model, batch, seq, rank, ...}, "rows": [{method,
+    peak_bytes, source, breakdown}]}.
 
-    Accepts a top-level list of per-method rows or an object with a `methods`/`rows`/`results` list or
-    mapping. Returns None for anything that looks like a run record instead.
+    `suites.memory` writes {"config": {model, batch, seq, rank, dtype, checkpointing, ...}, "results":
+    [{method, peak_bytes, breakdown, source, ...}]}; a top-level list of rows, or `methods`/`rows` as a
+    list or a mapping, are read too. Returns None for anything that looks like a run record instead.
     """
     if isinstance(data, dict) and "run_id" in data:
         return None
@@ -197,6 +199,8 @@ def _as_estimate(data) -> dict | None:
         rows = data
     elif isinstance(data, dict):
         meta = {k: v for k, v in data.items() if not isinstance(v, (list, dict))}
+        if isinstance(data.get("config"), dict):
+            meta.update({k: v for k, v in data["config"].items() if not isinstance(v, (list, dict))})
         for k in ("methods", "rows", "results"):
             if isinstance(data.get(k), list):
                 rows = data[k]
@@ -218,6 +222,26 @@ def _as_estimate(data) -> dict | None:
     if not norm:
         return None
     return {"meta": meta, "rows": norm}
+
+
+SOURCE_WORDS = {"estimate": "FakeTensorMode estimate, nothing allocated",
+                "cpu-tracked": "CPU tracked tensor bytes", "cuda": "CUDA max_memory_allocated"}
+
+
+def describe_estimate(est: dict) -> tuple[str, str]:
+    """(setting, source) of a memory-estimate file in words, e.g. ("model=llama-2-7b, batch=8, seq=512,
+    rank=32, dtype=bf16, activation checkpointing", "FakeTensorMode estimate, nothing allocated")."""
+    meta = est["meta"]
+    keys = ("model", "batch", "seq", "seq_len", "rank", "dtype")
+    parts = [f"{k}={fmt_value(meta[k])}" for k in keys if k in meta]
+    if meta.get("checkpointing"):
+        parts.append("activation checkpointing")
+    if meta.get("layerwise"):
+        parts.append("layer-wise optimizer steps")
+    if meta.get("loss") not in (None, "full"):
+        parts.append(f"{meta['loss']} loss")
+    sources = sorted({str(r.get("source", "estimate")) for r in est["rows"]})
+    return ", ".join(parts) or est["path"], "; ".join(SOURCE_WORDS.get(s, s) for s in sources)
 
 
 def group_runs(runs: list[Run]) -> list[Group]:

@@ -15,7 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reports import published as pub
-from reports.load import CATEGORIES, Group, Stat, fmt_value, method_rank, reference_groups, varying_keys
+from reports.load import (
+    CATEGORIES,
+    Group,
+    Stat,
+    describe_estimate,
+    fmt_value,
+    method_rank,
+    reference_groups,
+    varying_keys,
+)
 from reports.style import fmt_bytes, fmt_metric, fmt_rate, memory_unit, metric_label, ordered_metrics
 
 FIXTURE_BANNER = "TEST FIXTURE DATA - NOT RESULTS"
@@ -278,7 +287,7 @@ def breakdown_table(groups: list[Group]) -> Table | None:
 
 def estimate_tables(estimates: list[dict]) -> list[Table]:
     out = []
-    for i, est in enumerate(estimates):
+    for est in estimates:
         rows = sorted(est["rows"],
                       key=lambda r: (method_rank(r["method"]), r["method"], json.dumps(r, default=str)))
         unit = memory_unit(max(r["peak_bytes"] for r in rows))
@@ -295,18 +304,15 @@ def estimate_tables(estimates: list[dict]) -> list[Table]:
             raw.append([r["method"]] + [bd.get(c) for c in CATEGORIES] + [r["peak_bytes"], ratio])
         meta = est["meta"]
         banner = f"[{FIXTURE_BANNER}] " if "fixture" in str(meta.get("note", "")).lower() else ""
-        what = ", ".join(f"{k}={fmt_value(v)}" for k, v in sorted(meta.items()) if k in
-                         ("model", "batch", "seq", "seq_len", "rank", "dtype"))
+        what, source = describe_estimate(est)
         stem = Path(est["path"]).stem
-        notes = [f"Source file: {est['path']} under the results directory. "
-                 "Memory source: estimate (FakeTensorMode, nothing allocated).",
+        notes = [f"Source file: {est['path']} under the results directory. Memory source: {source}.",
                  "memory / adam: ratio computed from records."]
         notes += [f"Published claim [{c}]: {t}" for c, t in pub.PUBLISHED_CLAIMS]
         out.append(Table(f"table_memory_estimate_{stem}" if len(estimates) > 1 else "table_memory_estimate",
-                         f"{banner}Estimated peak training memory ({unit[0]}){', ' + what if what else ''}",
+                         f"{banner}Peak training memory per method ({unit[0]}): {what}",
                          header, disp, ["method", *[f"{c}_bytes" for c in CATEGORIES], "peak_bytes",
                                         "memory_ratio_to_adam"], raw, notes))
-        del i
     return out
 
 
