@@ -20,6 +20,7 @@ from reports.load import (  # noqa: E402
     Group,
     Stat,
     describe_estimate,
+    metric_names,
     reference_groups,
     varying_keys,
 )
@@ -77,8 +78,7 @@ def _labels(groups: list[Group], ignore=()) -> dict[int, str]:
 
 
 def _metrics_for(groups: list[Group]) -> list[str]:
-    names = {m for g in groups for r in g.ok_runs for m in (r.get("metrics") or {})}
-    return ordered_metrics(names)[:MAX_METRIC_PANELS]
+    return ordered_metrics(metric_names(groups))[:MAX_METRIC_PANELS]
 
 
 def _suptitle(fig, text):

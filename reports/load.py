@@ -114,6 +114,11 @@ class Stat:
         return Stat(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None, len(vals))
 
 
+def metric_names(groups: list[Group]) -> set[str]:
+    """Metric keys with at least one recorded number among these groups' ok runs."""
+    return {m for g in groups for r in g.ok_runs for m in (r.get("metrics") or {}) if g.values("metrics", m)}
+
+
 def fmt_value(v) -> str:
     if isinstance(v, float):
         return f"{v:g}"

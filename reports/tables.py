@@ -22,6 +22,7 @@ from reports.load import (
     describe_estimate,
     fmt_value,
     method_rank,
+    metric_names,
     reference_groups,
     varying_keys,
 )
@@ -153,7 +154,7 @@ def memory_ratio(g: Group, groups: list[Group]) -> float | None:
 def run_table(name: str, caption: str, groups: list[Group], all_groups: list[Group], suite: str) -> Table:
     """One row per configuration (seeds pooled): the main table and the full runs table share this."""
     cols = config_columns(groups)
-    metrics = ordered_metrics({m for g in groups for r in g.ok_runs for m in (r.get("metrics") or {})})
+    metrics = ordered_metrics(metric_names(groups))
     peaks = [v for g in groups for v in g.values("memory", "peak_bytes")]
     unit = memory_unit(max(peaks, default=0))
     model = {g.config.get("model") for g in groups}
