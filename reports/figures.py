@@ -31,6 +31,7 @@ from reports.style import (  # noqa: E402
     method_marker,
     metric_label,
     metric_scale,
+    metric_style,
     ordered_metrics,
     spans_decades,
 )
@@ -78,7 +79,7 @@ def _labels(groups: list[Group], ignore=()) -> dict[int, str]:
 
 
 def _metrics_for(groups: list[Group]) -> list[str]:
-    return ordered_metrics(metric_names(groups))[:MAX_METRIC_PANELS]
+    return ordered_metrics(metric_names(groups), shown_only=True)[:MAX_METRIC_PANELS]
 
 
 def _suptitle(fig, text):
@@ -252,7 +253,6 @@ def _stable_span(pts: list[Group], metric: str, higher_better: bool):
 
 
 def subspace_lr_ablation(groups: list[Group], out: Path) -> dict[tuple, list[Path]]:
-    from reports.style import METRICS
     produced = {}
     for (suite, profile), gs in _by_suite_profile(groups).items():
         lines = sweep_lines(gs, "subspace_lr")
@@ -266,7 +266,7 @@ def subspace_lr_ablation(groups: list[Group], out: Path) -> dict[tuple, list[Pat
         labels = _labels([first for first, _ in lines], ignore=("subspace_lr",))
         for ax, m in zip(axes, metrics, strict=False):
             all_x = []
-            higher = METRICS.get(m, (m, 1, 3, False))[3]
+            higher = metric_style(m).higher_is_better
             for first, pts in lines:
                 color = method_color(first.method)
                 xs = [g.config["subspace_lr"] for g in pts]

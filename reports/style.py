@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from reports.load import Stat
 
@@ -52,30 +53,51 @@ def method_color(method: str) -> str:
     return _SPARE[sum(map(ord, method)) % len(_SPARE)]  # stable across runs (no hash randomisation)
 
 
-# How each metric is shown: (label with unit, scale applied for display, decimals, higher_is_better).
-# Accuracy-type metrics are recorded as fractions (lm-eval convention) and shown in percent.
+@dataclass(frozen=True)
+class MetricStyle:
+    label: str                     # axis label / column header, with unit
+    scale: float = 1.0             # display = recorded * scale (fractions shown in %)
+    decimals: int = 3
+    higher_is_better: bool = False
+    shown: bool = True  # a Markdown/LaTeX column and figure-panel candidate (the CSV keeps every metric)
+
+
+# Names as the suites record them (suites/tasks/*.py on branch harness). Accuracy-type metrics are
+# recorded as fractions (lm-eval convention) and shown in percent. Order = column / panel order.
 METRICS = {
-    "accuracy": ("GSM8K accuracy (%)", 100.0, 2, True),
-    "pass@1": ("HumanEval pass@1 (%)", 100.0, 2, True),
-    "eval_loss": ("validation loss (nats/token)", 1.0, 3, False),
-    "eval_ppl": ("validation perplexity", 1.0, 2, False),
-    "answer_nll": ("answer NLL (nats/token)", 1.0, 3, False),
-    "solution_nll": ("solution NLL (nats/token)", 1.0, 3, False),
-    "nll": ("NLL (nats/token)", 1.0, 3, False),
+    "accuracy": MetricStyle("GSM8K accuracy, strict (%)", 100.0, 2, True),
+    "pass@1": MetricStyle("HumanEval pass@1 (%)", 100.0, 2, True),
+    "eval_loss": MetricStyle("held-out loss (nats/token)"),
+    "c4_eval_loss": MetricStyle("C4 validation loss (nats/token)"),
+    "answer_nll": MetricStyle("answer NLL (nats/token)"),
+    "canonical_nll": MetricStyle("canonical-solution NLL (nats/token)"),
+    "eval_ppl": MetricStyle("held-out perplexity", decimals=2),
+    "c4_eval_ppl": MetricStyle("C4 validation perplexity", decimals=2),
+    "accuracy_flexible": MetricStyle("GSM8K accuracy, flexible (%)", 100.0, 2, True, shown=False),
+    "answer_ppl": MetricStyle("answer perplexity", decimals=2, shown=False),
+    "canonical_ppl": MetricStyle("canonical-solution perplexity", decimals=2, shown=False),
 }
 METRIC_ORDER = tuple(METRICS)
+# Sizes of the evaluation, not quality: reported as "evaluated on", never as a metric.
+EVAL_SIZES = {"eval_problems": "problems", "eval_tokens": "tokens", "passed": None}
+
+
+def metric_style(name: str) -> MetricStyle:
+    return METRICS.get(name) or MetricStyle(name)
 
 
 def metric_label(name: str) -> str:
-    return METRICS.get(name, (name, 1.0, 3, False))[0]
+    return metric_style(name).label
 
 
 def metric_scale(name: str) -> float:
-    return METRICS.get(name, (name, 1.0, 3, False))[1]
+    return metric_style(name).scale
 
 
-def ordered_metrics(names) -> list[str]:
-    names = set(names)
+def ordered_metrics(names, shown_only: bool = False) -> list[str]:
+    names = set(names) - set(EVAL_SIZES)
+    if shown_only:
+        names = {n for n in names if metric_style(n).shown}
     return [m for m in METRIC_ORDER if m in names] + sorted(names - set(METRIC_ORDER))
 
 
@@ -90,8 +112,8 @@ def fmt_stat(stat: Stat | None, decimals: int, scale: float = 1.0) -> str:
 
 
 def fmt_metric(name: str, stat: Stat | None) -> str:
-    _, scale, decimals, _ = METRICS.get(name, (name, 1.0, 3, False))
-    return fmt_stat(stat, decimals, scale)
+    style = metric_style(name)
+    return fmt_stat(stat, style.decimals, style.scale)
 
 
 MIB, GIB = 2**20, 2**30

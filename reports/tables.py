@@ -26,7 +26,15 @@ from reports.load import (
     reference_groups,
     varying_keys,
 )
-from reports.style import fmt_bytes, fmt_metric, fmt_rate, memory_unit, metric_label, ordered_metrics
+from reports.style import (
+    EVAL_SIZES,
+    fmt_bytes,
+    fmt_metric,
+    fmt_rate,
+    memory_unit,
+    metric_label,
+    ordered_metrics,
+)
 
 FIXTURE_BANNER = "TEST FIXTURE DATA - NOT RESULTS"
 ALWAYS_SHOWN = ("rank", "lr")  # config keys every main/run table shows, so rows read on their own
@@ -151,28 +159,46 @@ def memory_ratio(g: Group, groups: list[Group]) -> float | None:
     return mine.mean / a.stat("memory", "peak_bytes").mean
 
 
+def eval_sizes(groups: list[Group]) -> list[str]:
+    """Recorded evaluation-size keys (problems, tokens) that name a unit, in EVAL_SIZES order."""
+    return [k for k, unit in EVAL_SIZES.items() if unit and any(g.values("metrics", k) for g in groups)]
+
+
+def eval_size_text(g: Group, sizes: list[str]) -> str:
+    parts = []
+    for k in sizes:
+        vals = g.values("metrics", k)
+        if vals:
+            lo, hi = int(min(vals)), int(max(vals))
+            parts.append(f"{lo}{'' if lo == hi else f'–{hi}'} {EVAL_SIZES[k]}")
+    return ", ".join(parts) or "–"
+
+
 def run_table(name: str, caption: str, groups: list[Group], all_groups: list[Group], suite: str) -> Table:
     """One row per configuration (seeds pooled): the main table and the full runs table share this."""
     cols = config_columns(groups)
-    metrics = ordered_metrics(metric_names(groups))
+    all_metrics = ordered_metrics(metric_names(groups))  # every recorded metric goes to the CSV
+    metrics = ordered_metrics(all_metrics, shown_only=True)
+    sizes = eval_sizes(groups)
     peaks = [v for g in groups for v in g.values("memory", "peak_bytes")]
     unit = memory_unit(max(peaks, default=0))
     model = {g.config.get("model") for g in groups}
     published = {}  # (method, model, metric) -> [Published]
     for g in groups:
-        for m in metrics:
+        for m in all_metrics:
             hits = pub.lookup(suite, g.config.get("model"), g.method, m)
             if hits:
                 published[(g.method, g.config.get("model"), m)] = hits
     reserved = any(g.values("memory", "reserved_bytes") for g in groups)  # CUDA runs record it
     header = (["method", *cols, "seeds", "status", f"peak memory ({unit[0]})", "memory source",
                "memory / adam"] + ([f"reserved ({unit[0]})"] if reserved else [])
-              + [metric_label(m) for m in metrics] + ["tokens/s"]
+              + [metric_label(m) for m in metrics] + (["evaluated on"] if sizes else []) + ["tokens/s"]
               + (["published (cited)"] if published else []))
     csv_header = (["method", *cols, "config_key", "config_hashes", "seeds", "status",
                    "peak_bytes_mean", "peak_bytes_std", "peak_bytes_n", "memory_source",
                    "memory_ratio_to_adam", "reserved_bytes_mean"]
-                  + [f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")]
+                  + [f"{m}_{s}" for m in all_metrics for s in ("mean", "std", "n")]
+                  + [f"{k}_mean" for k in sizes]
                   + ["tokens_per_s_mean", "tokens_per_s_std", "tokens_per_s_n", "published"])
     rows, csv_rows = [], []
     for g in sorted(groups, key=lambda g: (method_rank(g.method), g.method,
@@ -181,19 +207,21 @@ def run_table(name: str, caption: str, groups: list[Group], all_groups: list[Gro
         ratio = memory_ratio(g, all_groups)
         rate = g.stat("speed", "tokens_per_s")
         seeds = [r.config.get("seed") for r in g.runs]
-        cites = [f"{m} {p.value:g} [{p.cite}]" for m in metrics
+        cites = [f"{m} {p.value:g} [{p.cite}]" for m in all_metrics
                  for p in published.get((g.method, g.config.get("model"), m), [])]
         cfg = [fmt_value(g.config.get(k, "–")) for k in cols]
         rows.append([g.method, *cfg, str(len(seeds)), status_text(g), fmt_bytes(peak, unit),
                      "/".join(g.sources()) or "–", "–" if ratio is None else f"{ratio:.2f}×"]
                     + ([fmt_bytes(g.stat("memory", "reserved_bytes"), unit)] if reserved else [])
-                    + [fmt_metric(m, g.stat("metrics", m)) for m in metrics] + [fmt_rate(rate)]
+                    + [fmt_metric(m, g.stat("metrics", m)) for m in metrics]
+                    + ([eval_size_text(g, sizes)] if sizes else []) + [fmt_rate(rate)]
                     + (["; ".join(cites) or "–"] if published else []))
         csv_rows.append([g.method, *[g.config.get(k) for k in cols], g.key,
                          " ".join(sorted(r.config_hash for r in g.runs)),
                          " ".join(map(str, seeds)), status_text(g), *_stat_cols(peak),
                          "/".join(g.sources()), ratio, _stat_cols(g.stat("memory", "reserved_bytes"))[0]]
-                        + [v for m in metrics for v in _stat_cols(g.stat("metrics", m))]
+                        + [v for m in all_metrics for v in _stat_cols(g.stat("metrics", m))]
+                        + [_stat_cols(g.stat("metrics", k))[0] for k in sizes]
                         + [*_stat_cols(rate), "; ".join(cites)])
     notes = ["Values are mean ± sample std over seeds (configs identical except `seed`); "
              "a single seed shows its value alone. Runs with a different config never share a row.",

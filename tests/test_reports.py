@@ -139,7 +139,7 @@ def test_ratio_and_published_numbers_come_from_records_and_citations(built):
     pca, adam = float(rows["pca"]["peak_bytes_mean"]), float(rows["adam"]["peak_bytes_mean"])
     assert ratio == pytest.approx(pca / adam)
     c4 = {r["method"]: r for r in _csv(out / "table1_main_c4_cpu.csv")}
-    assert c4["galore"]["published"] == "eval_ppl 34.88 [galore]"  # GaLore paper, llama-60m
+    assert c4["galore"]["published"] == "c4_eval_ppl 34.88 [galore]"  # GaLore paper, llama-60m
     assert c4["oasis"]["published"] == ""
     assert "arXiv:2403.03507" in (out / "published_c4.md").read_text()
     assert "[TEST FIXTURE DATA - NOT RESULTS]" in (out / "table1_main_gsm8k_cpu.md").read_text()
