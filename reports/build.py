@@ -77,7 +77,7 @@ def build(results: Path, out: Path, log=print, warn=None) -> dict:
             gs = [g for g in groups if (g.suite, g.profile) == (suite, profile)]
             lines = sweep_lines(gs, key)
             if lines:
-                metrics = figures._metrics_for([g for _, pts in lines for g in pts])
+                metrics = figures.panel_metrics([g for _, pts in lines for g in pts])
                 written += sweep_table(f"{stem}_{suite}_{profile}", f"{title}: {suite} ({profile} profile)",
                                        lines, key, metrics).write(out)
     curves = figures.loss_curves(groups, out)

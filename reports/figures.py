@@ -78,7 +78,8 @@ def _labels(groups: list[Group], ignore=()) -> dict[int, str]:
     return out
 
 
-def _metrics_for(groups: list[Group]) -> list[str]:
+def panel_metrics(groups: list[Group]) -> list[str]:
+    """The metrics an ablation figure plots: the first shown metrics these groups recorded."""
     return ordered_metrics(metric_names(groups), shown_only=True)[:MAX_METRIC_PANELS]
 
 
@@ -179,18 +180,13 @@ def _adam_line(ax, lines, all_groups, getter, scale):
                        label="adam (full rank, reference)")
 
 
-def _ablation_axes(lines, key):
-    metrics = _metrics_for([g for _, pts in lines for g in pts])
-    return metrics
-
-
 def rank_ablation(groups: list[Group], out: Path) -> dict[tuple, list[Path]]:
     produced = {}
     for (suite, profile), gs in _by_suite_profile(groups).items():
         lines = sweep_lines(gs, "rank")
         if not lines:
             continue
-        metrics = _ablation_axes(lines, "rank")
+        metrics = panel_metrics([g for _, pts in lines for g in pts])
         npan = len(metrics) + 1
         fig, axes = plt.subplots(1, npan, figsize=(4.3 * npan, 3.8), squeeze=False)
         axes = axes[0]
@@ -258,7 +254,7 @@ def subspace_lr_ablation(groups: list[Group], out: Path) -> dict[tuple, list[Pat
         lines = sweep_lines(gs, "subspace_lr")
         if not lines:
             continue
-        metrics = _ablation_axes(lines, "subspace_lr")
+        metrics = panel_metrics([g for _, pts in lines for g in pts])
         if not metrics:
             continue
         fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 3.8), squeeze=False)
