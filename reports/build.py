@@ -133,7 +133,9 @@ def find_missing(loaded: Loaded, groups, out: Path, written) -> list[str]:
             miss.append(f"{where}: rank ablation not built (no method run at two or more ranks)")
         for m in ("oasis", "pca", "lora"):
             ranks = {g.config["rank"] for first, pts in rank_lines if first.method == m for g in pts}
-            if rank_lines and set(WANT_RANKS) - ranks:
+            if rank_lines and not ranks:
+                miss.append(f"{where}: rank ablation has no {m} line (no {m} run at two or more ranks)")
+            elif rank_lines and set(WANT_RANKS) - ranks:
                 miss.append(f"{where}: rank ablation for {m} lacks rank(s) "
                             f"{', '.join(map(str, sorted(set(WANT_RANKS) - ranks)))}")
         lr_lines = sweep_lines(gs, "subspace_lr")

@@ -207,7 +207,7 @@ def rank_ablation(groups: list[Group], out: Path) -> dict[tuple, list[Path]]:
         _adam_line(ax, lines, groups, lambda a: a.stat("memory", "peak_bytes"), 1.0 / div)
         sources = sorted({s for _, pts in lines for g in pts for s in g.sources()})
         ax.set_ylabel(f"peak memory ({unit}, {'/'.join(sources)})")
-        ax.set_ylim(bottom=0)  # memory is a size: keep zero on the axis so ratios read correctly
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.05)  # memory is a size: zero on the axis so ratios read right
         for ax in axes:
             ax.set_xscale("log", base=2)
             ax.xaxis.set_major_locator(FixedLocator(ranks))

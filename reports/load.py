@@ -282,13 +282,16 @@ def varying_keys(groups: list[Group], ignore=()) -> list[str]:
 def reference_groups(groups: list[Group]) -> list[Group]:
     """Per method, the groups at its reference configuration: for each config key (REFERENCE_KEYS first)
     the value most of its groups use (a one-at-a-time sweep varies one key around the default, so the
-    default is the mode), ties broken by PREFERRED. Keys it cannot resolve stay unresolved: those groups
+    default is the mode); ties go to the value most runs of the suite/profile use (the profile default,
+    shared by every method), then to PREFERRED. Keys it cannot resolve stay unresolved: those groups
     all remain, as separate rows/lines."""
-    by_method = defaultdict(list)
+    by_method, by_setting = defaultdict(list), defaultdict(list)
     for g in groups:
         by_method[(g.suite, g.profile, g.method)].append(g)
+        by_setting[(g.suite, g.profile)].append(g)
     out = []
-    for gs in by_method.values():
+    for (suite, profile, _), gs in by_method.items():
+        everyone = by_setting[(suite, profile)]
         cands = list(gs)
         others = sorted({k for g in gs for k in g.config} - set(REFERENCE_KEYS))
         for key in (*REFERENCE_KEYS, *others):
@@ -298,6 +301,10 @@ def reference_groups(groups: list[Group]) -> list[Group]:
             top = max(counts.values())
             winners = [v for v, c in counts.items() if c == top]
             pref = json.dumps(PREFERRED.get(key), default=str) if key in PREFERRED else None
+            if len(winners) > 1:  # tie: the value most runs of this suite/profile use, then PREFERRED
+                overall = Counter(json.dumps(g.config.get(key), default=str) for g in everyone)
+                best = max(overall[v] for v in winners)
+                winners = [v for v in winners if overall[v] == best]
             if len(winners) > 1:
                 if pref not in winners:
                     continue
