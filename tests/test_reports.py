@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from reports.build import build
-from reports.load import group_runs, load, reference_groups
+from reports.load import Run, group_runs, load, reference_groups
 
 FIXTURES = Path(__file__).parent / "fixtures" / "records"
 ROOT = Path(__file__).parents[1]
@@ -183,3 +183,16 @@ def test_cli_help_and_bad_input(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "does not exist" in bad.stderr
     assert "Traceback" not in bad.stderr and not out.exists()
+
+
+def test_reference_config_is_the_profile_default_when_a_sweep_ties():
+    def run(method, rank, seed=0):
+        config = {"suite": "c4", "profile": "smoke", "method": method, "rank": rank, "seed": seed}
+        rec = {"schema": "x", "run_id": f"{method}-{rank}-{seed}", "suite": "c4", "profile": "smoke",
+               "method": method, "status": "ok", "config": config, "config_hash": f"{method}{rank}{seed}"}
+        return Run(f"{method}-{rank}-{seed}.json", rec)
+
+    runs = [run("adam", 8), run("oasis", 8), run("oasis", 8, seed=1)] + [run("pca", r) for r in (4, 8, 16)]
+    ref = {g.method: g for g in reference_groups(group_runs(runs))}
+    assert ref["pca"].config["rank"] == 8  # each pca rank once: the rank every other method uses wins
+    assert len(ref["oasis"].runs) == 2     # two seeds, one configuration
