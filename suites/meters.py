@@ -1,0 +1,397 @@
+"""Peak-memory meters (DESIGN §5): one interface, three sources.
+
+    meter = make_meter(kind, model, optimizer)   # "cuda" | "cpu" | "estimate"
+    with meter:
+        train_step()             # warm-up step: lazily created optimizer state exists afterwards
+        meter.start_window()     # the peak is taken from here on
+        for _ in range(k):
+            train_step()
+    rec = meter.result()         # {"peak_bytes", "source", "reserved_bytes", "breakdown"}
+
+* ``cuda``: ``torch.cuda.reset_peak_memory_stats`` at ``start_window`` then ``max_memory_allocated``
+  (and ``max_memory_reserved``). The breakdown comes from the tensor tracker running alongside; the
+  allocator's own overhead (block rounding, library workspaces) is counted as "other".
+* ``cpu``: bytes of live tensor storages, tracked at the dispatcher (`TensorTracker`). Deterministic:
+  the same run gives the same bytes, whatever the allocator does.
+* ``estimate``: the same tracker under ``FakeTensorMode``: the model and optimizer are made of fake
+  tensors (build them inside `fake_construction()`), every op computes shapes only and
+  nothing is allocated, so a 7B model is measured on a laptop.
+
+Breakdown categories (bytes of live storages at the peak; they sum to ``peak_bytes``). Each storage
+is counted once, in the first category that claims it:
+
+* ``params``: storages of the model's parameters and buffers (trainable or frozen).
+* ``grads``: ``p.grad`` of every parameter, and every module's ``.lowrank_grad`` (the OASIS / PCA /
+  CompAct weight gradient, which replaces ``.weight.grad`` for compressed layers).
+* ``optimizer``: every tensor reachable from ``optimizer.state`` (nested dicts, lists, tuples and plain
+  objects such as galore-torch's projector with its ``ortho_matrix``; modules are not walked).
+* ``activations``: tensors saved by autograd for backward (seen by a ``saved_tensors_hooks`` pack
+  hook) that are not in a category above.
+* ``other``: everything else alive at the peak: temporaries of the forward, backward and optimizer
+  step, gradients of activations, inputs, logits no longer saved, allocator overhead (cuda).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import weakref
+from contextlib import ExitStack
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+CATEGORIES = ("params", "grads", "optimizer", "activations", "other")
+KINDS = ("cuda", "cpu", "estimate")
+
+
+def _storage(t: torch.Tensor):
+    """The untyped storage behind a plain or fake tensor, or None (sparse, nested, wrapper subclasses)."""
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def _walk_tensors(obj, out: list, seen: set, depth: int = 0) -> None:
+    """Collect tensors reachable from `obj` through containers and plain objects' attributes."""
+    if depth > 8 or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            _walk_tensors(value, out, seen, depth + 1)
+    elif isinstance(obj, (list, tuple, set)):
+        for value in obj:
+            _walk_tensors(value, out, seen, depth + 1)
+    elif isinstance(obj, (nn.Module, torch.optim.Optimizer, str, bytes, int, float, bool, type(None))):
+        return  # modules are "params"; scalars hold nothing
+    elif hasattr(obj, "__dict__"):
+        _walk_tensors(vars(obj), out, seen, depth + 1)
+
+
+class _Saved:
+    """What autograd keeps for a saved tensor while the tracker's hooks are active."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def unpack(self) -> torch.Tensor:
+        return self.tensor
+
+
+class TensorTracker(TorchDispatchMode):
+    """Live storage bytes, counted at the dispatcher.
+
+    Every op's outputs are looked at; a storage is registered the first time it is seen and
+    unregistered by a weakref finalizer when it is freed (torch keeps one Python object per live
+    storage, so the finalizer fires exactly when the memory is released). Views share their base's
+    storage and are counted once. Tensors alive before tracking began (parameters, buffers, grads,
+    optimizer state) are registered on entry.
+
+    The peak breakdown is classified lazily: when the total reaches a new maximum a flag is set,
+    and the live set is classified just before the next free (so exactly the set that made the
+    peak), or at `result()`.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
+        super().__init__()
+        self.model, self.optimizer = model, optimizer
+        self.live: dict[int, list] = {}      # id(storage) -> [nbytes, weakref, n saved for backward]
+        self.total = 0
+        self.peak = 0
+        self.breakdown = dict.fromkeys(CATEGORIES, 0)
+        self.windowed = False
+        self._pending = False                # a new peak was reached and not yet classified
+        self._hooks = None
+
+    # -- registration -----------------------------------------------------------------------
+    def track(self, t: torch.Tensor) -> int | None:
+        st = _storage(t)
+        if st is None:
+            return None
+        key = id(st)
+        entry = self.live.get(key)
+        nbytes = st.nbytes()
+        if entry is None:
+            self.live[key] = [nbytes, weakref.ref(st, self._finalizer(key)), 0]
+            self._grow(nbytes)
+        elif entry[0] != nbytes:             # resized in place (resize_, out= ops)
+            if nbytes < entry[0]:
+                self._before_free()
+            self._grow(nbytes - entry[0])
+            entry[0] = nbytes
+        return key
+
+    def _finalizer(self, key: int):
+        def on_free(_ref, key=key):
+            if key in self.live:
+                self._before_free()          # classify the peak while this storage still counts
+                self.total -= self.live.pop(key)[0]
+        return on_free
+
+    def _grow(self, nbytes: int) -> None:
+        self.total += nbytes
+        if self.windowed and self.total > self.peak:
+            self.peak = self.total
+            self._pending = True
+
+    def _before_free(self) -> None:
+        if self._pending:
+            self._pending = False
+            self.breakdown = self.classify()
+
+    def track_state(self) -> None:
+        """Register what exists outside any op: params, buffers, grads, optimizer state."""
+        for t in self._param_tensors():
+            self.track(t)
+        for t in self._grad_tensors():
+            self.track(t)
+        for t in self._optimizer_tensors():
+            self.track(t)
+
+    # -- classification ---------------------------------------------------------------------
+    def _param_tensors(self) -> list[torch.Tensor]:
+        return [*self.model.parameters(), *self.model.buffers()]
+
+    def _grad_tensors(self) -> list[torch.Tensor]:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        for module in self.model.modules():
+            g = getattr(module, "lowrank_grad", None)
+            if isinstance(g, torch.Tensor):
+                grads.append(g)
+        return grads
+
+    def _optimizer_tensors(self) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        if self.optimizer is not None:
+            _walk_tensors(self.optimizer.state, out, set())
+        return out
+
+    def classify(self) -> dict[str, int]:
+        """Bytes per category of the storages alive now."""
+        live = dict(self.live)               # a snapshot: a finalizer may run while we walk objects
+        owner: dict[int, str] = {}
+        for category, tensors in (("params", self._param_tensors()), ("grads", self._grad_tensors()),
+                                  ("optimizer", self._optimizer_tensors())):
+            for t in tensors:
+                st = _storage(t)
+                if st is not None:
+                    owner.setdefault(id(st), category)
+        out = dict.fromkeys(CATEGORIES, 0)
+        for key, (nbytes, _ref, saved) in live.items():
+            category = owner.get(key) or ("activations" if saved else "other")
+            out[category] += nbytes
+        return out
+
+    def _pack(self, t: torch.Tensor):
+        """saved_tensors_hooks pack: count the storage as saved while autograd holds it."""
+        key = self.track(t)
+        holder = _Saved(t)
+        if key is not None:
+            self.live[key][2] += 1
+            weakref.finalize(holder, self._unsave, key)
+        return holder
+
+    def _unsave(self, key: int) -> None:
+        entry = self.live.get(key)
+        if entry is not None:
+            entry[2] -= 1
+
+    # -- window and mode --------------------------------------------------------------------
+    def start_window(self) -> None:
+        self.windowed = True
+        self.peak = self.total
+        self._pending = True
+
+    def result_breakdown(self) -> dict[str, int]:
+        if self._pending:
+            self._pending = False
+            self.breakdown = self.classify()
+        return dict(self.breakdown)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        # inputs too: a tensor made before tracking began (a batch, a cached mask) is live memory
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, torch.Tensor) and id(_storage(t)) not in self.live:
+                self.track(t)
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+    def __enter__(self):
+        self.track_state()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _Saved.unpack)
+        self._hooks.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        out = super().__exit__(*exc)
+        self._hooks.__exit__(*exc)
+        return out
+
+
+class Meter:
+    """Context manager around training steps; see the module docstring for the protocol."""
+
+    source = "cpu-tracked"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
+        self.model, self.optimizer = model, optimizer
+        self.tracker = TensorTracker(model, optimizer)
+        self._stack: ExitStack | None = None
+        self._gc_was_enabled = True
+        self._windowed = False
+
+    def _enter_modes(self, stack: ExitStack) -> None:
+        stack.enter_context(self.tracker)
+
+    def __enter__(self):
+        # The garbage collector frees cyclic garbage at allocation-count-dependent moments; pausing
+        # it while tracking keeps the byte counts identical from run to run.
+        gc.collect()
+        self._gc_was_enabled = gc.isenabled()
+        gc.disable()
+        self._stack = ExitStack()
+        self._enter_modes(self._stack)
+        return self
+
+    def start_window(self) -> None:
+        self._windowed = True
+        self.tracker.start_window()
+
+    def __exit__(self, *exc):
+        self._stack.close()
+        if self._gc_was_enabled:
+            gc.enable()
+        return False
+
+    def _check(self) -> None:
+        if not self._windowed:
+            raise RuntimeError("call meter.start_window() after the warm-up step, inside `with meter:`")
+
+    def result(self) -> dict:
+        self._check()
+        breakdown = self.tracker.result_breakdown()
+        return {"peak_bytes": int(self.tracker.peak), "source": self.source, "reserved_bytes": None,
+                "breakdown": breakdown}
+
+
+class EstimateMeter(Meter):
+    """The tracker inside the model's own FakeTensorMode: shapes are computed, nothing is allocated."""
+
+    source = "estimate"
+
+    def __init__(self, model, optimizer):
+        super().__init__(model, optimizer)
+        fake_modes = {id(m): m for m in (getattr(p, "fake_mode", None) for p in model.parameters()) if m}
+        if len(fake_modes) != 1:
+            raise ValueError("the estimate meter needs a model made of fake tensors "
+                             "(build it and its method inside suites.meters.fake_construction())")
+        self.fake_mode = next(iter(fake_modes.values()))
+
+    def _enter_modes(self, stack: ExitStack) -> None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+        # fake mode below, tracker on top: the tracker sees each op first and its fake outputs
+        if not any(isinstance(m, FakeTensorMode) for m in _get_current_dispatch_mode_stack()):
+            stack.enter_context(self.fake_mode)
+        stack.enter_context(self.tracker)
+
+
+class CudaMeter(Meter):
+    """CUDA allocator peak; the tracker runs alongside to split it into categories."""
+
+    source = "cuda"
+
+    def __init__(self, model, optimizer, device=None):
+        super().__init__(model, optimizer)
+        self.device = device if device is not None else next(model.parameters()).device
+
+    def start_window(self) -> None:
+        super().start_window()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def result(self) -> dict:
+        self._check()
+        torch.cuda.synchronize(self.device)
+        peak = int(torch.cuda.max_memory_allocated(self.device))
+        breakdown = self.tracker.result_breakdown()
+        known = sum(v for k, v in breakdown.items() if k != "other")
+        # allocator rounding and library workspaces are real bytes the tracker cannot see: "other"
+        breakdown["other"] = max(peak - known, 0)
+        return {"peak_bytes": max(peak, known), "source": self.source,
+                "reserved_bytes": int(torch.cuda.max_memory_reserved(self.device)), "breakdown": breakdown}
+
+
+def make_meter(kind: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Meter:
+    """A meter of `kind` ("cuda" | "cpu" | "estimate") for one model and its optimizer."""
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("meter kind 'cuda' needs a CUDA device; use 'cpu' or 'estimate'")
+        return CudaMeter(model, optimizer)
+    if kind == "cpu":
+        return Meter(model, optimizer)
+    if kind == "estimate":
+        return EstimateMeter(model, optimizer)
+    raise ValueError(f"unknown meter kind {kind!r}; choose from {', '.join(KINDS)}")
+
+
+@contextlib.contextmanager
+def fake_construction():
+    """Build models (and wrap them with a method) out of fake tensors, for the "estimate" meter.
+
+        with fake_construction() as fake_mode:
+            model = build_model("llama-2-7b", dtype=torch.bfloat16)   # nothing allocated
+            model, optimizer = build_method("lora", model, cfg)
+
+    Real model code runs unchanged except for one thing: every Parameter made under FakeTensorMode
+    carries a weakref (the mode's memo), and `nn.Module._apply` converts fake parameters with
+    `torch.utils.swap_tensors`, which refuses tensors with weakrefs, so `model.to(dtype)` and peft's
+    `_move_adapter_to_device_of_base_layer` fail with "_apply(): Couldn't swap Linear.weight".
+    While building, `_apply` on fake tensors converts in place instead (`param.data = fn(param)`,
+    what torch does for ordinary tensors); a conversion that changes the device is left to torch
+    (FakeTensor keeps its device in Python metadata that `.data =` would not update).
+    """
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    original_apply = nn.Module._apply
+
+    def apply_in_place(module, fn, recurse=True):
+        own = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+        if not own or not all(isinstance(t, FakeTensor) for t in own):
+            return original_apply(module, fn, recurse)
+        if recurse:
+            for child in module.children():
+                child._apply(fn)
+        with torch.no_grad():
+            converted = {id(t): fn(t) for t in own}
+        if any(new.device != t.device for t, new in ((t, converted[id(t)]) for t in own)):
+            return original_apply(module, fn, recurse=False)
+        for param in module._parameters.values():
+            if param is not None and converted[id(param)] is not param:
+                param.data = converted[id(param)]
+                if param.grad is not None:
+                    param.grad.data = fn(param.grad)
+        for key, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[key] = converted[id(buf)]
+        return module
+
+    fake_mode = FakeTensorMode()
+    nn.Module._apply = apply_in_place
+    try:
+        with fake_mode:
+            yield fake_mode
+    finally:
+        nn.Module._apply = original_apply

@@ -1,0 +1,85 @@
+"""The method registry: one name -> one builder, so the training loop never branches on the method.
+
+Each method lives in `baselines/<module>.py`, which exposes `DEFAULTS: dict` (its own hyper-parameters) and
+`build(model, cfg) -> (model, optimizer)`. Some names are variants of one module with settings pinned
+(`galore8bit` is GaLore with 8-bit states, `oasis-frozen` is OASIS with subspace_lr=0); the pinned settings
+cannot be overridden from the command line, use the base method for that.
+
+    from suites.registry import build_method, method_defaults
+    cfg = {"lr": 1e-3, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "rank": 8, "seed": 0}
+    model, optimizer = build_method("galore", model, {**method_defaults("galore"), **cfg})
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+from torch.optim import Optimizer
+
+MISSION_METHODS = ("adam", "lora", "galore", "ldadam", "pca", "oasis")  # what `--methods all` means
+EXTRA_METHODS = ("adam8bit", "galore8bit", "compact", "oasis-notransport", "oasis-frozen")
+ALL_METHODS = MISSION_METHODS + EXTRA_METHODS
+
+# name -> (module under baselines/, settings pinned by the name)
+_METHODS: dict[str, tuple[str, dict]] = {
+    "adam": ("adam", {}),
+    "adam8bit": ("adam8bit", {}),
+    "lora": ("lora", {}),
+    "galore": ("galore", {}),
+    "galore8bit": ("galore", {"optim_bits": 8}),
+    "ldadam": ("ldadam", {}),
+    "pca": ("pca", {}),
+    "compact": ("compact", {}),
+    "oasis": ("oasis", {}),
+    "oasis-notransport": ("oasis", {"transport": "none"}),
+    "oasis-frozen": ("oasis", {"subspace_lr": 0.0}),
+}
+
+REQUIRED_KEYS = ("lr", "weight_decay", "betas", "eps", "rank", "seed")
+
+
+def _check_name(name: str) -> None:
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(ALL_METHODS)} (or 'all')")
+
+
+def resolve_methods(spec: str) -> list[str]:
+    """'all' -> the six mission methods; 'a,b' -> ['a', 'b'] (order kept, duplicates dropped)."""
+    names = [s.strip() for s in str(spec).split(",") if s.strip()]
+    if not names:
+        raise ValueError(f"no method given; choose from {', '.join(ALL_METHODS)} (or 'all')")
+    out: list[str] = []
+    for name in names:
+        expanded = list(MISSION_METHODS) if name == "all" else [name]
+        for n in expanded:
+            _check_name(n)
+            if n not in out:
+                out.append(n)
+    return out
+
+
+def _module(name: str):
+    _check_name(name)
+    return importlib.import_module(f"baselines.{_METHODS[name][0]}")
+
+
+def method_defaults(name: str) -> dict:
+    """The method's own hyper-parameters with their defaults (pinned variant settings included)."""
+    module = _module(name)
+    return {**module.DEFAULTS, **_METHODS[name][1]}
+
+
+def build_method(name: str, model: nn.Module, cfg: dict) -> tuple[nn.Module, Optimizer]:
+    """Build `name` on `model`. `cfg` holds the common keys plus any method keys (unused keys are ignored);
+    method keys missing from `cfg` take the method's defaults. Bad values raise one-line ValueErrors."""
+    module = _module(name)
+    pinned = _METHODS[name][1]
+    missing = [k for k in REQUIRED_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"method config is missing {', '.join(missing)}")
+    for key, value in pinned.items():
+        if key in cfg and cfg[key] != value:
+            raise ValueError(f"method {name!r} pins {key}={value!r} (got {cfg[key]!r}); "
+                             f"use method {_METHODS[name][0]!r} to choose {key}")
+    return module.build(model, {**module.DEFAULTS, **cfg, **pinned})

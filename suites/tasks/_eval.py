@@ -1,0 +1,40 @@
+"""Evaluation helpers shared by the suites: token-weighted NLL over labelled batches."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from suites.data import IGNORE
+
+
+@torch.no_grad()
+def token_nll(model, batches, device) -> tuple[float, int]:
+    """(sum of next-token NLL over labelled tokens, number of those tokens); labels follow HF (unshifted)."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        ids = batch["input_ids"].to(device)
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
+        labels = batch["labels"].to(device)[:, 1:]
+        nll = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.size(-1)),
+            labels.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
+        total += float(nll)
+        count += int((labels != IGNORE).sum())
+    model.train()
+    return total, count
+
+
+def mean_nll(model, batches, device) -> float:
+    total, count = token_nll(model, batches, device)
+    return total / max(1, count)
+
+
+def ppl(nll: float) -> float:
+    return math.exp(min(nll, 700.0))

@@ -1,0 +1,116 @@
+"""HumanEval: fine-tune on an offline code corpus, score pass@1 and canonical-solution NLL.
+
+Training data: the running interpreter's own standard-library sources (`data.stdlib_sources`), packed.
+pass@1: one greedy completion per problem (`max_gen_toks` new tokens, cut at the usual stop strings),
+executed with the problem's tests in a separate Python process with a timeout, in a scratch folder,
+never inside the harness process. `canonical_nll`: token-weighted NLL of the canonical solutions
+given their prompts.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from suites import data
+from suites.tasks._eval import mean_nll, ppl
+
+FINETUNE = True
+HEADLINE = "pass@1"
+STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
+
+
+def check_data() -> None:
+    data.require("humaneval/HumanEval.jsonl.gz")
+
+
+def train_batches(tokenizer, cfg: dict) -> list[dict]:
+    return data.code_train_batches(
+        tokenizer, steps=cfg["steps"], batch=cfg["batch"], seq_len=cfg["seq_len"], seed=cfg["seed"]
+    )
+
+
+def truncate(completion: str) -> str:
+    cut = min([completion.find(s) for s in STOP if s in completion] or [len(completion)])
+    return completion[:cut]
+
+
+@torch.no_grad()
+def greedy_completions(
+    model, tokenizer, prompts: list[str], max_new: int, batch: int, device: str
+) -> list[str]:
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the last position of every row
+    out = []
+    try:
+        for i in range(0, len(prompts), batch):
+            enc = tokenizer(prompts[i : i + batch], return_tensors="pt", padding=True).to(device)
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new = gen[:, enc["input_ids"].shape[1] :]
+            out += [truncate(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+        model.train()
+    return out
+
+
+def run_program(program: str, timeout: float) -> bool:
+    """True when `program` exits 0 within `timeout` seconds in its own isolated Python process."""
+    with tempfile.TemporaryDirectory(prefix="oasis-humaneval-") as tmp:
+        path = Path(tmp, "program.py")
+        path.write_text(program)
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-I", str(path)],
+                cwd=tmp,
+                capture_output=True,
+                timeout=timeout,
+                env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"},
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            return False
+        return proc.returncode == 0
+
+
+def program_for(problem: dict, completion: str) -> str:
+    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+def evaluate(model, tokenizer, cfg: dict, device: str) -> dict:
+    problems = data.humaneval_problems(cfg["eval_limit"])
+    completions = greedy_completions(
+        model, tokenizer, [p["prompt"] for p in problems], cfg["max_gen_toks"], cfg["eval_batch"], device
+    )
+    passed = [run_program(program_for(p, c), cfg["exec_timeout"]) for p, c in zip(problems, completions)]
+    pairs = []
+    for p in problems:
+        prompt = tokenizer(p["prompt"]).input_ids
+        solution = tokenizer(p["canonical_solution"], add_special_tokens=False).input_ids + [
+            tokenizer.eos_token_id
+        ]
+        pairs.append((prompt, solution))
+    batches = [
+        data.supervised_batch(pairs[i : i + cfg["eval_batch"]], tokenizer)
+        for i in range(0, len(pairs), cfg["eval_batch"])
+    ]
+    nll = mean_nll(model, batches, device)
+    return {
+        "pass@1": sum(passed) / len(passed),
+        "passed": int(sum(passed)),
+        "eval_problems": len(problems),
+        "canonical_nll": nll,
+        "canonical_ppl": ppl(nll),
+    }

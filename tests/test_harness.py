@@ -1,0 +1,267 @@
+"""End-to-end tests of the harness (`python -m suites.run`) on the smoke profile.
+
+Runs are real: real llama-tiny, real offline data and tokenizer, real optimizers from the registry,
+each run in its own process. The c4 suite is used where the suite does not matter (it needs no
+generation, so it is the fastest); one test goes through the gsm8k suite and lm-eval.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from suites import profiles, records
+from suites import run as cli
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "OASIS_NO_PROGRESS": "1",
+}
+
+
+def run_cli(*args, env=None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "suites.run", *args],
+        cwd=ROOT,
+        env=env or ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kw,
+    )
+
+
+def only_record(out: Path) -> dict:
+    recs = records.load_records(out)
+    assert len(recs) == 1, [r["run_id"] for r in recs]
+    return recs[0]
+
+
+@pytest.fixture(scope="module")
+def adam_c4(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("adam_c4")
+    proc = run_cli("c4", "--profile", "smoke", "--methods", "adam", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return only_record(out)
+
+
+# ------------------------------------------------------------------------------------------- records
+
+
+def test_record_follows_schema(adam_c4):
+    rec = adam_c4
+    assert list(rec) == list(records.RECORD_KEYS)
+    assert rec["schema"] == records.SCHEMA and rec["status"] == "ok" and rec["error"] is None
+    assert rec["suite"] == "c4" and rec["profile"] == "smoke" and rec["method"] == "adam"
+    assert rec["config_hash"] == records.config_hash(rec["config"])
+    cfg = rec["config"]
+    for key in ("model", "dtype", "seed", "steps", "batch", "seq_len", "lr", "rank", "device"):
+        assert key in cfg
+    assert set(rec["metrics"]) >= {"eval_loss", "eval_ppl", "c4_eval_loss", "c4_eval_ppl"}
+    assert rec["metrics"]["eval_loss"] > 0
+    mem = rec["memory"]
+    assert mem["peak_bytes"] > 0 and mem["source"] == "cpu-tracked"
+    assert set(mem["breakdown"]) == {"params", "grads", "optimizer", "activations", "other"}
+    assert rec["speed"]["tokens_per_s"] > 0 and rec["speed"]["step_time_s"] > 0
+    assert [c[0] for c in rec["curve"]] == list(range(cfg["steps"]))
+    assert all(isinstance(c[1], float) for c in rec["curve"])
+    assert rec["curve"][-1][2] == rec["metrics"]["eval_loss"]  # final eval point on the curve
+    assert rec["subspace"] is None  # AdamW tracks no basis
+    assert set(rec["env"]) >= {"git_commit", "python", "torch", "transformers", "device", "dtype"}
+    assert rec["wall_s"] > 0 and rec["started_at"]
+
+
+def test_write_record_is_atomic_and_validated(tmp_path, adam_c4):
+    path = records.write_record(adam_c4, tmp_path)
+    assert path.name == f"{adam_c4['run_id']}.json"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+    assert json.loads(path.read_text()) == adam_c4
+    broken = dict(adam_c4, config={**adam_c4["config"], "lr": 123.0})
+    with pytest.raises(ValueError, match="config_hash"):
+        records.write_record(broken, tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+# ------------------------------------------------------------------------------------------- resume
+
+
+def test_killed_sweep_resumes_without_repeats_or_loss(tmp_path, adam_c4):
+    out = tmp_path / "sweep"
+    args = [
+        sys.executable,
+        "-m",
+        "suites.run",
+        "c4",
+        "--profile",
+        "smoke",
+        "--methods",
+        "adam",
+        "--sweep",
+        "seed=0,1",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("*.json")) and proc.poll() is None:
+        time.sleep(0.2)
+    first = list(out.glob("*.json"))
+    assert len(first) == 1 and proc.poll() is None, "the sweep should be busy with its second run"
+    os.killpg(proc.pid, signal.SIGKILL)  # kill the whole sweep, like a closed terminal or a crashed node
+    proc.wait()
+    time.sleep(1.0)
+    assert [p.name for p in out.iterdir()] == [first[0].name]  # only the finished run, no partial file
+    mtime = first[0].stat().st_mtime_ns
+
+    again = run_cli("c4", "--profile", "smoke", "--methods", "adam", "--sweep", "seed=0,1", "--out", str(out))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming: 1 of 2" in again.stderr
+    recs = records.load_records(out)
+    assert sorted(r["config"]["seed"] for r in recs) == [0, 1]
+    assert all(r["status"] == "ok" for r in recs)
+    assert first[0].stat().st_mtime_ns == mtime  # the finished run was not repeated
+
+    # the seed-0 run of the sweep is the same config as the module fixture: same metrics and memory
+    seed0 = next(r for r in recs if r["config"]["seed"] == 0)
+    assert seed0["config_hash"] == adam_c4["config_hash"]
+    assert seed0["metrics"] == adam_c4["metrics"]
+    assert seed0["memory"] == adam_c4["memory"]
+    assert [c[1] for c in seed0["curve"]] == [c[1] for c in adam_c4["curve"]]
+
+    third = run_cli("c4", "--profile", "smoke", "--methods", "adam", "--sweep", "seed=0,1", "--out", str(out))
+    assert third.returncode == 0 and "resuming: 2 of 2" in third.stderr
+    assert len(list(out.glob("*.json"))) == 2
+
+
+# ------------------------------------------------------------------------------------------- failures
+
+
+def test_divergence_is_a_result_and_the_sweep_goes_on(tmp_path):
+    # lr=1e30 makes AdamW's first update overflow the weights, so a later loss is NaN: a real divergence
+    proc = run_cli(
+        "c4", "--profile", "smoke", "--methods", "adam,lora", "--set", "lr.adam=1e30", "--out", str(tmp_path)
+    )
+    assert proc.returncode == 1  # not every run is ok
+    recs = {r["method"]: r for r in records.load_records(tmp_path)}
+    adam, lora = recs["adam"], recs["lora"]
+    assert adam["status"] == "diverged" and "nan" in adam["error"]
+    assert adam["curve"][-1][1] is None  # the NaN loss is stored as null (JSON has no NaN)
+    assert adam["metrics"] == {}
+    assert lora["status"] == "ok" and lora["metrics"]["eval_loss"] > 0  # the next method still ran
+    assert "diverged" in proc.stdout
+
+
+BAD_INPUTS = {
+    "unknown suite": ["mnist"],
+    "unknown method": ["c4", "--methods", "adam,sgd"],
+    "unknown profile": ["c4", "--profile", "huge"],
+    "unknown --set key": ["c4", "--set", "nosuchkey=1"],
+    "malformed value": ["c4", "--set", "steps=many"],
+    "malformed assignment": ["c4", "--set", "steps"],
+    "float for an int": ["c4", "--set", "batch=2.5"],
+    "malformed lr": ["c4", "--set", "lr=fast"],
+    "malformed betas": ["c4", "--set", "betas=0.9"],
+    "rank above a layer": ["c4", "--profile", "smoke", "--set", "rank=65"],
+    "refresh outside window": [
+        "c4",
+        "--profile",
+        "smoke",
+        "--methods",
+        "adam,galore",
+        "--set",
+        "mem_window=1",
+    ],
+    "unknown sweep key": ["c4", "--sweep", "nosuchkey=1,2"],
+    "bad device": ["c4", "--device", "tpu"],
+}
+
+
+@pytest.mark.parametrize("args", list(BAD_INPUTS.values()), ids=list(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line(args, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = cli.main([*args, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_missing_data_names_the_path(tmp_path):
+    # through the real command line (exit status of the process, nothing on stdout)
+    out = tmp_path / "out"
+    env = {**ENV, "OASIS_DATA_DIR": str(tmp_path / "nodata")}
+    proc = run_cli("gsm8k", "--profile", "smoke", "--methods", "adam", "--out", str(out), env=env)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(tmp_path / "nodata" / "gsm8k") in lines[0], proc.stderr
+    assert proc.stdout == "" and not out.exists()
+
+
+def test_paper_profile_offline_fails_clearly(tmp_path, capsys):
+    code = cli.main(["gsm8k", "--profile", "paper", "--methods", "adam", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "meta-llama/Llama-2-7b-hf" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------- profiles
+
+
+def test_profiles_share_budgets_and_differ_only_in_lr():
+    from suites.registry import method_defaults
+
+    prof = profiles.profile("gsm8k", "cpu")
+    cfgs = {m: profiles.resolve("gsm8k", "cpu", prof, m, method_defaults(m), "cpu") for m in ("adam",)}
+    cfg = cfgs["adam"]
+    assert cfg["lr"] == prof["lrs"]["adam"]
+    over = profiles.apply_overrides(prof, [("lr.adam", "5e-4"), ("steps", "12"), ("eval_limit", "none")], {})
+    cfg2 = profiles.resolve("gsm8k", "cpu", over, "adam", method_defaults("adam"), "cpu")
+    assert cfg2["lr"] == 5e-4 and cfg2["steps"] == 12 and cfg2["eval_limit"] is None
+    assert records.config_hash(cfg2) != records.config_hash(cfg)
+    # keys a method does not have never enter its config (so they cannot change its hash)
+    assert "refresh_every" not in cfg and "update_proj_gap" not in cfg
+
+
+def test_every_profile_puts_a_refresh_inside_the_memory_window():
+    for suite, table in profiles.PROFILES.items():
+        for name, prof in table.items():
+            for key in profiles.PERIODIC_KEYS:
+                assert 1 <= prof[key] <= prof["mem_window"] < prof["steps"], (suite, name, key)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    from suites.loop import lr_factor
+
+    f = lr_factor("cosine", warmup=4, steps=20, min_ratio=0.1)
+    values = [f(i) for i in range(20)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(values[3:], values[4:]))
+    assert values[-1] >= 0.1 and values[-1] < 0.2
+
+
+# ------------------------------------------------------------------------------------------- gsm8k
+
+
+def test_gsm8k_smoke_goes_through_lm_eval(tmp_path):
+    proc = run_cli("gsm8k", "--profile", "smoke", "--methods", "adam", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = only_record(tmp_path)
+    m = rec["metrics"]
+    assert m["eval_problems"] == rec["config"]["eval_limit"] == 2
+    assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["accuracy_flexible"] <= 1.0
+    assert m["answer_nll"] > 0
+    assert "accuracy" in proc.stdout.splitlines()[0]  # summary table header names the headline metric
