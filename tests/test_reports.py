@@ -196,3 +196,20 @@ def test_reference_config_is_the_profile_default_when_a_sweep_ties():
     ref = {g.method: g for g in reference_groups(group_runs(runs))}
     assert ref["pca"].config["rank"] == 8  # each pca rank once: the rank every other method uses wins
     assert len(ref["oasis"].runs) == 2     # two seeds, one configuration
+
+
+def test_fixtures_follow_the_harness_record_schema():
+    """Every well-formed fixture passes the harness's own validator (schema, keys, config_hash)."""
+    from suites.records import validate_record
+
+    checked = 0
+    for p in sorted(FIXTURES.rglob("*.json")):
+        if p.parent.name == "memory" or p.name in ("fixture-truncated.json", "fixture-no-config-hash.json"):
+            continue
+        rec = json.loads(p.read_text())
+        if "speed" not in rec:  # the deliberately partial record: the harness always writes the key
+            rec["speed"] = None
+        validate_record(rec)
+        assert rec["env"]["note"].startswith("test fixture") and rec["run_id"].startswith("fixture-")
+        checked += 1
+    assert checked >= 30
