@@ -28,6 +28,7 @@ from reports.style import (  # noqa: E402
     CATEGORY_COLORS,
     memory_unit,
     method_color,
+    method_linestyle,
     method_marker,
     metric_label,
     metric_scale,
@@ -152,13 +153,13 @@ def memory_breakdown(groups: list[Group], estimates: list[dict], out: Path) -> l
 # --- figures 3 and 4: ablations -------------------------------------------------------------------
 
 
-def _errorbar(ax, xs, stats, scale, method, label, linestyle="-"):
+def _errorbar(ax, xs, stats, scale, method, label, linestyle=None):
     """Mean per point, error bars (± std over seeds) only where several seeds exist."""
     pts = [(x, s) for x, s in zip(xs, stats, strict=False) if s is not None]
     if not pts:
         return
     ax.plot([x for x, _ in pts], [s.mean * scale for _, s in pts], color=method_color(method), label=label,
-            linestyle=linestyle, **method_marker(method))
+            linestyle=method_linestyle(method) if linestyle is None else linestyle, **method_marker(method))
     err = [(x, s) for x, s in pts if s.std is not None]
     if err:
         ax.errorbar([x for x, _ in err], [s.mean * scale for _, s in err],
@@ -340,13 +341,15 @@ def loss_curves(groups: list[Group], out: Path) -> dict[tuple, list[Path]]:
         fig, axes = plt.subplots(1, 2 if split else 1, figsize=(10 if split else 6, 3.8), squeeze=False)
         axes = axes[0]
         labels = _labels(ref)
-        styles = ["-", "--", ":", "-."]
+        widths = [1.3, 0.8, 2.0, 0.5]  # several configs of one method: same colour and style, other width
         count = defaultdict(int)
         for g in ref:
-            ls = styles[count[g.method] % len(styles)]
+            ls = method_linestyle(g.method)
+            lw = widths[count[g.method] % len(widths)]
             count[g.method] += 1
             steps, stats = mean_series(g, "curve", col=1)
-            _band(axes[0], steps, stats, method_color(g.method), labels[id(g)], linewidth=1.2, linestyle=ls)
+            _band(axes[0], steps, stats, method_color(g.method), labels[id(g)], linewidth=lw, linestyle=ls,
+                  zorder=3 if ls != "-" else 2)  # dashed lines on top: visible where they coincide
             steps, stats = evals[id(g)]
             if steps:
                 ax = axes[1] if split else axes[0]

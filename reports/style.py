@@ -30,6 +30,14 @@ METHOD_MARKERS = {"adam": "s", "adam8bit": "s", "lora": "o", "galore": "^", "gal
 HOLLOW = ("pca", "compact", "galore8bit", "adam8bit")
 
 
+METHOD_LINESTYLES = {"pca": "--", "compact": ":", "oasis-notransport": "-.", "oasis-frozen": ":"}
+
+
+def method_linestyle(method: str) -> str:
+    """Dashed for the periodic-PCA baseline etc., so a line exactly under OASIS's stays visible."""
+    return METHOD_LINESTYLES.get(method, "-")
+
+
 def method_marker(method: str) -> dict:
     """Matplotlib marker keywords for a method (same in every figure)."""
     kw = {"marker": METHOD_MARKERS.get(method, "o"), "markersize": 7 if method in HOLLOW else 4}
