@@ -158,8 +158,9 @@ def _errorbar(ax, xs, stats, scale, method, label, linestyle=None):
     pts = [(x, s) for x, s in zip(xs, stats, strict=False) if s is not None]
     if not pts:
         return
+    ls = method_linestyle(method) if linestyle is None else linestyle
     ax.plot([x for x, _ in pts], [s.mean * scale for _, s in pts], color=method_color(method), label=label,
-            linestyle=method_linestyle(method) if linestyle is None else linestyle, **method_marker(method))
+            linestyle=ls, zorder=3 if ls != "-" else 2, **method_marker(method))
     err = [(x, s) for x, s in pts if s.std is not None]
     if err:
         ax.errorbar([x for x, _ in err], [s.mean * scale for _, s in err],
