@@ -1,0 +1,315 @@
+"""Read run records (DESIGN §3.4) and memory-estimate files, tolerate bad ones, group runs by config.
+
+Nothing here computes a metric: a `Group` only collects the numbers its records carry and summarises
+them across seeds (mean, sample std, count).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Fields without which a file cannot be placed in any table or figure.
+REQUIRED = ("schema", "run_id", "suite", "profile", "method", "status", "config", "config_hash")
+STATUSES = ("ok", "diverged", "oom", "error")
+CATEGORIES = ("params", "grads", "optimizer", "activations", "other")
+# Keys whose modal value picks a method's reference configuration (main table, loss curves, breakdown);
+# ties are broken by PREFERRED (r=32 is the rank the OASIS paper reports).
+REFERENCE_KEYS = ("rank", "subspace_lr")
+PREFERRED = {"rank": 32}
+
+
+def config_key(config: dict) -> str:
+    """Hash of a config with `seed` removed: runs sharing it are seeds of one configuration."""
+    rest = {k: v for k, v in config.items() if k != "seed"}
+    blob = json.dumps(rest, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def is_fixture(rec: dict) -> bool:
+    env = rec.get("env")
+    return isinstance(env, dict) and "fixture" in str(env.get("note", "")).lower()
+
+
+@dataclass
+class Run:
+    path: str   # relative to the results root, for messages
+    rec: dict
+
+    def __getattr__(self, name):  # suite, profile, method, status, config, config_hash, ...
+        try:
+            return self.__dict__["rec"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def ok(self) -> bool:
+        return self.rec["status"] == "ok"
+
+    def get(self, *keys):
+        """Nested lookup (`run.get("memory", "peak_bytes")`); None when any level is missing."""
+        node = self.rec
+        for k in keys:
+            if not isinstance(node, dict) or k not in node:
+                return None
+            node = node[k]
+        return node
+
+
+@dataclass
+class Group:
+    """All seeds of one configuration of one method in one suite/profile."""
+    suite: str
+    profile: str
+    method: str
+    key: str
+    config: dict                      # the shared config, without seed
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def ok_runs(self) -> list[Run]:
+        return [r for r in self.runs if r.ok]
+
+    @property
+    def fixture(self) -> bool:
+        return any(is_fixture(r.rec) for r in self.runs)
+
+    def values(self, *keys) -> list[float]:
+        """The recorded number at `keys` for every ok seed that has a finite one."""
+        out = []
+        for r in self.ok_runs:
+            v = r.get(*keys)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                out.append(float(v))
+        return out
+
+    def stat(self, *keys) -> Stat | None:
+        vals = self.values(*keys)
+        return Stat.of(vals) if vals else None
+
+    def status_counts(self) -> Counter:
+        return Counter(r.status for r in self.runs)
+
+    def sources(self) -> list[str]:
+        return sorted({str(r.get("memory", "source")) for r in self.ok_runs if r.get("memory", "source")})
+
+    def label(self, varying: list[str] = ()) -> str:
+        extra = ", ".join(f"{k}={fmt_value(self.config.get(k))}" for k in varying)
+        return f"{self.method} ({extra})" if extra else self.method
+
+
+@dataclass(frozen=True)
+class Stat:
+    mean: float
+    std: float | None  # sample std (ddof=1); None for a single seed
+    n: int
+
+    @staticmethod
+    def of(vals: list[float]) -> Stat:
+        return Stat(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None, len(vals))
+
+
+def metric_names(groups: list[Group]) -> set[str]:
+    """Metric keys with at least one recorded number among these groups' ok runs."""
+    return {m for g in groups for r in g.ok_runs for m in (r.get("metrics") or {}) if g.values("metrics", m)}
+
+
+def fmt_value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+@dataclass
+class Loaded:
+    runs: list[Run]
+    estimates: list[dict]              # memory-estimate files, normalised (see _as_estimate)
+    skipped: list[tuple[str, str]]     # (file, reason)
+    superseded: list[tuple[str, str]]  # (file, kept file) duplicates of one config_hash
+
+
+def load(results: Path) -> Loaded:
+    """Every *.json under `results` (recursively), in sorted order so the output is deterministic."""
+    runs, estimates, skipped = [], [], []
+    for path in sorted(results.rglob("*.json")):
+        rel = path.relative_to(results).as_posix()
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            skipped.append((rel, f"not valid JSON ({e})"))
+            continue
+        est = _as_estimate(data)
+        if est is not None:
+            est["path"] = rel
+            estimates.append(est)
+            continue
+        problem = _check_record(data)
+        if problem:
+            skipped.append((rel, problem))
+            continue
+        runs.append(Run(rel, data))
+    runs, superseded = _dedupe(runs)
+    return Loaded(runs, estimates, skipped, superseded)
+
+
+def _check_record(data) -> str | None:
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        return f"missing required field(s): {', '.join(missing)}"
+    if not isinstance(data["config"], dict):
+        return "config is not an object"
+    if data["status"] not in STATUSES:
+        return f"unknown status {data['status']!r}"
+    for section in ("metrics", "memory", "speed", "subspace"):
+        if section in data and data[section] is not None and not isinstance(data[section], dict):
+            return f"{section} is not an object"
+    if "curve" in data and data["curve"] is not None and not isinstance(data["curve"], list):
+        return "curve is not a list"
+    return None
+
+
+def _dedupe(runs: list[Run]) -> tuple[list[Run], list[tuple[str, str]]]:
+    """One record per config_hash: a re-run replaces an earlier one (ok beats not-ok, then newest)."""
+    by_hash = defaultdict(list)
+    for r in runs:
+        by_hash[(r.suite, r.profile, r.method, r.config_hash)].append(r)
+    kept, superseded = [], []
+    for rs in by_hash.values():
+        rs.sort(key=lambda r: (r.ok, str(r.rec.get("started_at", "")), r.path))
+        kept.append(rs[-1])
+        superseded += [(r.path, rs[-1].path) for r in rs[:-1]]
+    kept.sort(key=lambda r: r.path)
+    return kept, sorted(superseded)
+
+
+def _as_estimate(data) -> dict | None:
+    """A `suites.memory --json` file, as {"meta": {model, batch, seq, rank, ...}, "rows": [{method,
+    peak_bytes, source, breakdown}]}.
+
+    `suites.memory` writes {"config": {model, batch, seq, rank, dtype, checkpointing, ...}, "results":
+    [{method, peak_bytes, breakdown, source, ...}]}; a top-level list of rows, or `methods`/`rows` as a
+    list or a mapping, are read too. Returns None for anything that looks like a run record instead.
+    """
+    if isinstance(data, dict) and "run_id" in data:
+        return None
+    meta, rows = {}, None
+    if isinstance(data, list):
+        rows = data
+    elif isinstance(data, dict):
+        meta = {k: v for k, v in data.items() if not isinstance(v, (list, dict))}
+        if isinstance(data.get("config"), dict):
+            meta.update({k: v for k, v in data["config"].items() if not isinstance(v, (list, dict))})
+        for k in ("methods", "rows", "results"):
+            if isinstance(data.get(k), list):
+                rows = data[k]
+            elif isinstance(data.get(k), dict):
+                rows = [{"method": m, **v} for m, v in data[k].items() if isinstance(v, dict)]
+            if rows is not None:
+                break
+    if not rows or not all(isinstance(r, dict) and "method" in r for r in rows):
+        return None
+    norm = []
+    for r in rows:
+        mem = r.get("memory") if isinstance(r.get("memory"), dict) else r
+        if not isinstance(mem.get("peak_bytes"), (int, float)):
+            continue
+        norm.append({"method": r["method"], "peak_bytes": mem["peak_bytes"],
+                     "source": mem.get("source", "estimate"),
+                     "breakdown": mem.get("breakdown") if isinstance(mem.get("breakdown"), dict) else None,
+                     **{k: r[k] for k in ("model", "batch", "seq", "seq_len", "rank") if k in r}})
+    if not norm:
+        return None
+    return {"meta": meta, "rows": norm}
+
+
+SOURCE_WORDS = {"estimate": "FakeTensorMode estimate, nothing allocated",
+                "cpu-tracked": "CPU tracked tensor bytes", "cuda": "CUDA max_memory_allocated"}
+
+
+def describe_estimate(est: dict) -> tuple[str, str]:
+    """(setting, source) of a memory-estimate file in words, e.g. ("model=llama-2-7b, batch=8, seq=512,
+    rank=32, dtype=bf16, activation checkpointing", "FakeTensorMode estimate, nothing allocated")."""
+    meta = est["meta"]
+    keys = ("model", "batch", "seq", "seq_len", "rank", "dtype")
+    parts = [f"{k}={fmt_value(meta[k])}" for k in keys if k in meta]
+    if meta.get("checkpointing"):
+        parts.append("activation checkpointing")
+    if meta.get("layerwise"):
+        parts.append("layer-wise optimizer steps")
+    if meta.get("loss") not in (None, "full"):
+        parts.append(f"{meta['loss']} loss")
+    sources = sorted({str(r.get("source", "estimate")) for r in est["rows"]})
+    return ", ".join(parts) or est["path"], "; ".join(SOURCE_WORDS.get(s, s) for s in sources)
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    groups: dict[tuple, Group] = {}
+    for r in runs:
+        key = config_key(r.config)
+        gk = (r.suite, r.profile, r.method, key)
+        if gk not in groups:
+            cfg = {k: v for k, v in r.config.items() if k != "seed"}
+            groups[gk] = Group(r.suite, r.profile, r.method, key, cfg)
+        groups[gk].runs.append(r)
+    for g in groups.values():
+        g.runs.sort(key=lambda r: (str(r.config.get("seed")), r.path))
+    return sorted(groups.values(), key=lambda g: (g.suite, g.profile, method_rank(g.method), g.method, g.key))
+
+
+# Canonical method order for rows, legends and bars (mission methods, then extras, then anything new).
+METHOD_ORDER = ("adam", "lora", "galore", "ldadam", "pca", "oasis",
+                "adam8bit", "galore8bit", "compact", "oasis-notransport", "oasis-frozen")
+
+
+def method_rank(method: str) -> int:
+    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def varying_keys(groups: list[Group], ignore=()) -> list[str]:
+    """Config keys whose value differs between these groups (sorted), so labels can tell them apart."""
+    keys = sorted({k for g in groups for k in g.config} - set(ignore))
+    return [k for k in keys if len({json.dumps(g.config.get(k), sort_keys=True, default=str)
+                                    for g in groups}) > 1]
+
+
+def reference_groups(groups: list[Group]) -> list[Group]:
+    """Per method, the groups at its reference configuration: for each config key (REFERENCE_KEYS first)
+    the value most of its groups use (a one-at-a-time sweep varies one key around the default, so the
+    default is the mode); ties go to the value most runs of the suite/profile use (the profile default,
+    shared by every method), then to PREFERRED. Keys it cannot resolve stay unresolved: those groups
+    all remain, as separate rows/lines."""
+    by_method, by_setting = defaultdict(list), defaultdict(list)
+    for g in groups:
+        by_method[(g.suite, g.profile, g.method)].append(g)
+        by_setting[(g.suite, g.profile)].append(g)
+    out = []
+    for (suite, profile, _), gs in by_method.items():
+        everyone = by_setting[(suite, profile)]
+        cands = list(gs)
+        others = sorted({k for g in gs for k in g.config} - set(REFERENCE_KEYS))
+        for key in (*REFERENCE_KEYS, *others):
+            counts = Counter(json.dumps(g.config.get(key), default=str) for g in gs)
+            if len(counts) < 2:
+                continue
+            top = max(counts.values())
+            winners = [v for v, c in counts.items() if c == top]
+            pref = json.dumps(PREFERRED.get(key), default=str) if key in PREFERRED else None
+            if len(winners) > 1:  # tie: the value most runs of this suite/profile use, then PREFERRED
+                overall = Counter(json.dumps(g.config.get(key), default=str) for g in everyone)
+                best = max(overall[v] for v in winners)
+                winners = [v for v in winners if overall[v] == best]
+            if len(winners) > 1:
+                if pref not in winners:
+                    continue
+                winners = [pref]
+            narrowed = [g for g in cands if json.dumps(g.config.get(key), default=str) == winners[0]]
+            cands = narrowed or cands
+        out += cands
+    return sorted(out, key=lambda g: (g.suite, g.profile, method_rank(g.method), g.method, g.key))
