@@ -381,7 +381,11 @@ def resolve(suite: str, profile_name: str, prof: dict, method: str, defaults: di
     cfg = {"suite": suite, "profile": profile_name, "method": method, "device": device}
     cfg.update({k: prof[k] for k in _TRAIN if k not in PERIODIC_KEYS})
     for key, value in defaults.items():
-        if key != "lr":
+        if key in PER_METHOD_KEYS:
+            # a method's published optimizer constants (LDAdam's betas, GaLore's eps) beat the profile's
+            # shared default; `--set KEY.METHOD=...` still overrides them below
+            cfg[key] = value
+        elif key != "lr":
             cfg[key] = prof.get(key, value)
     cfg["lr"] = prof["lrs"].get(method, prof["lrs"]["default"])
     cfg.update(prof.get("per_method", {}).get(method, {}))

@@ -241,6 +241,12 @@ def test_profiles_share_budgets_and_differ_only_in_lr():
     ad = profiles.resolve("gsm8k", "cpu", per, "adam", method_defaults("adam"), "cpu")
     assert ld["betas"] == (0.908, 0.99) and ad["betas"] == tuple(prof["betas"])
     assert records.config_hash(ad) == records.config_hash(cfg)
+    # without an override, methods keep their published optimizer constants (DESIGN §4)
+    plain = profiles.resolve("gsm8k", "cpu", prof, "ldadam", method_defaults("ldadam"), "cpu")
+    galore = profiles.resolve("gsm8k", "cpu", prof, "galore", method_defaults("galore"), "cpu")
+    assert plain["betas"] == (0.908, 0.99) and galore["eps"] == 1e-6
+    per = profiles.apply_overrides(prof, [("betas.ldadam", "0.9,0.95")], {})
+    assert profiles.resolve("gsm8k", "cpu", per, "ldadam", method_defaults("ldadam"), "cpu")["betas"] == (0.9, 0.95)
 
 
 def test_every_profile_puts_a_refresh_inside_the_memory_window():
