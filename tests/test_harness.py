@@ -246,7 +246,8 @@ def test_profiles_share_budgets_and_differ_only_in_lr():
     galore = profiles.resolve("gsm8k", "cpu", prof, "galore", method_defaults("galore"), "cpu")
     assert plain["betas"] == (0.908, 0.99) and galore["eps"] == 1e-6
     per = profiles.apply_overrides(prof, [("betas.ldadam", "0.9,0.95")], {})
-    assert profiles.resolve("gsm8k", "cpu", per, "ldadam", method_defaults("ldadam"), "cpu")["betas"] == (0.9, 0.95)
+    overridden = profiles.resolve("gsm8k", "cpu", per, "ldadam", method_defaults("ldadam"), "cpu")
+    assert overridden["betas"] == (0.9, 0.95)
 
 
 def test_every_profile_puts_a_refresh_inside_the_memory_window():
