@@ -143,6 +143,8 @@ def load(results: Path) -> Loaded:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             skipped.append((rel, f"not valid JSON ({e})"))
             continue
+        if _is_companion(data):
+            continue  # memcheck's baseline or suites.memory's before/after summary: inputs of other tools
         est = _as_estimate(data)
         if est is not None:
             est["path"] = rel
@@ -155,6 +157,11 @@ def load(results: Path) -> Loaded:
         runs.append(Run(rel, data))
     runs, superseded = _dedupe(runs)
     return Loaded(runs, estimates, skipped, superseded)
+
+
+def _is_companion(data) -> bool:
+    """Files that live under results/ but are not run records or plain estimates."""
+    return isinstance(data, dict) and ({"peaks", "claims"} <= data.keys() or {"before", "after"} <= data.keys())
 
 
 def _check_record(data) -> str | None:
