@@ -161,7 +161,9 @@ def load(results: Path) -> Loaded:
 
 def _is_companion(data) -> bool:
     """Files that live under results/ but are not run records or plain estimates."""
-    return isinstance(data, dict) and ({"peaks", "claims"} <= data.keys() or {"before", "after"} <= data.keys())
+    if not isinstance(data, dict):
+        return False
+    return {"peaks", "claims"} <= data.keys() or {"before", "after"} <= data.keys()
 
 
 def _check_record(data) -> str | None:

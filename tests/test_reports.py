@@ -217,7 +217,8 @@ def test_fixtures_follow_the_harness_record_schema():
 
 def test_memcheck_baseline_and_memory_summary_are_not_reported_as_malformed(tmp_path):
     (tmp_path / "memory").mkdir()
-    (tmp_path / "memory" / "baseline.json").write_text(json.dumps({"tolerance": 0.01, "peaks": {}, "claims": []}))
+    baseline = {"tolerance": 0.01, "peaks": {}, "claims": []}
+    (tmp_path / "memory" / "baseline.json").write_text(json.dumps(baseline))
     (tmp_path / "memory" / "summary.json").write_text(json.dumps({"before": {}, "after": {}}))
     (tmp_path / "memory" / "junk.json").write_text(json.dumps({"hello": 1}))
     loaded = load(tmp_path)
