@@ -254,6 +254,8 @@ def describe_estimate(est: dict) -> tuple[str, str]:
         parts.append("layer-wise optimizer steps")
     if meta.get("loss") not in (None, "full"):
         parts.append(f"{meta['loss']} loss")
+    if meta.get("lean_blocks"):
+        parts.append("lean norm/SwiGLU")
     sources = sorted({str(r.get("source", "estimate")) for r in est["rows"]})
     return ", ".join(parts) or est["path"], "; ".join(SOURCE_WORDS.get(s, s) for s in sources)
 
