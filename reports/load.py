@@ -24,9 +24,16 @@ REFERENCE_KEYS = ("rank", "subspace_lr")
 PREFERRED = {"rank": 32}
 
 
+SEED_DERIVED = ("seed", "base_hash")
+
+
 def config_key(config: dict) -> str:
-    """Hash of a config with `seed` removed: runs sharing it are seeds of one configuration."""
-    rest = {k: v for k, v in config.items() if k != "seed"}
+    """Hash of a config with `seed` removed: runs sharing it are seeds of one configuration.
+
+    `base_hash` goes too: the harness derives it from the base's config, whose only per-run part is the
+    seed (model, base_steps and base_lr stay in the config and still separate genuinely different bases).
+    """
+    rest = {k: v for k, v in config.items() if k not in SEED_DERIVED}
     blob = json.dumps(rest, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

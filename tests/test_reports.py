@@ -223,3 +223,12 @@ def test_memcheck_baseline_and_memory_summary_are_not_reported_as_malformed(tmp_
     (tmp_path / "memory" / "junk.json").write_text(json.dumps({"hello": 1}))
     loaded = load(tmp_path)
     assert [path for path, _ in loaded.skipped] == ["memory/junk.json"]
+
+
+def test_seeds_with_their_own_pretrained_base_are_one_configuration():
+    from reports.load import config_key
+
+    a = {"model": "llama-mini", "base_steps": 300, "seed": 0, "base_hash": "aaa", "lr": 1e-3}
+    b = {**a, "seed": 1, "base_hash": "bbb"}
+    assert config_key(a) == config_key(b)
+    assert config_key(a) != config_key({**b, "base_steps": 200})
