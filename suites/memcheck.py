@@ -121,14 +121,6 @@ def check_claims(claims: list, peaks: dict) -> tuple[list[str], list[str]]:
     return broken, held
 
 
-def write_json(obj, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         print(f"{self.prog}: error: {message}", file=sys.stderr)
@@ -163,6 +155,8 @@ def main(argv=None) -> int:
         return 2
     broken, held = check_claims(baseline["claims"], peaks)
     if args.update:
+        from suites.memory import write_json  # the same atomic writer as `suites.memory --json`
+
         write_json({**baseline, "peaks": peaks}, args.baseline)
         print(f"baseline {args.baseline} updated ({time.perf_counter() - t0:.0f} s)")
         for line in held:
