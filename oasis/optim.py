@@ -112,10 +112,6 @@ class OasisAdamW(torch.optim.Optimizer):
         grad = layer.lowrank_grad
         if grad is None:
             return
-        if "step" not in state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(grad)
-            state["exp_avg_sq"] = torch.zeros_like(grad)
         direction, step_size = self._adam_direction(state, grad, group)
         if group["weight_decay"] != 0:
             weight.mul_(1 - group["lr"] * group["weight_decay"])
@@ -124,12 +120,7 @@ class OasisAdamW(torch.optim.Optimizer):
         weight.addmm_(direction.to(weight.dtype), basis.T, alpha=-step_size * layer.tracker.scale)
 
     def _adamw_step(self, p: Tensor, grad: Tensor, group) -> None:
-        state = self.state[p]
-        if "step" not in state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-        direction, step_size = self._adam_direction(state, grad, group)
+        direction, step_size = self._adam_direction(self.state[p], grad, group)
         if group["weight_decay"] != 0:
             p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(direction, alpha=-step_size)
@@ -139,6 +130,10 @@ class OasisAdamW(torch.optim.Optimizer):
         """(m / (√v̂ + ε), lr / (1 − β1ᵗ)): Adam's step split as torch.optim.AdamW computes it, so that with
         rank = d_in and a fixed identity basis the two agree to rounding."""
         beta1, beta2 = group["betas"]
+        if "step" not in state:  # lazily, shaped like the gradient: d_out × r for compressed weights
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(grad)
+            state["exp_avg_sq"] = torch.zeros_like(grad)
         state["step"] += 1
         step = state["step"]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
