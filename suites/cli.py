@@ -1,0 +1,63 @@
+"""Command-line plumbing shared by every entry point (`suites.run`, `suites.memory`, `suites.memcheck`,
+`reports.build`): one-line usage errors with exit status 2, a clean Ctrl-C, and the offline environment.
+
+    from suites.cli import Parser, UsageError, cli_main
+    def main(argv=None) -> int:
+        args = parser().parse_args(argv)       # bad arguments raise UsageError
+        ...
+    if __name__ == "__main__":
+        sys.exit(cli_main("python -m suites.x", main))
+
+This module imports nothing heavy (no torch), so that bad input is reported in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+# No hub on the machines this suite targets by default; a run that needs the hub says so itself.
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """Bad input: one line on stderr, exit 2, nothing written."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a bad argument raises UsageError (one line) instead of printing usage."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def offline_env() -> None:
+    """Default the Hugging Face libraries to offline mode (an explicit setting in the environment wins)."""
+    for var in OFFLINE_VARS:
+        os.environ.setdefault(var, "1")
+
+
+def quiet_libraries() -> None:
+    """Silence import-time notices that would break the one-line-error contract (bitsandbytes announces an
+    optional CPU kernel package on import)."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def cli_main(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run `main(argv)` as a command: offline environment, UsageError and ValueError from input checks as
+    `prog: error: ...` (exit 2), Ctrl-C as one line (exit 130). Anything else is a bug and propagates."""
+    offline_env()
+    quiet_libraries()
+    try:
+        return main(argv)
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
