@@ -1,181 +1,395 @@
 """Memory regression check: re-measure every method's peak on fixed configs and compare with a baseline.
 
-    python -m suites.memcheck                      # compare with results/memory/baseline.json
-    python -m suites.memcheck --baseline PATH      # another baseline file
-    python -m suites.memcheck --update             # re-measure and rewrite the baseline (on purpose)
+    python -m suites.memcheck                                  # compare with results/memory/baseline.json
+    python -m suites.memcheck --baseline PATH                  # another baseline file
+    python -m suites.memcheck --update --reason "why"          # re-measure and rewrite the baseline
+
+A peak may move neither way: one that grew by more than the tolerance is a regression, one that fell by
+more than the tolerance means the meter or the code changed. Both fail. If the change is intended, record
+it with `--update --reason "..."` (the reason, the date and the git commit go into the baseline's
+`history`) and commit the baseline.
 
 The baseline (JSON) holds
-  tolerance   the relative growth of a peak that counts as a regression (at most 0.01)
+  tolerance   the relative change of a peak, either way, that fails the check (at most 0.01)
   configs     named measurement configs: keyword arguments of `suites.memory.measure` plus `methods`;
               a deterministic CPU-tracked run of a smoke-size model and FakeTensor estimates at 1B/7B
   peaks       config name -> method -> peak bytes
-  claims      ratios the project claims: {config, method, versus: [methods], max}: peak(method) divided by
-              the lowest peak among `versus` must stay at or below `max`
+  claims      ratios the project states publicly: {config, method, versus: [methods], max, target, note}:
+              peak(method) divided by the lowest peak among `versus` must stay at or below `max` (the
+              number the README states); `target` (optional) is the goal the project works towards and is
+              printed next to it, a claim whose target is met asks to be tightened
+  history     one entry per `--update`: {date, commit, reason, changed}
 
-Exit status: 0 every peak within tolerance and every claim holds; 1 a regression or a broken claim (each
-one printed with its config, method and size); 2 usage error (unreadable or malformed baseline).
-A peak that fell is reported too, as an improvement to lock in with `--update`. `--update` keeps the
-configs, tolerance and claims and replaces the peaks; it still exits 1 if a claim does not hold.
+Exit status: 0 every peak within tolerance and every claim holds; 1 a peak moved beyond tolerance, a peak
+is missing from the baseline, or a claim is broken; 2 usage error (unreadable or malformed baseline, a
+baseline `--update` cannot write, `--update` without `--reason`). `--update` keeps configs, tolerance,
+claims and history, replaces the peaks and appends to the history; it exits 1 if a claim does not hold.
+
+The configs are measured in a pool of `--jobs` processes (default: one per core, at most the number of
+measurements); every measurement is deterministic, so the pool changes the wall time, not the bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import subprocess
 import sys
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_BASELINE = Path(__file__).resolve().parent.parent / "results" / "memory" / "baseline.json"
+from suites.cli import Parser, UsageError, cli_main
+from suites.files import OutputError, check_output_file, write_json
+
+PROG = "python -m suites.memcheck"
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_BASELINE = REPO / "results" / "memory" / "baseline.json"
 MAX_TOLERANCE = 0.01
 MEASURE_KEYS = ("model", "kind", "batch", "seq", "rank", "dtype", "checkpointing", "attn", "loss",
                 "loss_chunk", "lean_blocks", "window", "overrides")
+CLAIM_KEYS = ("config", "method", "versus", "max", "target", "note")
 MIB = 2**20
 
 
-class UsageError(Exception):
-    pass
-
-
 def load_baseline(path: Path) -> dict:
+    """The baseline at `path`, checked for shape; UsageError (one line) when it is not usable."""
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise UsageError(f"baseline {path} does not exist") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"baseline {path} is not readable JSON: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("configs"), dict):
         raise UsageError(f"baseline {path} has no 'configs' object")
     tol = data.get("tolerance")
-    if not isinstance(tol, (int, float)) or not 0 <= tol <= MAX_TOLERANCE:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= MAX_TOLERANCE:
         raise UsageError(f"baseline {path}: tolerance must be a number in [0, {MAX_TOLERANCE}], got {tol!r}")
     for name, cfg in data["configs"].items():
+        if not isinstance(cfg, dict):
+            raise UsageError(f"baseline {path}: config {name!r} is not an object")
         unknown = set(cfg) - set(MEASURE_KEYS) - {"methods"}
         if unknown or not cfg.get("methods") or "model" not in cfg:
             raise UsageError(f"baseline {path}: config {name!r} needs model and methods "
                              f"and only keys of {', '.join(MEASURE_KEYS)}")
-    for claim in data.get("claims", []):
-        if claim.get("config") not in data["configs"] or not claim.get("versus") or "max" not in claim:
-            raise UsageError(f"baseline {path}: malformed claim {claim!r}")
-    data.setdefault("peaks", {})
-    data.setdefault("claims", [])
+    peaks = data.setdefault("peaks", {})
+    if not isinstance(peaks, dict) or not all(isinstance(methods, dict) and all(
+            isinstance(b, int) and b > 0 for b in methods.values()) for methods in peaks.values()):
+        raise UsageError(f"baseline {path}: peaks must map config -> method -> positive bytes")
+    for claim in data.setdefault("claims", []):
+        if not _claim_is_well_formed(claim, data["configs"]):
+            raise UsageError(f"baseline {path}: malformed claim {claim!r} (keys {', '.join(CLAIM_KEYS)}; "
+                             "config one of the configs, method and versus among its methods, max > 0)")
+    if not isinstance(data.setdefault("history", []), list):
+        raise UsageError(f"baseline {path}: history must be a list")
     return data
 
 
-def measure_all(configs: dict, log=print) -> dict:
+def _claim_is_well_formed(claim, configs: dict) -> bool:
+    if not isinstance(claim, dict) or set(claim) - set(CLAIM_KEYS) or claim.get("config") not in configs:
+        return False
+    methods = configs[claim["config"]]["methods"]
+    versus = claim.get("versus")
+    numbers = [claim.get("max"), claim.get("target", 1.0)]
+    return (claim.get("method") in methods and isinstance(versus, list) and bool(versus)
+            and set(versus) <= set(methods)
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in numbers))
+
+
+def check_configs(configs: dict) -> None:
+    """Reject, before minutes of measuring, a config whose model or method the suite does not know."""
+    from suites.memory import KINDS, load_config
+    from suites.registry import method_defaults
+
+    for name, cfg in configs.items():
+        try:
+            load_config(cfg["model"])
+            for method in cfg["methods"]:
+                method_defaults(method)
+        except ValueError as exc:
+            raise UsageError(f"config {name!r}: {exc}") from None
+        if cfg.get("kind", "estimate") not in KINDS:
+            raise UsageError(f"config {name!r}: kind must be one of {', '.join(KINDS)}, got {cfg['kind']!r}")
+
+
+# -- measuring ---------------------------------------------------------------------------------------------
+
+def measure_one(task: tuple[str, dict, str]) -> tuple[str, str, int, float, float]:
+    """(config name, method, peak bytes, wall seconds, CPU seconds) of one measurement; what every pool
+    worker runs."""
     from suites.memory import measure
 
-    peaks: dict[str, dict[str, int]] = {}
-    for name, cfg in configs.items():
-        kwargs = {k: v for k, v in cfg.items() if k in MEASURE_KEYS}
-        model = kwargs.pop("model")
-        peaks[name] = {}
-        for method in cfg["methods"]:
-            t0 = time.perf_counter()
-            peaks[name][method] = measure(model, method, **kwargs)["peak_bytes"]
-            log(f"  {name:<14} {method:<18} {peaks[name][method] / MIB:12.1f} MiB  "
-                f"({time.perf_counter() - t0:.1f} s)")
-    return peaks
+    name, cfg, method = task
+    kwargs = {k: v for k, v in cfg.items() if k in MEASURE_KEYS}
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    with warnings.catch_warnings():
+        # peft asks transformers for `is_gradient_checkpointing`, deprecated in transformers 5 (FutureWarning)
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        try:
+            peak = measure(kwargs.pop("model"), method, **kwargs)["peak_bytes"]
+        except ValueError as exc:  # a setting the registry or the model loader rejects
+            raise ValueError(f"config {name!r}, method {method!r}: {exc}") from None
+    return name, method, peak, time.perf_counter() - t0, time.process_time() - cpu0
 
 
-def compare(baseline: dict, peaks: dict) -> tuple[list[str], list[str]]:
-    """(regressions, notes): peaks grown beyond tolerance or missing; peaks that fell or are new."""
+def _init_worker() -> None:
+    """Pool workers leave Ctrl-C to the parent, which stops them (no traceback from every worker), and run
+    one intra-op thread each: the pool already keeps every core busy."""
+    import signal
+
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def _expected_cost(cfg: dict, peak: int | None) -> int:
+    """Longest first keeps the pool busy to the end: an estimate costs about its model's size (its peak)."""
+    return (peak or 0) if cfg.get("kind", "estimate") == "estimate" else 0
+
+
+def measure_all(configs: dict, log=print, jobs: int = 1, baseline_peaks: dict | None = None) -> dict:
+    """config -> method -> peak bytes of every (config, method); `jobs` > 1 measures in a process pool.
+
+    Raises ValueError (naming config and method) for a setting the registry or the model loader rejects."""
+    baseline_peaks = baseline_peaks or {}
+    tasks = [(name, cfg, method) for name, cfg in configs.items() for method in cfg["methods"]]
+    results: dict[tuple[str, str], int] = {}
+
+    def done(i, name, method, peak, seconds, cpu_seconds):
+        results[name, method] = peak
+        log(f"  [{i:>2}/{len(tasks)}] {name}/{method}: {peak / MIB:.1f} MiB "
+            f"({seconds:.1f} s, CPU {cpu_seconds:.1f} s)")
+
+    if jobs <= 1:
+        for i, task in enumerate(tasks, 1):
+            done(i, *measure_one(task))
+    else:
+        import multiprocessing
+
+        tasks.sort(key=lambda t: -_expected_cost(t[1], baseline_peaks.get(t[0], {}).get(t[2])))
+        # forkserver: workers fork from a clean server process that has imported torch and the methods once
+        # (not from this process, and without paying the imports once per worker as spawn would)
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["suites.memory", "suites.registry", "transformers", "peft"])
+        # leaving the `with` terminates the workers, also on an error or Ctrl-C
+        with context.Pool(jobs, initializer=_init_worker) as pool:
+            for i, result in enumerate(pool.imap_unordered(measure_one, tasks), 1):
+                done(i, *result)
+    return {name: {m: results[name, m] for m in cfg["methods"]} for name, cfg in configs.items()}
+
+
+# -- comparing ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    config: str
+    method: str
+    old: int | None
+    new: int
+    verdict: str  # ok | GREW | FELL | NEW
+
+    @property
+    def change(self) -> float | None:
+        return None if self.old is None else (self.new - self.old) / self.old
+
+    @property
+    def failed(self) -> bool:
+        return self.verdict != "ok"
+
+
+def compare(baseline: dict, peaks: dict) -> list[Row]:
+    """One row per measured peak: within tolerance (ok), grown or fallen beyond it, or not in the baseline."""
     tol = baseline["tolerance"]
-    regressions, notes = [], []
+    rows = []
     for name, methods in peaks.items():
-        old_methods = baseline["peaks"].get(name, {})
         for method, new in methods.items():
-            old = old_methods.get(method)
+            old = baseline["peaks"].get(name, {}).get(method)
             if old is None:
-                notes.append(f"{name}/{method}: no baseline peak yet ({new / MIB:.1f} MiB); run --update")
-                continue
-            change = (new - old) / old
-            line = (f"{name}/{method}: peak {old / MIB:.1f} -> {new / MIB:.1f} MiB "
-                    f"({change:+.2%}, tolerance {tol:.2%})")
-            if change > tol:
-                regressions.append("REGRESSION " + line)
-            elif new < old:
-                notes.append("improved   " + line + "; run --update to lock it in")
-    return regressions, notes
+                verdict = "NEW"
+            else:
+                change = (new - old) / old
+                verdict = "GREW" if change > tol else "FELL" if change < -tol else "ok"
+            rows.append(Row(name, method, old, new, verdict))
+    return rows
 
 
-def check_claims(claims: list, peaks: dict) -> tuple[list[str], list[str]]:
-    broken, held = [], []
+@dataclass
+class ClaimCheck:
+    claim: dict
+    ratio: float | None     # None: a peak it needs was not measured
+    best: str | None        # the method of `versus` with the lowest peak
+
+    @property
+    def holds(self) -> bool:
+        return self.ratio is not None and self.ratio <= self.claim["max"]
+
+    @property
+    def target_met(self) -> bool | None:
+        target = self.claim.get("target")
+        return None if target is None or self.ratio is None else self.ratio <= target
+
+
+def check_claims(claims: list, peaks: dict) -> list[ClaimCheck]:
+    checks = []
     for claim in claims:
         cfg = peaks.get(claim["config"], {})
-        needed = [claim["method"], *claim["versus"]]
-        missing = [m for m in needed if m not in cfg]
-        if missing:
-            broken.append(f"CLAIM {claim['config']}: cannot check {claim['method']} vs {claim['versus']}: "
-                          f"no peak for {', '.join(missing)}")
+        if not all(m in cfg for m in (claim["method"], *claim["versus"])):
+            checks.append(ClaimCheck(claim, None, None))
             continue
         best = min(claim["versus"], key=lambda m: cfg[m])
-        ratio = cfg[claim["method"]] / cfg[best]
-        line = (f"{claim['config']}: {claim['method']} / {best} (lowest of {', '.join(claim['versus'])}) = "
-                f"{ratio:.3f} (claimed <= {claim['max']})")
-        if ratio <= claim["max"]:
-            held.append(line)
+        checks.append(ClaimCheck(claim, cfg[claim["method"]] / cfg[best], best))
+    return checks
+
+
+# -- printing ----------------------------------------------------------------------------------------------
+
+def _table(header: tuple, lines: list[tuple], left: int) -> str:
+    """Columns aligned; the first `left` columns left-aligned, the rest (numbers) right-aligned."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    fmt = "  ".join(f"{{:{'<' if i < left else '>'}{w}}}" for i, w in enumerate(widths))
+    return "\n".join(fmt.format(*map(str, line)).rstrip() for line in (header, *lines))
+
+
+def format_rows(rows: list[Row]) -> str:
+    lines = [(r.config, r.method, "-" if r.old is None else f"{r.old / MIB:.1f}", f"{r.new / MIB:.1f}",
+              "-" if r.change is None else f"{r.change:+.2%}", r.verdict) for r in rows]
+    return _table(("config", "method", "baseline MiB", "measured MiB", "change", "verdict"), lines, left=2)
+
+
+def format_claims(checks: list[ClaimCheck]) -> str:
+    lines = []
+    for c in checks:
+        claim = c.claim
+        versus = claim["versus"][0] if len(claim["versus"]) == 1 else \
+            f"{c.best or '?'} (lowest of {', '.join(claim['versus'])})"
+        target = claim.get("target")
+        if c.ratio is None:
+            verdict = "BROKEN: a peak it needs was not measured"
+        elif not c.holds:
+            verdict = "BROKEN"
+        elif c.target_met is False:
+            verdict = "holds; target not met yet"
+        elif c.target_met and target < claim["max"]:
+            verdict = f"holds; target met: tighten max to {target:.2f}"
         else:
-            broken.append("CLAIM BROKEN " + line)
-    return broken, held
+            verdict = "holds"
+        lines.append((claim["config"], f"{claim['method']} / {versus}",
+                      "-" if c.ratio is None else f"{c.ratio:.3f}", f"<= {claim['max']:.2f}",
+                      "-" if target is None else f"<= {target:.2f}", verdict))
+    return _table(("claim config", "ratio", "measured", "claimed", "target", "verdict"), lines, left=2)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+# -- updating ----------------------------------------------------------------------------------------------
+
+def _git_commit() -> str | None:
+    """HEAD of the checkout being measured, '+dirty' when it has uncommitted changes; None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (FileNotFoundError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
-def main(argv=None) -> int:
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ.setdefault(var, "1")
-    p = _Parser(prog="python -m suites.memcheck", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+def updated_baseline(baseline: dict, peaks: dict, reason: str) -> dict:
+    changed = {f"{name}/{method}": [baseline["peaks"].get(name, {}).get(method), new]
+               for name, methods in peaks.items() for method, new in methods.items()
+               if baseline["peaks"].get(name, {}).get(method) != new}
+    entry = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+             "commit": _git_commit(), "reason": reason, "changed": changed}
+    return {**baseline, "peaks": peaks, "history": [*baseline["history"], entry]}
+
+
+# -- command line ------------------------------------------------------------------------------------------
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def parser() -> Parser:
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE, help=f"default: {DEFAULT_BASELINE}")
     p.add_argument("--update", action="store_true",
                    help="re-measure and rewrite the baseline's peaks (configs, tolerance, claims kept)")
+    p.add_argument("--reason", help="why the peaks changed (required with --update; kept in the history)")
+    p.add_argument("--jobs", type=int, default=_usable_cores(),
+                   help="measurements in parallel, one process each (default: the usable cores)")
     p.add_argument("--quiet", action="store_true", help="print only problems and the verdict")
-    args = p.parse_args(argv)
-    try:
-        baseline = load_baseline(args.baseline)
-    except UsageError as exc:
-        print(f"python -m suites.memcheck: error: {exc}", file=sys.stderr)
-        return 2
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.update and not (args.reason or "").strip():
+        raise UsageError('--update needs --reason "why the peaks changed" (it is kept in the baseline)')
+    if args.reason is not None and not args.update:
+        raise UsageError("--reason goes with --update")
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
+    baseline = load_baseline(args.baseline)
+    if args.update:
+        try:
+            check_output_file(args.baseline, "--baseline")
+        except OutputError as exc:
+            raise UsageError(str(exc)) from None
+    check_configs(baseline["configs"])
 
     def log(msg):
         if not args.quiet:
-            print(msg)
+            print(msg, file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
+    n_tasks = sum(len(cfg["methods"]) for cfg in baseline["configs"].values())
     try:
-        peaks = measure_all(baseline["configs"], log)
-    except ValueError as exc:  # a config the registry or the model loader rejects
-        print(f"python -m suites.memcheck: error: {exc}", file=sys.stderr)
-        return 2
-    broken, held = check_claims(baseline["claims"], peaks)
-    if args.update:
-        from suites.memory import write_json  # the same atomic writer as `suites.memory --json`
+        peaks = measure_all(baseline["configs"], log, jobs=min(args.jobs, n_tasks),
+                            baseline_peaks=baseline["peaks"])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    seconds = time.perf_counter() - t0
+    rows = compare(baseline, peaks)
+    claims = check_claims(baseline["claims"], peaks)
+    broken = [c for c in claims if not c.holds]
 
-        write_json({**baseline, "peaks": peaks}, args.baseline)
-        print(f"baseline {args.baseline} updated ({time.perf_counter() - t0:.0f} s)")
-        for line in held:
-            log("claim holds: " + line)
-        for line in broken:
-            print(line)
+    if args.update:
+        write_json(args.baseline, updated_baseline(baseline, peaks, args.reason.strip()))
+        print(format_rows(rows))
+        if claims:
+            print("\n" + format_claims(claims))
+        changed = sum(r.old != r.new for r in rows)
+        print(f"\nbaseline {args.baseline} updated: {changed} of {len(rows)} peaks changed, "
+              f"{len(broken)} broken claims ({seconds:.0f} s)")
         return 1 if broken else 0
-    regressions, notes = compare(baseline, peaks)
-    for line in notes:
-        log(line)
-    for line in held:
-        log("claim holds: " + line)
-    for line in regressions + broken:
-        print(line)
-    verdict = "FAIL" if regressions or broken else "OK"
-    print(f"memcheck {verdict}: {sum(len(m) for m in peaks.values())} peaks, {len(regressions)} regressions, "
-          f"{len(broken)} broken claims ({time.perf_counter() - t0:.0f} s)")
-    return 1 if regressions or broken else 0
+
+    shown = rows if not args.quiet else [r for r in rows if r.failed]
+    if shown:
+        print(format_rows(shown))
+    if claims and (broken or not args.quiet):
+        print("\n" + format_claims(claims if not args.quiet else broken))
+    grew, fell, new = ([r for r in rows if r.verdict == v] for v in ("GREW", "FELL", "NEW"))
+    tol = baseline["tolerance"]
+    if grew or fell or new or broken:
+        problems = [f"{len(x)} {what}" for x, what in ((grew, f"grew by more than {tol:.0%}"),
+                                                      (fell, f"fell by more than {tol:.0%}"),
+                                                      (new, "not in the baseline"), (broken, "broken claims"))
+                    if x]
+        print(f"\nmemcheck FAIL: {', '.join(problems)} of {len(rows)} peaks, {len(claims)} claims "
+              f"({seconds:.0f} s)")
+        if grew or fell or new:
+            print("A peak that moved means the meter or the code changed (one that grew is a regression).\n"
+                  f'If the change is intended, run  {PROG} --update --reason "what changed and why"\n'
+                  "and commit the baseline.")
+        return 1
+    held = f", {len(claims)} claims hold" if claims else ""
+    print(f"\nmemcheck OK: {len(rows)} peaks within {tol:.0%} of the baseline{held} ({seconds:.0f} s)")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(PROG, main))
