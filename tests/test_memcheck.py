@@ -130,7 +130,7 @@ def test_claims_print_measured_claimed_and_target(tmp_path, measured, remeasured
     assert f"tighten max to {claim['target']}" in capsys.readouterr().out
 
 
-def test_update_needs_a_reason_and_records_it(tmp_path, measured, capsys):
+def test_update_needs_a_reason_and_records_it(tmp_path, measured, remeasured, capsys):
     earlier = {"date": "2026-01-01T00:00:00Z", "commit": "abc", "reason": "first", "changed": {}}
     path = _write(tmp_path, {"smoke": {"adam": 1, "lora": measured["smoke"]["lora"]}}, history=[earlier])
     assert run(["--baseline", str(path), "--update"]) == 2
@@ -171,6 +171,21 @@ def test_update_checks_the_baseline_can_be_written_before_measuring(tmp_path, me
     err = capsys.readouterr().err.strip()
     assert err.startswith("python -m suites.memcheck: error: ") and "not writable" in err and "\n" not in err
     assert path.read_text() == before
+
+
+def test_update_checks_before_measuring_also_as_root(tmp_path, measured, monkeypatch, capsys):
+    """Root writes anywhere, so the refusal the file system would give a user is simulated for this file."""
+    from suites import files
+
+    monkeypatch.setattr(memcheck, "measure_all", _no_measuring)
+    path = _write(tmp_path, measured)
+    real_access = os.access
+    monkeypatch.setattr(files.os, "access", lambda p, mode: False if Path(p) == path and mode & os.W_OK
+                        else real_access(p, mode))
+    assert run(["--baseline", str(path), "--update", "--reason", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m suites.memcheck: error: --baseline ") and "not writable" in err
+    assert "\n" not in err
 
 
 @pytest.mark.parametrize("content, needle", [
