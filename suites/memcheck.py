@@ -30,7 +30,7 @@ from pathlib import Path
 DEFAULT_BASELINE = Path(__file__).resolve().parent.parent / "results" / "memory" / "baseline.json"
 MAX_TOLERANCE = 0.01
 MEASURE_KEYS = ("model", "kind", "batch", "seq", "rank", "dtype", "checkpointing", "attn", "loss",
-                "loss_chunk", "lean_blocks", "window", "overrides")
+                "loss_chunk", "lean_blocks", "window", "overrides", "kernel_policy")
 MIB = 2**20
 
 

@@ -18,10 +18,19 @@ dot-product attention. Periodic methods have their refresh period set to 1 for t
 measured window contains a refresh (DESIGN §5); the keys are in `REFRESH_KEYS`.
 
 Fidelity: fake tensors live on the CPU device, so an estimate follows the CPU kernels' choices of what
-to keep (CPU dropout keeps a bf16 noise tensor where CUDA keeps a bool mask; torch's AdamW runs
-single-tensor, where on CUDA its foreach default adds parameter-sized temporaries in the step), and
-allocator rounding and library workspaces are not counted. Under FakeTensorMode a Python scalar read
-from a tensor (`.item()`, `bool(t)`) is a placeholder (see `suites.meters`).
+to keep, with one exception chosen by `--kernels` and recorded as `kernel_policy`: `cuda-dropout` (the
+default for estimates) keeps dropout's 1-byte bool mask as CUDA's fused kernel does, where the CPU kernel
+keeps a noise tensor in the activation dtype (LoRA's dropout on every adapted layer's input: about 4 GiB
+at 7B, micro-batch 8, seq 512); `cpu` keeps the CPU kernel's choice (the default, and the only honest one,
+for `--kind cpu`, which measures a real CPU run). Not modelled: torch's AdamW runs single-tensor on CPU,
+where on CUDA its foreach default adds parameter-sized temporaries in the step; allocator rounding and
+library workspaces. Under FakeTensorMode a Python scalar read from a tensor (`.item()`, `bool(t)`) is a
+placeholder (see `suites.meters`).
+
+Quantised methods (adam8bit, galore8bit, qlora) run bitsandbytes itself under FakeTensorMode: its ops have
+fake implementations, and its code tables are computed for real (`suites.meters.bitsandbytes_tables`);
+tests/test_memory.py checks the estimate against a real CPU-tracked run byte for byte. A method that cannot
+be measured here stops the run with one line naming it and the reason.
 
 Generic memory tricks, offered to every method alike and recorded in the output:
   --loss chunked     the causal-LM loss over token chunks, never the whole batch's logits (suites.lean)
@@ -42,7 +51,7 @@ from pathlib import Path
 import torch
 
 from suites import lean
-from suites.meters import fake_construction, make_meter
+from suites.meters import KERNEL_POLICIES, fake_construction, make_meter
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KINDS = ("estimate", "cpu")
@@ -51,6 +60,8 @@ REFRESH_KEYS = {"update_proj_gap": 1, "refresh_every": 1, "update_every": 1}
 COMMON = {"lr": 1e-4, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "seed": 0}
 GIB = 2**30
 CATEGORY_COLS = ("params", "grads", "optimizer", "activations", "other")
+POLICY_NOTES = {"cpu": "every op as the CPU kernel keeps it",
+                "cuda-dropout": "dropout keeps a 1-byte mask as on CUDA; other ops as the CPU kernels"}
 
 
 def load_config(model: str):
@@ -119,9 +130,17 @@ def method_config(name: str, rank: int, overrides: dict) -> dict:
 def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: str = "bf16",
             checkpointing: bool = False, kind: str = "estimate", attn: str = "sdpa", loss: str = "full",
             loss_chunk: int = 256, lean_blocks: bool = False, window: int = 1,
-            overrides: dict | None = None) -> dict:
-    """Peak memory of `window` training steps of `method` after one warm-up step; one result row."""
+            overrides: dict | None = None, kernel_policy: str | None = None) -> dict:
+    """Peak memory of `window` training steps of `method` after one warm-up step; one result row.
+
+    `kernel_policy` (see `suites.meters`): None means "cuda-dropout" for estimates and "cpu" for real runs.
+    """
     from suites.registry import build_method
+
+    if kernel_policy is None:
+        kernel_policy = "cuda-dropout" if kind == "estimate" else "cpu"
+    if kernel_policy not in KERNEL_POLICIES:
+        raise ValueError(f"unknown kernel policy {kernel_policy!r}; choose from {', '.join(KERNEL_POLICIES)}")
 
     config = load_config(model)
     cfg = method_config(method, rank, dict(overrides or {}))
@@ -135,7 +154,7 @@ def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: 
         net, optimizer = build_method(method, net, cfg)
         cast_params(net, DTYPES[dtype])
         batch_ = make_batch(vocab, batch, seq)
-    meter = make_meter(kind, net, optimizer)
+    meter = make_meter(kind, net, optimizer, kernel_policy)
     loss_fn = lean.causal_lm_loss if loss == "chunked" else lean.model_loss
 
     def step():  # what the harness loop does (suites.loop), minus timing and logging
@@ -151,7 +170,7 @@ def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: 
             step()
     rec = meter.result()
     return {"method": method, "peak_bytes": rec["peak_bytes"], "breakdown": rec["breakdown"],
-            "source": rec["source"],
+            "source": rec["source"], "kernel_policy": rec["kernel_policy"],
             "tricks": {"loss": loss, "lean_blocks": lean_blocks,
                        "layerwise": bool(cfg.get("layerwise", False)), "checkpointing": checkpointing},
             "method_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
@@ -196,9 +215,20 @@ def run(args) -> dict:
         overrides["layerwise"] = True
     rows = []
     for name in methods:
-        row = measure(args.model, name, batch=args.batch, seq=args.seq, rank=args.rank, dtype=args.dtype,
-                      checkpointing=args.checkpointing, kind=args.kind, attn=args.attn, loss=args.loss,
-                      loss_chunk=args.loss_chunk, lean_blocks=args.lean_blocks, overrides=overrides)
+        try:
+            row = measure(args.model, name, batch=args.batch, seq=args.seq, rank=args.rank, dtype=args.dtype,
+                          checkpointing=args.checkpointing, kind=args.kind, attn=args.attn, loss=args.loss,
+                          loss_chunk=args.loss_chunk, lean_blocks=args.lean_blocks, overrides=overrides,
+                          kernel_policy=args.kernels)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        except (RuntimeError, NotImplementedError, TypeError, AttributeError) as exc:
+            # a library that cannot run this way (a kernel or fake implementation missing): one line
+            # naming the method, never a traceback; OASIS_DEBUG=1 shows where it failed
+            if os.environ.get("OASIS_DEBUG"):
+                raise
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            raise ValueError(f"{name} cannot be measured here: {type(exc).__name__}: {first}") from None
         rows.append(row)
         if not args.quiet:
             print(f"  {name}: {row['peak_bytes'] / GIB:.3f} GiB ({row['wall_s']} s)", file=sys.stderr)
@@ -209,7 +239,8 @@ def run(args) -> dict:
               "dtype": args.dtype, "checkpointing": args.checkpointing, "attn": args.attn, "loss": args.loss,
               "loss_chunk": args.loss_chunk if args.loss == "chunked" else None, "layerwise": args.layerwise,
               "lean_blocks": args.lean_blocks,
-              "kind": args.kind, "set": overrides, "torch": torch.__version__}
+              "kind": args.kind, "kernel_policy": rows[0]["kernel_policy"], "set": overrides,
+              "torch": torch.__version__}
     return {"config": config, "results": rows}
 
 
@@ -283,6 +314,10 @@ def parser() -> argparse.ArgumentParser:
                    help="optimizer steps inside backward (sets layerwise=true for methods that have it)")
     p.add_argument("--kind", choices=KINDS, default="estimate",
                    help="estimate: FakeTensorMode, nothing allocated; cpu: real tensors (small models)")
+    p.add_argument("--kernels", choices=KERNEL_POLICIES, default=None,
+                   help="kernel policy (recorded as kernel_policy): cuda-dropout keeps dropout's 1-byte mask "
+                        "as CUDA does (default for estimates); cpu keeps the CPU kernels' choice (default "
+                        "for --kind cpu)")
     p.add_argument("--set", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="a method hyper-parameter (JSON value), e.g. --set subspace_lr=0.1")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
@@ -305,6 +340,8 @@ def main(argv=None) -> int:
         print(f"python -m suites.memory: error: {exc}", file=sys.stderr)
         return 2
     print(format_table(report, markdown=args.markdown))
+    policy = report["config"]["kernel_policy"]
+    print(f"kernel policy: {policy} ({POLICY_NOTES[policy]})")
     if args.json:
         write_json(report, args.json)
     return 0

@@ -50,6 +50,11 @@ _TRAIN = dict(
     exec_timeout=5.0,  # seconds per HumanEval program
 )
 
+# Extras' learning rates. adam-mini and qlora take adam's and lora's. APOLLO's update is the raw gradient
+# scaled towards Adam's per-channel step size from an r-dimensional projection, which at r << d is smaller
+# than Adam's step by about sqrt(r/d) (its published scale 1 assumes r = d/4); like GaLore's scale-0.25
+# update it takes GaLore's (larger) learning rate here. The APOLLO scripts pretrain APOLLO and APOLLO-Mini
+# with one learning rate, 1e-2, GaLore's pretraining rate too.
 _LRS_FT = {
     "adam": 1e-4,
     "lora": 1e-3,
@@ -57,6 +62,10 @@ _LRS_FT = {
     "ldadam": 1e-4,
     "pca": 1e-4,
     "oasis": 1e-4,
+    "apollo": 1e-3,
+    "apollo-mini": 1e-3,
+    "adam-mini": 1e-4,
+    "qlora": 1e-3,
     "default": 1e-4,
 }
 # the cpu profiles fine-tune a small base pretrained for only a few hundred steps: larger steps help
@@ -67,6 +76,10 @@ _LRS_FT_CPU = {
     "ldadam": 1e-3,
     "pca": 1e-3,
     "oasis": 1e-3,
+    "apollo": 3e-3,
+    "apollo-mini": 3e-3,
+    "adam-mini": 1e-3,
+    "qlora": 3e-3,
     "default": 1e-3,
 }
 _LRS_PT = {
@@ -76,8 +89,16 @@ _LRS_PT = {
     "ldadam": 1e-3,
     "pca": 1e-3,
     "oasis": 1e-3,
+    "apollo": 1e-2,
+    "apollo-mini": 1e-2,
+    "adam-mini": 1e-3,
+    "qlora": 1e-3,
     "default": 1e-3,
 }
+# Pretraining from random init: LoRA (and QLoRA) train embeddings, norms and lm_head fully besides the
+# adapters, as the low-rank baselines of pretraining papers do (baselines/lora.py, `train_unadapted`);
+# the fine-tuning profiles keep peft's frozen base (the method's default).
+_PRETRAIN_METHOD_KEYS = {"train_unadapted": True}
 
 PROFILES: dict[str, dict[str, dict]] = {
     "c4": {
@@ -89,7 +110,8 @@ PROFILES: dict[str, dict[str, dict]] = {
             batch=2,
             seq_len=64,
             eval_tokens=2048,
-            lrs={**_LRS_PT, "galore": 1e-3},
+            lrs={**_LRS_PT, "galore": 1e-3, "apollo": 1e-3, "apollo-mini": 1e-3},
+            **_PRETRAIN_METHOD_KEYS,
         ),
         "cpu": dict(
             _TRAIN,
@@ -106,6 +128,7 @@ PROFILES: dict[str, dict[str, dict]] = {
             eval_tokens=16384,
             eval_batch=8,
             lrs=dict(_LRS_PT),
+            **_PRETRAIN_METHOD_KEYS,
         ),
         "paper": dict(
             _TRAIN,
@@ -122,6 +145,7 @@ PROFILES: dict[str, dict[str, dict]] = {
             eval_tokens=10_000_000,
             eval_batch=64,
             lrs=dict(_LRS_PT),
+            **_PRETRAIN_METHOD_KEYS,
         ),
     },
     "gsm8k": {
@@ -180,6 +204,10 @@ PROFILES: dict[str, dict[str, dict]] = {
                 "ldadam": 1e-5,
                 "pca": 1e-5,
                 "oasis": 1e-5,
+                "apollo": 1e-5,
+                "apollo-mini": 1e-5,
+                "adam-mini": 1e-5,
+                "qlora": 2e-4,
                 "default": 1e-5,
             },
         ),
@@ -240,6 +268,10 @@ PROFILES: dict[str, dict[str, dict]] = {
                 "ldadam": 1e-5,
                 "pca": 1e-5,
                 "oasis": 1e-5,
+                "apollo": 1e-5,
+                "apollo-mini": 1e-5,
+                "adam-mini": 1e-5,
+                "qlora": 2e-4,
                 "default": 1e-5,
             },
         ),

@@ -2,7 +2,8 @@
 
 Each method lives in `baselines/<module>.py`, which exposes `DEFAULTS: dict` (its own hyper-parameters) and
 `build(model, cfg) -> (model, optimizer)`. Some names are variants of one module with settings pinned
-(`galore8bit` is GaLore with 8-bit states, `oasis-frozen` is OASIS with subspace_lr=0); the pinned settings
+(`galore8bit` is GaLore with 8-bit states, `oasis-frozen` is OASIS with subspace_lr=0, `apollo-mini` is APOLLO
+with a rank-1 space and tensor-wise scaling); the pinned settings
 cannot be overridden from the command line, use the base method for that.
 
     from suites.registry import build_method, method_defaults
@@ -18,7 +19,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 MISSION_METHODS = ("adam", "lora", "galore", "ldadam", "pca", "oasis")  # what `--methods all` means
-EXTRA_METHODS = ("adam8bit", "galore8bit", "compact", "oasis-notransport", "oasis-frozen")
+EXTRA_METHODS = ("adam8bit", "galore8bit", "compact", "oasis-notransport", "oasis-frozen", "apollo",
+                 "apollo-mini", "adam-mini", "qlora")
 ALL_METHODS = MISSION_METHODS + EXTRA_METHODS
 
 # name -> (module under baselines/, settings pinned by the name)
@@ -34,6 +36,10 @@ _METHODS: dict[str, tuple[str, dict]] = {
     "oasis": ("oasis", {}),
     "oasis-notransport": ("oasis", {"transport": "none"}),
     "oasis-frozen": ("oasis", {"subspace_lr": 0.0}),
+    "apollo": ("apollo", {}),
+    "apollo-mini": ("apollo_mini", {"aux_rank": 1, "scale_type": "tensor"}),
+    "adam-mini": ("adam_mini", {}),
+    "qlora": ("qlora", {}),
 }
 
 REQUIRED_KEYS = ("lr", "weight_decay", "betas", "eps", "rank", "seed")
@@ -78,8 +84,9 @@ def build_method(name: str, model: nn.Module, cfg: dict) -> tuple[nn.Module, Opt
     missing = [k for k in REQUIRED_KEYS if k not in cfg]
     if missing:
         raise ValueError(f"method config is missing {', '.join(missing)}")
+    free = next((n for n, (mod, pins) in _METHODS.items() if mod == _METHODS[name][0] and not pins), None)
     for key, value in pinned.items():
         if key in cfg and cfg[key] != value:
-            raise ValueError(f"method {name!r} pins {key}={value!r} (got {cfg[key]!r}); "
-                             f"use method {_METHODS[name][0]!r} to choose {key}")
+            hint = f"; use method {free!r} to choose {key}" if free else ""
+            raise ValueError(f"method {name!r} pins {key}={value!r} (got {cfg[key]!r}){hint}")
     return module.build(model, {**module.DEFAULTS, **cfg, **pinned})
