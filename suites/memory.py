@@ -222,7 +222,7 @@ def run(args) -> dict:
                           kernel_policy=args.kernels)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
-        except (RuntimeError, NotImplementedError, TypeError, AttributeError) as exc:
+        except (RuntimeError, TypeError, AttributeError) as exc:  # NotImplementedError is a RuntimeError
             # a library that cannot run this way (a kernel or fake implementation missing): one line
             # naming the method, never a traceback; OASIS_DEBUG=1 shows where it failed
             if os.environ.get("OASIS_DEBUG"):
