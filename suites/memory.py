@@ -54,24 +54,29 @@ CATEGORY_COLS = ("params", "grads", "optimizer", "activations", "other")
 
 
 def load_config(model: str):
-    """A transformers config from a preset name of `suites.models` or a config.json (file or directory)."""
-    from suites.models import PRESETS, llama_config
+    """A transformers config from a model spec of `suites.models` (a preset, `smollm2-135m`, a GGUF file,
+    a Hugging Face folder, a hub id) or a config.json file; ValueError (one line) when it cannot be had."""
+    from suites.models import load_config_json, model_config
 
-    if model in PRESETS:
-        return llama_config(model)
     path = Path(model)
-    if path.is_dir():
-        path = path / "config.json"
     if path.suffix == ".json" and path.is_file():
-        from transformers import AutoConfig
+        return load_config_json(path)
+    return model_config(model)
 
-        with open(path) as f:
-            raw = json.load(f)
-        if "model_type" not in raw:
-            raise ValueError(f"{path} has no model_type; not a transformers config")
-        return AutoConfig.for_model(**raw)
-    raise ValueError(f"unknown model {model!r}: give a preset ({', '.join(PRESETS)}) "
-                     "or a path to config.json")
+
+def load_weights(model: str, dtype: torch.dtype, attn: str, checkpointing: bool):
+    """The real pretrained model of a spec with weights (for `--kind cpu`: a real training step of the real
+    model; its bytes equal those of a random init of the same config)."""
+    from transformers import AutoModelForCausalLM
+
+    from suites.models import resolve, weights_dir
+
+    net = AutoModelForCausalLM.from_pretrained(weights_dir(resolve(model)), dtype=dtype,
+                                               attn_implementation=attn)
+    if checkpointing:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    net.train()
+    return net
 
 
 def build_model(config, dtype: torch.dtype, attn: str, checkpointing: bool):
@@ -129,7 +134,10 @@ def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: 
     vocab = config.vocab_size
     t0 = time.perf_counter()
     with fake_construction() if fake else _nullcontext():
-        net = build_model(config, DTYPES[dtype], attn, checkpointing)
+        if not fake and _has_weights(model):
+            net = load_weights(model, DTYPES[dtype], attn, checkpointing)
+        else:
+            net = build_model(config, DTYPES[dtype], attn, checkpointing)
         if lean_blocks:
             lean.apply_lean_activations(net)
         net, optimizer = build_method(method, net, cfg)
@@ -156,6 +164,15 @@ def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: 
                        "layerwise": bool(cfg.get("layerwise", False)), "checkpointing": checkpointing},
             "method_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
             "wall_s": round(time.perf_counter() - t0, 2)}
+
+
+def _has_weights(model: str) -> bool:
+    from suites.models import carries_weights
+
+    path = Path(model)
+    if path.is_dir():  # a folder may hold only a config.json (shapes to measure, no weights)
+        return any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+    return carries_weights(model) and path.suffix != ".json"
 
 
 @contextlib.contextmanager
@@ -265,7 +282,9 @@ class _Parser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m suites.memory", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a preset of suites.models or a path to a config.json")
+    p.add_argument("--model", required=True,
+                   help="a preset or named model of suites.models (llama-cpu, smollm2-135m, ...), a GGUF "
+                        "file, a Hugging Face model folder, a hub id, or a config.json")
     p.add_argument("--methods", default="all", help="'all' (the six mission methods) or a,b,...")
     p.add_argument("--batch", type=_positive, default=8, help="micro-batch size (sequences)")
     p.add_argument("--seq", type=_positive, default=512, help="sequence length (tokens)")

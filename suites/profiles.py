@@ -93,7 +93,7 @@ PROFILES: dict[str, dict[str, dict]] = {
         ),
         "cpu": dict(
             _TRAIN,
-            model="llama-mini",
+            model="llama-cpu",
             steps=60,
             mem_window=11,
             batch=4,
@@ -136,10 +136,13 @@ PROFILES: dict[str, dict[str, dict]] = {
             max_gen_toks=8,
             eval_batch=2,
             lrs=dict(_LRS_FT),
+            # a model with its own weights (--set model=smollm2-135m): two steps on short sequences
+            pretrained=dict(steps=2, mem_window=1, seq_len=160, refresh_every=1, update_proj_gap=1,
+                            regenerate_every=1),
         ),
         "cpu": dict(
             _TRAIN,
-            model="llama-mini",
+            model="llama-cpu",
             base="c4",
             base_steps=300,
             steps=32,
@@ -196,10 +199,13 @@ PROFILES: dict[str, dict[str, dict]] = {
             max_gen_toks=8,
             eval_batch=2,
             lrs=dict(_LRS_FT),
+            # a model with its own weights (--set model=smollm2-135m): two steps on short sequences
+            pretrained=dict(steps=2, mem_window=1, seq_len=128, refresh_every=1, update_proj_gap=1,
+                            regenerate_every=1),
         ),
         "cpu": dict(
             _TRAIN,
-            model="llama-mini",
+            model="llama-cpu",
             base="c4",
             base_steps=300,
             steps=32,
@@ -247,6 +253,8 @@ PROFILES: dict[str, dict[str, dict]] = {
 }
 
 
+# profile entries that are not --set keys
+INTERNAL_KEYS = ("lrs", "lr_override", "per_method", "pretrained")
 # shared optimizer keys that `KEY.METHOD=value` may set for one method (budgets stay shared)
 PER_METHOD_KEYS = ("betas", "eps", "weight_decay", "rank")
 
@@ -327,6 +335,7 @@ def apply_overrides(prof: dict, overrides: list[tuple[str, str]], method_keys: d
     `lr=X` sets every method's learning rate; `lr.NAME=X` sets one method's.
     """
     prof = copy.deepcopy(prof)
+    given = {key.split(".", 1)[0] for key, _ in overrides}
     for key, text in overrides:
         if key == "lr":
             value = parse_value(key, text, 1.0)
@@ -339,7 +348,7 @@ def apply_overrides(prof: dict, overrides: list[tuple[str, str]], method_keys: d
             prof.setdefault("per_method", {}).setdefault(method, {})[base] = parse_value(key, text, witness)
         elif key.startswith("lr."):
             prof["lrs"][key[3:]] = parse_value(key, text, 1.0)
-        elif key in prof and key not in ("lrs", "lr_override", "per_method"):
+        elif key in prof and key not in INTERNAL_KEYS:
             witness = prof[key]
             if key == "eval_limit":
                 witness = None if text.strip().lower() in ("none", "null", "all") else 0
@@ -347,11 +356,22 @@ def apply_overrides(prof: dict, overrides: list[tuple[str, str]], method_keys: d
         elif key in method_keys:
             prof[key] = parse_value(key, text, method_keys[key])
         else:
-            internal = ("lrs", "lr_override", "per_method")
-            known = sorted([k for k in prof if k not in internal] + list(method_keys) + ["lr", "lr.METHOD"])
+            known = sorted([k for k in prof if k not in INTERNAL_KEYS] + list(method_keys)
+                           + ["lr", "lr.METHOD"])
             raise ProfileError(f"unknown key {key!r} for --set/--sweep; known keys: {', '.join(known)}")
+    _apply_pretrained(prof, given)
     _check_budget(prof)
     return prof
+
+
+def _apply_pretrained(prof: dict, given: set) -> None:
+    """A profile's `pretrained` budget replaces its own when the model brings its own weights (a 135M
+    pretrained model in place of a tiny random one: fewer, shorter steps keep a smoke run short on CPU);
+    keys set on the command line stay as given."""
+    from suites.models import carries_weights
+
+    if "pretrained" in prof and carries_weights(prof["model"]):
+        prof.update({k: v for k, v in prof["pretrained"].items() if k not in given})
 
 
 def _check_budget(prof: dict) -> None:

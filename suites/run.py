@@ -29,7 +29,7 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 from suites import profiles, records  # noqa: E402
-from suites.data import CACHE_DIR, DataMissing, require  # noqa: E402
+from suites.data import CACHE_DIR, DataMissing  # noqa: E402
 
 
 class UsageError(Exception):
@@ -116,28 +116,15 @@ def _device(choice: str) -> str:
 
 
 def _check_rank(cfg: dict) -> None:
-    from suites.models import linear_shapes, llama_config
+    from suites.models import linear_shapes, model_config, weights_spec
 
-    shapes = linear_shapes(llama_config(cfg["model"]))
+    shapes = linear_shapes(model_config(weights_spec(cfg) or cfg["model"]))
     name, (d_out, d_in) = min(shapes.items(), key=lambda kv: min(kv[1]))
     if cfg["rank"] > min(d_out, d_in):
         raise UsageError(
             f"rank {cfg['rank']} is larger than layer {name} ({d_out}x{d_in}) of {cfg['model']}; "
             f"choose rank <= {min(d_out, d_in)}"
         )
-
-
-def _check_hub_base(base: str) -> None:
-    try:
-        from transformers import AutoConfig
-
-        AutoConfig.from_pretrained(base)
-    except Exception:  # noqa: BLE001 - any failure means the weights cannot be had here
-        raise UsageError(
-            f"base model {base} is not available offline (no hub access and not in the HF cache); "
-            "the paper profile needs a machine with hub access: HF_HUB_OFFLINE=0 and "
-            "`huggingface-cli login` for gated Llama weights"
-        ) from None
 
 
 def base_config(cfg: dict) -> dict:
@@ -150,6 +137,9 @@ def base_config(cfg: dict) -> dict:
     from suites.registry import method_defaults
 
     base = profiles.resolve("c4", cfg["profile"], prof, "adam", method_defaults("adam"), cfg["device"])
+    from suites.models import run_fields
+
+    base.update(run_fields(base))
     base["purpose"] = "base"
     return base
 
@@ -187,18 +177,23 @@ def plan(args) -> tuple[list[dict], str]:
                              f"choose from {', '.join(ALL_METHODS)}")
         for method in methods:
             cfg = profiles.resolve(args.suite, args.profile, p, method, method_defaults(method), device)
-            _check_rank(cfg)
             configs.append(cfg)
+    from suites.models import run_fields
+
     try:
         suite.check_data()
-        require("tokenizers/mistral-v1-sp32k")
-    except DataMissing as exc:
+        fields = {}  # the model's source, tokenizer and prompt format: the same for every run of a point
+        for cfg in configs:
+            key = (cfg["model"], cfg["base"])
+            if key not in fields:
+                fields[key] = run_fields(cfg)
+            cfg.update(fields[key])
+            _check_rank(cfg)
+        for cfg in configs:
+            if suite.FINETUNE and cfg["base"] == "c4":
+                cfg["base_hash"] = records.config_hash(base_config(cfg))
+    except (DataMissing, ValueError) as exc:  # ModelUnavailable is a ValueError: one line, exit 2
         raise UsageError(str(exc)) from None
-    for cfg in configs:
-        if suite.FINETUNE and cfg["base"] == "c4":
-            cfg["base_hash"] = records.config_hash(base_config(cfg))
-        elif cfg["base"] not in ("random", "c4"):
-            _check_hub_base(cfg["base"])
     return configs, suite.HEADLINE
 
 

@@ -18,8 +18,6 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
 
 def threads() -> int:
     """Intra-op threads of a run: $OASIS_THREADS, else half the cores (at least 1).
@@ -30,27 +28,11 @@ def threads() -> int:
     return max(1, int(os.environ.get("OASIS_THREADS") or (os.cpu_count() or 2) // 2))
 
 
-def load_model(cfg: dict, base_dir: str | None, device: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from suites.models import build_model, llama_config
-
-    dtype = getattr(torch, DTYPES[cfg["dtype"]])
-    attn = "eager" if device == "cpu" else "sdpa"
-    if cfg["base"] == "random":
-        return build_model(llama_config(cfg["model"]), dtype=dtype, seed=cfg["seed"], device=device)
-    source = base_dir if cfg["base"] == "c4" else cfg["base"]
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn)
-    return model.to(device)
-
-
 def run(spec: dict) -> dict:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional-kernel notice on import
     import torch
 
-    from suites import records
-    from suites.data import load_tokenizer
+    from suites import models, records
     from suites.loop import TrainResult, is_oom, train
     from suites.meters import make_meter
     from suites.registry import build_method
@@ -66,9 +48,10 @@ def run(spec: dict) -> dict:
     res, metrics = TrainResult(), {}
     try:
         suite = get_suite(cfg["suite"])
-        tokenizer = load_tokenizer()
+        tokenizer = models.load_tokenizer(cfg)
         batches = suite.train_batches(tokenizer, cfg)
-        model = load_model(cfg, spec.get("base_dir"), device)
+        model = models.load_model(cfg, spec.get("base_dir"))
+        step0 = suite.before_training(model, tokenizer, cfg, device)
         if cfg.get("lean_activations"):
             from suites.lean import apply_lean_activations
 
@@ -95,7 +78,7 @@ def run(spec: dict) -> dict:
             if progress is not None:
                 progress.close()
         if res.status == "ok":
-            metrics = suite.evaluate(model, tokenizer, cfg, device)
+            metrics = {**suite.evaluate(model, tokenizer, cfg, device), "step0": step0}
             if "eval_loss" in metrics and res.curve:
                 res.curve[-1][2] = metrics["eval_loss"]
             if spec.get("save_dir"):

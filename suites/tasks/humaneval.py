@@ -89,14 +89,10 @@ def program_for(problem: dict, completion: str) -> str:
     return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
-def evaluate(model, tokenizer, cfg: dict, device: str) -> dict:
-    problems = data.humaneval_problems(cfg["eval_limit"])
-    completions = greedy_completions(
-        model, tokenizer, [p["prompt"] for p in problems], cfg["max_gen_toks"], cfg["eval_batch"], device
-    )
-    passed = [run_program(program_for(p, c), cfg["exec_timeout"]) for p, c in zip(problems, completions)]
+def canonical_nll(model, tokenizer, cfg: dict, device: str) -> float:
+    """Token-weighted NLL of the canonical solutions given their prompts (the first `eval_limit` problems)."""
     pairs = []
-    for p in problems:
+    for p in data.humaneval_problems(cfg["eval_limit"]):
         prompt = tokenizer(p["prompt"]).input_ids
         solution = tokenizer(p["canonical_solution"], add_special_tokens=False).input_ids + [
             tokenizer.eos_token_id
@@ -106,7 +102,22 @@ def evaluate(model, tokenizer, cfg: dict, device: str) -> dict:
         data.supervised_batch(pairs[i : i + cfg["eval_batch"]], tokenizer)
         for i in range(0, len(pairs), cfg["eval_batch"])
     ]
-    nll = mean_nll(model, batches, device)
+    return mean_nll(model, batches, device)
+
+
+def before_training(model, tokenizer, cfg: dict, device: str) -> dict:
+    """The canonical-solution NLL of the model a run starts from (recorded as `metrics.step0`)."""
+    nll = canonical_nll(model, tokenizer, cfg, device)
+    return {"canonical_nll": nll, "canonical_ppl": ppl(nll)}
+
+
+def evaluate(model, tokenizer, cfg: dict, device: str) -> dict:
+    problems = data.humaneval_problems(cfg["eval_limit"])
+    completions = greedy_completions(
+        model, tokenizer, [p["prompt"] for p in problems], cfg["max_gen_toks"], cfg["eval_batch"], device
+    )
+    passed = [run_program(program_for(p, c), cfg["exec_timeout"]) for p, c in zip(problems, completions)]
+    nll = canonical_nll(model, tokenizer, cfg, device)
     return {
         "pass@1": sum(passed) / len(passed),
         "passed": int(sum(passed)),
