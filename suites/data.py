@@ -8,6 +8,7 @@ a profile sees the same data in the same order. Tokenised streams are cached und
 
 from __future__ import annotations
 
+import ast
 import gzip
 import hashlib
 import json
@@ -303,7 +304,14 @@ def chat_prompt(tokenizer, user: str) -> str:
 
 def chat_end_of_turn(tokenizer, user: str = "1+1?", answer: str = "2") -> str:
     """The text the chat template puts right after an assistant answer, up to the end-of-turn marker
-    (`<|im_end|>` for ChatML), read off the template itself."""
+    (`<|im_end|>` for ChatML), read off the template itself (once per tokenizer)."""
+    cached = getattr(tokenizer, "oasis_end_of_turn", None)
+    if cached is None:
+        cached = tokenizer.oasis_end_of_turn = _end_of_turn(tokenizer, user, answer)
+    return cached
+
+
+def _end_of_turn(tokenizer, user: str, answer: str) -> str:
     prompt = chat_prompt(tokenizer, user)
     full = tokenizer.apply_chat_template(
         [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], tokenize=False
@@ -399,36 +407,96 @@ def gsm8k_eval_pairs(tokenizer, limit: int | None, fmt: str = "plain") -> list[t
 def stdlib_sources() -> list[Path]:
     """The running interpreter's own standard-library Python sources (an offline code corpus), sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = ("site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "turtledemo")
-    files = [p for p in root.rglob("*.py") if not any(part in skip for part in p.relative_to(root).parts)]
+    skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "turtledemo"}
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in skip]  # never descend into installed packages
+        files += [Path(folder, n) for n in names if n.endswith(".py")]
     return sorted(files)
 
 
-def code_train_batches(tokenizer, *, steps: int, batch: int, seq_len: int, seed: int) -> list[dict]:
+def function_pairs(path: Path) -> list[tuple[str, str]]:
+    """(prompt, body) of every undecorated top-level function with a docstring in one source file, shaped
+    like a HumanEval problem: the prompt is the `def` line through the docstring, the body the rest."""
+    try:
+        source = path.read_text(encoding="utf-8")
+        tree = ast.parse(source)
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+        return []
+    lines = source.splitlines(keepends=True)
+    pairs = []
+    for node in tree.body:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.decorator_list:
+            continue
+        if ast.get_docstring(node) is None or len(node.body) < 2:
+            continue
+        doc_end = node.body[0].end_lineno
+        prompt, body = "".join(lines[node.lineno - 1 : doc_end]), "".join(lines[doc_end : node.end_lineno])
+        if body.strip():
+            pairs.append((prompt, body if body.endswith("\n") else body + "\n"))
+    return pairs
+
+
+CODE_INSTRUCTION = "Complete the following Python function.\n\n"
+CODE_FENCE = "```python\n"
+
+
+def encode_code(tokenizer, fmt: str, prompt: str, body: str) -> tuple[list[int], list[int]]:
+    """(prompt_ids, body_ids) of a function completion in format `fmt`; the loss goes on the body only.
+
+    plain: the code itself (HumanEval's own prompt), the body, EOS.
+    chat:  the user turn asks to complete the function shown in a fenced block; the assistant turn starts
+           with the fence and the prompt code (given, not supervised), then the body, the closing fence and
+           the end-of-turn marker (supervised). Generation continues from the same point."""
+    if fmt == "plain":
+        p = tokenizer(prompt).input_ids
+        a = tokenizer(body, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        return p, a
+    if fmt == "chat":
+        # the cut sits before the prompt's last newline: a newline and the body's indentation are one
+        # pre-token for byte-level BPE, so a cut after it would split a token the model never sees split
+        context = code_chat_prompt(tokenizer, prompt)
+        answer = prompt[len(prompt.rstrip("\n")):] + body + "```"
+        end = chat_end_of_turn(tokenizer)
+        p = tokenizer(context, add_special_tokens=False).input_ids
+        a = tokenizer(answer, add_special_tokens=False).input_ids + tokenizer(
+            end, add_special_tokens=False).input_ids
+        if tokenizer(context + answer + end, add_special_tokens=False).input_ids != p + a:
+            raise ValueError("chat format: prompt and answer tokens merge across their boundary")
+        return p, a
+    raise ValueError(f"unknown prompt format {fmt!r}; choose from {', '.join(PROMPT_FORMATS)}")
+
+
+def code_chat_prompt(tokenizer, prompt: str) -> str:
+    """The rendered chat that a function body continues in the chat format (see `encode_code`): up to the
+    prompt code without its final newline, which the completion starts with."""
+    user = f"{CODE_INSTRUCTION}{CODE_FENCE}{prompt}```"
+    return chat_prompt(tokenizer, user) + CODE_FENCE + prompt.rstrip("\n")
+
+
+def code_train_batches(tokenizer, *, steps: int, batch: int, seq_len: int, seed: int,
+                       fmt: str = "plain") -> list[dict]:
+    """`steps` batches of function completions from the standard library (files in a seeded order),
+    loss on the bodies only; functions longer than seq_len are skipped."""
     files = stdlib_sources()
     if not files:
         raise DataMissing(f"missing data: no Python sources under {sysconfig.get_paths()['stdlib']}")
-    n_tokens = steps * batch * seq_len
-
-    def texts():
-        order = list(files)
-        random.Random(seed).shuffle(order)
-        for path in order:
-            try:
-                yield path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError):
-                continue
-
-    key = {
-        "corpus": "python-stdlib",
-        "root": sysconfig.get_paths()["stdlib"],
-        "n_files": len(files),
-        "seed": seed,
-        "n": n_tokens,
-        "tok": tokenizer_id(tokenizer),
-    }
-    tokens = _cached_tokens(key, lambda: _pack(texts(), tokenizer, n_tokens))
-    return _blocks_to_batches(tokens, batch, seq_len, steps, seed)
+    order = list(files)
+    random.Random(seed).shuffle(order)
+    pairs = []
+    for path in order:
+        for prompt, body in function_pairs(path):
+            p, a = encode_code(tokenizer, fmt, prompt, body)
+            if len(p) + len(a) <= seq_len:
+                pairs.append((p, a))
+            if len(pairs) == steps * batch:
+                break
+        if len(pairs) == steps * batch:
+            break
+    if not pairs:
+        raise ValueError(f"no standard-library function fits in seq_len={seq_len} tokens")
+    pairs = (pairs * (steps * batch // len(pairs) + 1))[: steps * batch]
+    return [supervised_batch(pairs[i : i + batch], tokenizer, seq_len) for i in range(0, len(pairs), batch)]
 
 
 def humaneval_problems(limit: int | None) -> list[dict]:

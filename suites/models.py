@@ -407,8 +407,26 @@ def load_model(cfg: dict, base_dir: str | None = None):
         where = base_dir
     else:
         where = weights_dir(resolve(spec))
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation=attn)
+    with _quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation=attn)
     return model.to(device)
+
+
+class _quiet_loading:
+    """No per-tensor progress bars from transformers while loading (a run draws its own)."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self.was_enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+
+        if self.was_enabled:
+            hf_logging.enable_progress_bar()
+        return False
 
 
 def load_config_json(path: Path):
