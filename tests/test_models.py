@@ -259,3 +259,25 @@ def test_cpu_profiles_use_presets_shaped_like_an_llm():
         assert models.parameter_counts(model.config)["total"] == sum(p.numel() for p in model.parameters())
         # the vocabulary is the project BPE's (trained on first use, not here: the check reads its settings)
         assert model.config.vocab_size == data.PROJECT_BPE[models.PRESETS[name].tokenizer]["vocab"]
+
+
+def test_code_pairs_supervise_the_function_body_only():
+    """HumanEval-shaped training pairs from the standard library: the prompt is the `def` line through the
+    docstring, the loss is on the body (and EOS) only; checked against `ast` on the same file."""
+    import ast
+
+    tok = data.load_tokenizer()
+    path = next(p for p in data.stdlib_sources() if p.name == "stat.py")
+    pairs = data.function_pairs(path)
+    tree = ast.parse(path.read_text())
+    documented = [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.decorator_list
+                  and ast.get_docstring(n) is not None and len(n.body) > 1]
+    assert [p.split("(")[0].removeprefix("def ") for p, _ in pairs] == documented
+    prompt, body = pairs[0]
+    assert prompt.startswith("def S_IMODE(mode):") and prompt.rstrip().endswith('"""')
+    assert body == "    return mode & 0o7777\n"
+    p, a = data.encode_code(tok, "plain", prompt, body)
+    batch = data.supervised_batch([(p, a)], tok)
+    supervised = batch["labels"][0] != data.IGNORE
+    assert int(supervised.sum()) == len(a) and int(supervised.nonzero()[0]) == len(p)
+    assert tok.decode(batch["input_ids"][0][supervised], skip_special_tokens=True).strip() == body.strip()
