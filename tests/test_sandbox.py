@@ -159,7 +159,6 @@ SPAWNS = {
     "os.execv": "os.execv('/bin/true', ['true'])",
     "multiprocessing": "multiprocessing.Process(target=time.sleep, args=(30,)).start()",
     "pty.fork": "pty.fork()",
-    "os.setsid": "os.setsid()",
     "ctypes": "import ctypes",
     "_posixsubprocess": "import _posixsubprocess",
 }
@@ -198,6 +197,41 @@ def test_a_grandchild_dies_with_its_run(problems, tmp_path, ending):
     assert wait_gone(grandchild)
     time.sleep(2.0)  # past the moment it would have written
     assert not late_file.exists()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_run_leaves_no_process_behind(problems, tmp_path):
+    # Ctrl-C (or any exception) in the harness while it waits must still take the whole group down
+    pids = tmp_path / "pids"
+    before = f"""
+        import os, time
+        if os.fork() == 0:
+            time.sleep(60)
+            os._exit(0)
+        open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{os.getpgid(0)}}')
+        time.sleep(60)
+    """
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 2.0)
+    try:
+        with pytest.raises(Interrupted):
+            sandbox.run(program(problems, before=before), 30.0, guard=False, landlock=False)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    leader, pgid = map(int, pids.read_text().split())
+    assert wait_gone(leader) and wait_gone(pgid)
+    deadline = time.monotonic() + 5.0
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert group_members(pgid) == []
 
 
 # ------------------------------------------------------------------------------------------------- output
@@ -297,6 +331,16 @@ def test_the_program_cannot_raise_its_limits_again(problems):
     """
     outcome = sandbox.run(program(problems, before=lift), 10.0, guard=False)
     assert not outcome.passed and outcome.returncode == 1
+
+
+def test_the_child_holds_no_capabilities(problems):
+    # for root this is what makes the hard limits final and takes away power over other users' processes
+    check = """
+        status = dict(line.split(':\t', 1) for line in open('/proc/self/status'))
+        assert int(status['CapEff'], 16) == int(status['CapPrm'], 16) == 0, status['CapEff']
+        assert status['NoNewPrivs'].strip() == '1'
+    """
+    assert sandbox.run(program(problems, before=check), 10.0, guard=False, landlock=False).passed
 
 
 FORKS = """
