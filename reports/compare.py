@@ -89,7 +89,8 @@ class Comparison:
 
     @property
     def seeds_caption(self) -> str:
-        return f"seeds {seeds_text(self.seeds)} (n={len(self.seeds)})"
+        word = "seed" if len(self.seeds) == 1 else "seeds"
+        return f"{word} {seeds_text(self.seeds)} (n={len(self.seeds)})"
 
     def headline(self) -> str | None:
         recorded = {m for g in self.rows for r in g.ok_runs for m in (r.get("metrics") or {})

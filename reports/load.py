@@ -33,8 +33,10 @@ SEED_DERIVED = ("seed", "base_hash")
 def config_key(config: dict) -> str:
     """Hash of a config with `seed` removed: runs sharing it are seeds of one configuration.
 
-    `base_hash` goes too: the harness derives it from the base's config, whose only per-run part is the
-    seed (model, base_steps and base_lr stay in the config and still separate genuinely different bases).
+    `base_hash` goes too: the harness derives it from the base's own config (older harnesses from the run
+    seed, so it differed per seed). `base_seed` stays, as do model, base_steps and base_lr, so genuinely
+    different bases are different configurations. Whether records really started from the same weights is
+    checked on `env.base_checksum` (see _resolve_replicates and reports.compare).
     """
     rest = {k: v for k, v in config.items() if k not in SEED_DERIVED}
     blob = json.dumps(rest, sort_keys=True, default=str, separators=(",", ":"))

@@ -96,7 +96,8 @@ class Table:
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
         "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-        "±": r"$\pm$", "×": r"$\times$", "–": "--", "≥": r"$\geq$"}
+        "±": r"$\pm$", "×": r"$\times$", "–": "--", "≥": r"$\geq$", "−": r"$-$", "Δ": r"$\Delta$",
+        "†": r"$^\dagger$", "η": r"$\eta$"}
 
 
 def _tex(s: str) -> str:
@@ -295,8 +296,9 @@ def main_table(comp: Comparison) -> tuple[Table, list[str]]:
         "± is the half-width of the 95% Student-t interval over seeds (n − 1 degrees of freedom); a single "
         "seed shows its value alone. Seeds or methods left out are listed in MISSING.md.",
         f"Δ vs adam: mean and 95% t-interval of the per-seed differences (method − adam on the same seed); "
-        f"{DAGGER} marks an interval that excludes 0. Headline metric `{head}`; the other metrics' paired "
-        f"differences and the step-0 values are in table1_paired_{comp.suite}_{comp.profile}."
+        f"{DAGGER} marks an interval that excludes 0. Headline metric `{head}`; every metric's paired "
+        f"differences{' and step-0 values' if step0 else ''} are in "
+        f"table1_paired_{comp.suite}_{comp.profile}."
         if head else "No quality metric recorded.",
         "memory / adam: ratio computed from records (mean recorded peak of this row / that of the adam row "
         "with the same model, dtype, batch, seq_len and memory source).",
