@@ -11,12 +11,7 @@ from baselines.ldadam import LDAdamW, lift, power_step, project, top_subspace, t
 BETAS = (0.908, 0.99)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()  # tiny matrices: a second thread only adds contention
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _moments(shape, seed=0):

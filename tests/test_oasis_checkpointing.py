@@ -11,6 +11,8 @@ import oasis.linear
 from oasis import OasisConfig, prepare
 from suites.models import build_model, llama_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 128
 
 

@@ -9,6 +9,7 @@ embedding, norms and lm_head stay uncompressed): each rank then imports torch on
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from oasis import CompressedLinear, OasisConfig, all_reduce_sum, prepare
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB, STEPS, BATCH, SEQ, RANK = 64, 4, 2, 12, 4
 CFG = OasisConfig(rank=RANK, subspace_lr=0.5, init="pca")  # the default targets: the seven projections

@@ -9,6 +9,8 @@ from oasis import CompressedLinear, OasisAdamW, OasisConfig, compress, orthonorm
 from oasis.linear import SharedProjection
 from oasis.subspace import OjaTracker
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _layer(d_in=24, d_out=16, rank=5, dtype=torch.float64, bias=True):
     torch.manual_seed(0)

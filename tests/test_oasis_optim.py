@@ -10,6 +10,8 @@ import torch
 from oasis import OasisConfig, prepare, transport_moments
 from suites.models import build_model, llama_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _square_llama(dtype=torch.float64, seed=0):
     # hidden == intermediate so that every projection has the same d_in (rank = d_in everywhere)

@@ -9,6 +9,8 @@ import torch
 
 from oasis.subspace import OjaTracker, largest_principal_angle
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _spectrum(d, rank, gen):
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
