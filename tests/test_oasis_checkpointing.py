@@ -75,3 +75,15 @@ def test_a_recompute_that_accumulates_statistics_breaks_the_equality(monkeypatch
     ckpt, _, _ = _run(checkpointing=True, steps=1)
     with pytest.raises(AssertionError):
         _same(plain, ckpt)
+
+
+def test_reentrant_checkpointing_is_refused_in_one_line():
+    model = build_model(llama_config("llama-tiny", vocab_size=VOCAB), seed=0)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.config.use_cache = False
+    model.train()
+    prepare(model, OasisConfig(rank=4))
+    ids = torch.randint(0, VOCAB, (2, 8))
+    with pytest.raises(RuntimeError, match="use_reentrant': False") as err:
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert "\n" not in str(err.value)
