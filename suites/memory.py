@@ -98,11 +98,11 @@ def make_batch(vocab: int, batch: int, seq: int) -> dict:
 def cast_params(model, dtype: torch.dtype) -> None:
     """Pure `dtype`: floating parameters a builder made in another dtype are cast in place (peft, for one,
     upcasts LoRA adapters of a bf16 model to fp32 by default). Optimizer state is created lazily from the
-    parameters, so it follows. Buffers and method state that is not a parameter (e.g. OASIS bases, fp32
-    by design) are left alone."""
+    parameters, so it follows. Buffers, method state that is not a parameter (e.g. OASIS bases, fp32
+    by design) and parameters marked `keep_dtype` (OASIS's float32 gradient carriers) are left alone."""
     with torch.no_grad():
         for p in model.parameters():
-            if p.is_floating_point() and p.dtype != dtype:
+            if p.is_floating_point() and p.dtype != dtype and not getattr(p, "keep_dtype", False):
                 p.data = p.data.to(dtype)
 
 

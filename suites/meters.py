@@ -21,8 +21,8 @@ Breakdown categories (bytes of live storages at the peak; they sum to ``peak_byt
 is counted once, in the first category that claims it:
 
 * ``params``: storages of the model's parameters and buffers (trainable or frozen).
-* ``grads``: ``p.grad`` of every parameter, and every module's ``.lowrank_grad`` (the OASIS / PCA /
-  CompAct weight gradient, which replaces ``.weight.grad`` for compressed layers).
+* ``grads``: ``p.grad`` of every parameter (for OASIS / PCA / CompAct compressed layers this includes
+  the d_out × r weight gradient, the ``.grad`` of the layer's gradient carrier).
 * ``optimizer``: every tensor reachable from ``optimizer.state`` (nested mappings, lists, tuples and plain
   objects such as galore-torch's projector with its ``ortho_matrix``) or from the optimizer object's
   other attributes (OASIS keeps its bases in trackers it holds; a layer-wise optimizer holds inner
@@ -183,12 +183,7 @@ class TensorTracker(TorchDispatchMode):
         return [*self.model.parameters(), *self.model.buffers()]
 
     def _grad_tensors(self) -> list[torch.Tensor]:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        for module in self.model.modules():
-            g = getattr(module, "lowrank_grad", None)
-            if isinstance(g, torch.Tensor):
-                grads.append(g)
-        return grads
+        return [p.grad for p in self.model.parameters() if p.grad is not None]
 
     def _optimizer_tensors(self) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
