@@ -45,6 +45,7 @@ from suites.meters import fake_construction, make_meter
 from suites.patching import patched
 
 PROG = "python -m suites.memory"
+MASK_TRACING_CHECK = "is_tracing"  # the transformers.masking_utils function `_masks_as_in_real_runs` wraps
 KINDS = ("estimate", "cpu")
 # hyper-parameters that set how often a basis is recomputed: 1 puts a refresh inside the window
 REFRESH_KEYS = {"update_proj_gap": 1, "refresh_every": 1, "update_every": 1}
@@ -174,7 +175,7 @@ def _masks_as_in_real_runs():
 
     why = ("an estimate must build the attention masks a real run builds; without it every estimate "
            "holds a (batch, 1, seq, seq) mask that a real run with an all-ones attention_mask never makes")
-    with patched(masking, "is_tracing", is_tracing, why=why) as original:  # bound before any call
+    with patched(masking, MASK_TRACING_CHECK, is_tracing, why=why) as original:  # bound before any call
         yield
 
 
