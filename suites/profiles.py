@@ -308,13 +308,13 @@ def parse_value(key: str, text: str, witness):
     raise ProfileError(f"--set {key}={text}: expected a scalar")
 
 
-def parse_assignment(text: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise ProfileError(f"--set {text}: expected key=value")
-    key, value = text.split("=", 1)
+def parse_assignment(text: str, flag: str = "--set") -> tuple[str, str]:
+    """'key=value' -> (key, value); `flag` names the option in the error message."""
+    key, sep, value = text.partition("=")
     key = key.strip()
-    if not key:
-        raise ProfileError(f"--set {text}: expected key=value")
+    if not sep or not key:
+        form = "key=value1,value2,..." if flag == "--sweep" else "key=value"
+        raise ProfileError(f"{flag} {text}: expected {form}")
     return key, value
 
 

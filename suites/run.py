@@ -112,7 +112,7 @@ def _method_key_witnesses() -> dict:
 def _sweep_axes(texts: list[str]) -> list[list[tuple[str, str]]]:
     axes = []
     for text in texts:
-        key, values = profiles.parse_assignment(text)
+        key, values = profiles.parse_assignment(text, "--sweep")
         # values are comma-separated; ';' separates values that hold commas (betas=0.9,0.99;0.9,0.95)
         values = [v for v in values.split(";" if ";" in values else ",") if v.strip()]
         if not values:

@@ -10,6 +10,7 @@ being written is never left half-written) but prints no traceback.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
 
     offline_env()
     quiet_libraries()
+    if os.environ.get("OASIS_NO_PROGRESS"):  # also the bars transformers draws when it loads or saves a model
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     from suites import recipe
 
     spec = json.loads(Path(argv[0]).read_text())
