@@ -38,10 +38,13 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM
 
-from suites import dtypes, records
+from suites import dtypes, files, records
 from suites.data import load_tokenizer
 from suites.meters import Meter, make_meter
+from suites.models import build_model as random_llama
+from suites.models import llama_config
 from suites.registry import build_method
 from suites.tasks import get as get_suite
 
@@ -103,14 +106,9 @@ def build_batches(suite: ModuleType, tokenizer, cfg: dict) -> list[dict]:
 def build_model(cfg: dict, base_dir: str | None) -> torch.nn.Module:
     """The model a method is built on: random init (`base: random`), the project's pretrained c4 base
     (`base: c4`, from `base_dir`) or a hub / local checkpoint; in cfg's dtype, on cfg's device."""
-    from transformers import AutoModelForCausalLM
-
-    from suites.models import build_model as random_model
-    from suites.models import llama_config
-
     device, dtype = cfg["device"], dtypes.torch_dtype(cfg["dtype"])
     if cfg["base"] == "random":
-        model = random_model(llama_config(cfg["model"]), dtype=dtype, seed=cfg["seed"], device=device)
+        model = random_llama(llama_config(cfg["model"]), dtype=dtype, seed=cfg["seed"], device=device)
     else:
         source = base_dir if cfg["base"] == "c4" else cfg["base"]
         attn = "eager" if device == "cpu" else "sdpa"
@@ -280,9 +278,7 @@ def evaluate(session: Session) -> dict:
 
 def save_model(session: Session, save_dir: str) -> None:
     """Save a pretrained base atomically (written next to `save_dir`, then renamed into place)."""
-    from suites.files import atomic_dir
-
-    atomic_dir(save_dir, session.model.save_pretrained)
+    files.atomic_dir(save_dir, session.model.save_pretrained)
 
 
 # ------------------------------------------------------------------------------------------- record
