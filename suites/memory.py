@@ -141,7 +141,7 @@ def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: 
     meter = make_meter(kind, net, optimizer)
     loss_fn = lean.causal_lm_loss if loss == "chunked" else lean.model_loss
 
-    def step():  # what the harness loop does (suites.loop), minus timing and logging
+    def step():  # what the harness does (suites.recipe.optimizer_step), minus timing and logging
         value = loss_fn(net, batch_, chunk_tokens=loss_chunk)
         value.backward()
         optimizer.step()
