@@ -78,13 +78,18 @@ class GaLoreAdamW8bitFixed(_ProjectorStateMixin, GaLoreAdamW8bit):
     def step(self, closure=None):
         if any(p.is_cuda for g in self.param_groups for p in g["params"]):
             return super().step(closure)
-        why = "GaLoreAdamW8bit.step calls torch.cuda.synchronize(), which raises on CPU-only torch"
-        with patched(torch.cuda, "synchronize", _no_synchronize, why=why):
+        with _no_cuda_synchronize():
             return super().step(closure)
 
 
 def _no_synchronize(device=None) -> None:
     """Nothing to wait for: the step's tensors are on the CPU."""
+
+
+def _no_cuda_synchronize():
+    """`torch.cuda.synchronize` as a no-op for the body of a `with` (raises if torch no longer has it)."""
+    why = "GaLoreAdamW8bit.step calls torch.cuda.synchronize(), which raises on CPU-only torch"
+    return patched(torch.cuda, "synchronize", _no_synchronize, why=why)
 
 
 def build(model, cfg):
