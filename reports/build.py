@@ -46,7 +46,10 @@ from reports.tables import (
     runs_table,
     sweep_table,
 )
+from suites.cli import Parser, UsageError, cli_main
+from suites.files import OutputError, atomic_write, check_output_dir
 
+PROG = "python -m reports.build"
 SUITES = ("gsm8k", "humaneval", "c4")
 MISSION_METHODS = ("adam", "lora", "galore", "ldadam", "pca", "oasis")
 WANT_RANKS = (8, 16, 32, 64, 128)
@@ -55,10 +58,18 @@ SECTIONS = ("Skipped and partial records", "Seed sets", "Provenance", "Reproduci
             "Artefacts not built")
 
 
+class NothingToBuild(ValueError):
+    """The results folder holds no run record and no memory estimate (nothing is written)."""
+
+
 def build(results: Path, out: Path, log=print, warn=None) -> dict:
     """Build every artefact the records allow; returns {"written", "missing", "skipped", "sections"}."""
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
     loaded = load(results)
+    if not loaded.runs and not loaded.estimates:
+        bad = f" ({len(loaded.skipped)} malformed file(s) skipped)" if loaded.skipped else ""
+        raise NothingToBuild(f"no run records or memory-estimate files under {results}{bad}; "
+                             "run `python -m suites.run ...` or `python -m suites.memory ... --json` first")
     for path, why in loaded.skipped:
         warn(f"warning: skipped {path}: {why}")
     comps = compare(group_runs(loaded.runs))
@@ -101,7 +112,7 @@ def build(results: Path, out: Path, log=print, warn=None) -> dict:
 
     sections = find_missing(loaded, comps, written, table_notes)
     missing = [line for sec in SECTIONS for line in sections.get(sec, [])]
-    (out / "MISSING.md").write_text(render_missing(sections))
+    atomic_write(out / "MISSING.md", render_missing(sections))
     written.append(out / "MISSING.md")
     _write_index(out, written)
     for line in missing:
@@ -260,26 +271,30 @@ def _write_index(out: Path, written):
             if m and m.group(1) not in now and "/" not in m.group(1):
                 (out / m.group(1)).unlink(missing_ok=True)
     listing = "\n".join(f"- `{n}`" for n in now)
-    index.write_text(f"# Artefacts of `python -m reports.build`\n\n{listing}\n")
+    atomic_write(index, f"# Artefacts of `python -m reports.build`\n\n{listing}\n")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m reports.build", description=__doc__.split("\n\n")[0],
-                                 epilog="\n\n".join(__doc__.split("\n\n")[2:]),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def _main(argv) -> int:
+    sections = __doc__.split("\n\n")
+    ap = Parser(prog=PROG, description=sections[0], epilog="\n\n".join(sections[2:]),
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", type=Path, default=Path("results"),
                     help="directory of run records, searched recursively (default: results)")
     ap.add_argument("--out", type=Path, default=Path("reports/out"),
                     help="where tables and figures go (default: reports/out)")
     args = ap.parse_args(argv)
     if not args.results.is_dir():
-        print(f"error: results directory {str(args.results)!r} does not exist", file=sys.stderr)
-        return 2
-    if args.out.exists() and not args.out.is_dir():
-        print(f"error: --out {str(args.out)!r} exists and is not a directory", file=sys.stderr)
-        return 2
-    build(args.results, args.out)
+        raise UsageError(f"results directory {str(args.results)!r} does not exist")
+    try:
+        check_output_dir(args.out)
+        build(args.results, args.out)
+    except (OutputError, NothingToBuild) as exc:
+        raise UsageError(str(exc)) from None
     return 0
+
+
+def main(argv=None) -> int:
+    return cli_main(PROG, _main, argv)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import random
@@ -17,6 +18,8 @@ import sysconfig
 from pathlib import Path
 
 import torch
+
+from suites import files
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = REPO_ROOT / ".cache"
@@ -62,12 +65,7 @@ def load_tokenizer():
         tok = AutoTokenizer.from_pretrained(cached)
     else:
         tok = AutoTokenizer.from_pretrained(source)
-        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-        tok.save_pretrained(tmp)
-        try:
-            os.replace(tmp, cached)
-        except OSError:  # another process won the race; its copy is identical
-            pass
+        files.atomic_dir(cached, tok.save_pretrained)  # a concurrent run's identical copy may win
     if tok.pad_token_id is None:
         tok.pad_token = tok.unk_token  # padding positions are masked out of attention and loss
     tok.model_max_length = 1 << 30  # we pack and truncate ourselves
@@ -81,10 +79,9 @@ def _cached_tokens(key: dict, make) -> torch.Tensor:
     if path.exists():
         return torch.load(path)
     tokens = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(tokens, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(tokens, buffer)
+    files.atomic_write(path, buffer.getvalue())
     return tokens
 
 

@@ -46,6 +46,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from suites.patching import patched
+
 CATEGORIES = ("params", "grads", "optimizer", "activations", "other")
 KINDS = ("cuda", "cpu", "estimate")
 
@@ -387,8 +389,6 @@ def fake_construction():
     """
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-    original_apply = nn.Module._apply
-
     def apply_in_place(module, fn, recurse=True):
         own = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
         if not own or not all(isinstance(t, FakeTensor) for t in own):
@@ -411,9 +411,7 @@ def fake_construction():
         return module
 
     fake_mode = FakeTensorMode()
-    nn.Module._apply = apply_in_place
-    try:
-        with fake_mode:
-            yield fake_mode
-    finally:
-        nn.Module._apply = original_apply
+    why = "fake parameters cannot be swapped by nn.Module._apply (model.to(dtype) would fail)"
+    # `original_apply`, which apply_in_place falls back to, is bound by the `with` before any call
+    with patched(nn.Module, "_apply", apply_in_place, why=why) as original_apply, fake_mode:
+        yield fake_mode

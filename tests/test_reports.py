@@ -475,3 +475,25 @@ def test_seeds_are_one_configuration_but_base_seed_is_not():
     assert config_key(a) == config_key(b)
     assert config_key(a) != config_key({**b, "base_steps": 200})
     assert config_key(a) != config_key({**a, "base_seed": 1})
+
+
+@pytest.mark.parametrize("content", ["nothing", "junk only"])
+def test_cli_refuses_a_results_folder_without_records(tmp_path, content):
+    results, out = tmp_path / "results", tmp_path / "out"
+    results.mkdir()
+    if content == "junk only":
+        (results / "junk.json").write_text(json.dumps({"hello": 1}))
+    proc = subprocess.run([sys.executable, "-m", "reports.build", "--results", str(results),
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("python -m reports.build: error: no run records")
+    assert not out.exists() and proc.stdout == ""
+
+
+def test_cli_refuses_an_out_that_is_a_file_before_building(tmp_path):
+    victim = tmp_path / "report.md"
+    victim.write_text("kept")
+    proc = subprocess.run([sys.executable, "-m", "reports.build", "--results", str(FIXTURES),
+                           "--out", str(victim)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not a folder" in proc.stderr
+    assert victim.read_text() == "kept" and sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
