@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import gzip
 import hashlib
+import io
 import json
 import os
 import random
@@ -18,6 +19,8 @@ import sysconfig
 from pathlib import Path
 
 import torch
+
+from suites import files
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = REPO_ROOT / ".cache"
@@ -76,14 +79,15 @@ def check_tokenizer(name: str) -> None:
 def _sp32k():
     from transformers import AutoTokenizer
 
-    from suites.files import atomic_dir
 
     source = require(f"tokenizers/{TOKENIZER_NAME}")
     digest = hashlib.sha256((source / "tokenizer.model").read_bytes()).hexdigest()[:12]
     cached = CACHE_DIR / "tokenizers" / f"{TOKENIZER_NAME}-{digest}"
-    if not (cached / "tokenizer.json").exists():
-        atomic_dir(cached, AutoTokenizer.from_pretrained(source).save_pretrained)
-    tok = AutoTokenizer.from_pretrained(cached)
+    if (cached / "tokenizer.json").exists():
+        tok = AutoTokenizer.from_pretrained(cached)
+    else:
+        tok = AutoTokenizer.from_pretrained(source)
+        files.atomic_dir(cached, tok.save_pretrained)  # a concurrent run's identical copy may win
     if tok.pad_token_id is None:
         tok.pad_token = tok.unk_token  # padding positions are masked out of attention and loss
     tok.model_max_length = 1 << 30  # we pack and truncate ourselves
@@ -200,10 +204,9 @@ def _cached_tokens(key: dict, make) -> torch.Tensor:
     if path.exists():
         return torch.load(path)
     tokens = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(tokens, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(tokens, buffer)
+    files.atomic_write(path, buffer.getvalue())
     return tokens
 
 

@@ -63,12 +63,9 @@ def lm_eval_accuracy(model, tokenizer, cfg: dict, device: str) -> dict:
 
     for name in ("lm-eval", "lm_eval", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import datasets
+    import datasets  # lm-eval's own dependency
 
-        datasets.disable_progress_bars()
-    except (ImportError, AttributeError):
-        pass
+    datasets.disable_progress_bars()
     gsm8k_dir = str(data.require("gsm8k").resolve())
     model.eval()
     with tempfile.TemporaryDirectory(prefix="oasis-lm-eval-") as include:
@@ -126,7 +123,6 @@ def before_training(model, tokenizer, cfg: dict, device: str) -> dict:
 
 
 def evaluate(model, tokenizer, cfg: dict, device: str) -> dict:
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     metrics = lm_eval_accuracy(model, tokenizer, cfg, device)
     nll = answer_nll(model, tokenizer, cfg, device)
     metrics.update(answer_nll=nll, answer_ppl=ppl(nll))

@@ -7,22 +7,16 @@ code itself; `chat` (instruct models) asks for the function in the user turn of 
 template and continues the assistant turn from the fenced prompt code (`data.encode_code`), in training,
 generation and canonical NLL alike.
 pass@1: one greedy completion per problem (`max_gen_toks` new tokens, cut at the usual stop strings),
-executed with the problem's tests in a separate Python process with a timeout, in a scratch folder,
-never inside the harness process. `canonical_nll`: token-weighted NLL of the canonical solutions
-given their prompts.
+executed with the problem's tests in `suites.sandbox` (a contained child process per program, a pool of
+them at a time, never inside the harness process); a program passes only if its tests ran to the end.
+`canonical_nll`: token-weighted NLL of the canonical solutions given their prompts.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-
 import torch
 
-from suites import data
+from suites import data, sandbox
 from suites.tasks._eval import mean_nll, ppl
 
 FINETUNE = True
@@ -81,22 +75,13 @@ def greedy_completions(
 
 
 def run_program(program: str, timeout: float) -> bool:
-    """True when `program` exits 0 within `timeout` seconds in its own isolated Python process."""
-    with tempfile.TemporaryDirectory(prefix="oasis-humaneval-") as tmp:
-        path = Path(tmp, "program.py")
-        path.write_text(program)
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-I", str(path)],
-                cwd=tmp,
-                capture_output=True,
-                timeout=timeout,
-                env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"},
-                stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired:
-            return False
-        return proc.returncode == 0
+    """True when `program` ran to its end and exited 0 within `timeout` seconds, in the sandbox."""
+    return sandbox.run(program, timeout).passed
+
+
+def run_programs(programs: list[str], timeout: float) -> list[bool]:
+    """`run_program` for many programs, in parallel across the CPUs this process may use."""
+    return [outcome.passed for outcome in sandbox.run_many(programs, timeout)]
 
 
 def program_for(problem: dict, completion: str) -> str:
@@ -127,7 +112,7 @@ def evaluate(model, tokenizer, cfg: dict, device: str) -> dict:
         model, tokenizer, [p["prompt"] for p in problems], cfg["max_gen_toks"], cfg["eval_batch"], device,
         prompt_format(cfg),
     )
-    passed = [run_program(program_for(p, c), cfg["exec_timeout"]) for p, c in zip(problems, completions)]
+    passed = run_programs([program_for(p, c) for p, c in zip(problems, completions)], cfg["exec_timeout"])
     nll = canonical_nll(model, tokenizer, cfg, device)
     return {
         "pass@1": sum(passed) / len(passed),
