@@ -34,8 +34,8 @@ is counted once, in the first category that claims it:
 * ``params``: storages of the model's parameters and buffers (trainable or frozen), and the tensors a
   quantised parameter carries beside its data (bitsandbytes' ``quant_state``: block absmax, nested absmax,
   code tables, offset).
-* ``grads``: ``p.grad`` of every parameter, and every module's ``.lowrank_grad`` (the OASIS / PCA /
-  CompAct weight gradient, which replaces ``.weight.grad`` for compressed layers).
+* ``grads``: ``p.grad`` of every parameter (for OASIS / PCA / CompAct compressed layers this includes
+  the d_out × r weight gradient, the ``.grad`` of the layer's gradient carrier).
 * ``optimizer``: every tensor reachable from ``optimizer.state`` (nested mappings, lists, tuples and plain
   objects such as galore-torch's projector with its ``ortho_matrix``) or from the optimizer object's
   other attributes (OASIS keeps its bases in trackers it holds; a layer-wise optimizer holds inner
@@ -59,6 +59,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from suites.patching import patched
 
 CATEGORIES = ("params", "grads", "optimizer", "activations", "other")
 KINDS = ("cuda", "cpu", "estimate")
@@ -206,12 +208,7 @@ class TensorTracker(TorchDispatchMode):
         return out
 
     def _grad_tensors(self) -> list[torch.Tensor]:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        for module in self.model.modules():
-            g = getattr(module, "lowrank_grad", None)
-            if isinstance(g, torch.Tensor):
-                grads.append(g)
-        return grads
+        return [p.grad for p in self.model.parameters() if p.grad is not None]
 
     def _optimizer_tensors(self) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
@@ -445,8 +442,6 @@ def fake_construction():
     """
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-    original_apply = nn.Module._apply
-
     def apply_in_place(module, fn, recurse=True):
         own = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
         if not own or not all(isinstance(t, FakeTensor) for t in own):
@@ -469,12 +464,11 @@ def fake_construction():
         return module
 
     fake_mode = FakeTensorMode()
-    nn.Module._apply = apply_in_place
-    try:
-        with fake_mode, bitsandbytes_tables(fake_mode):
-            yield fake_mode
-    finally:
-        nn.Module._apply = original_apply
+    why = "fake parameters cannot be swapped by nn.Module._apply (model.to(dtype) would fail)"
+    # `original_apply`, which apply_in_place falls back to, is bound by the `with` before any call
+    with patched(nn.Module, "_apply", apply_in_place, why=why) as original_apply, fake_mode, \
+            bitsandbytes_tables(fake_mode):
+        yield fake_mode
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ import contextlib
 import functools
 import json
 import math
+import stat
 
 import pytest
 import torch
@@ -104,13 +105,14 @@ def test_chunked_loss_lowers_the_peak():
 def test_cli_table_and_json(tmp_path, capsys):
     out = tmp_path / "m.json"
     assert main(["--model", "llama-tiny", "--methods", "adam,lora", "--batch", "2", "--seq", "16",
-                 "--rank", "4", "--json", str(out), "--quiet"]) == 0
+                 "--rank", "4", "--dtype", "bf16", "--json", str(out), "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "adam" in text and "lora" in text and "/adam" in text
     data = json.loads(out.read_text())
     assert [r["method"] for r in data["results"]] == ["adam", "lora"]
     assert data["results"][0]["ratio_to_adam"] == 1.0
-    assert data["config"]["dtype"] == "bf16"
+    assert data["config"]["dtype"] == "bfloat16"  # `bf16` is accepted, the record says the canonical name
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
 
 
 def test_cli_reads_a_transformers_config_file(tmp_path, capsys):
@@ -124,7 +126,7 @@ def test_cli_reads_a_transformers_config_file(tmp_path, capsys):
     (["--model", "llama-9z"], "unknown model"),
     (["--model", "llama-tiny", "--methods", "sgd"], "unknown method"),
     (["--model", "llama-tiny", "--batch", "0"], "positive integer"),
-    (["--model", "llama-tiny", "--dtype", "int4"], "invalid choice"),
+    (["--model", "llama-tiny", "--dtype", "int4"], "not one of"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, needle):
     out = tmp_path / "never.json"
@@ -273,3 +275,36 @@ def test_a_method_that_cannot_run_here_is_one_line_naming_it(tmp_path, capsys, m
     assert err.startswith("python -m suites.memory: error: qlora cannot be measured here: "
                           "NotImplementedError")
     assert "\n" not in err and "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("where", ["folder", "below a file", "existing file, bad method"])
+def test_bad_json_path_is_refused_before_measuring(tmp_path, capsys, monkeypatch, where):
+    import suites.memory
+
+    def must_not_run(args):
+        raise AssertionError("measured before the --json path was checked")
+
+    monkeypatch.setattr(suites.memory, "run", must_not_run)
+    (tmp_path / "afile").write_text("kept")
+    json_path, methods = {"folder": (tmp_path, "adam"),
+                          "below a file": (tmp_path / "afile" / "m.json", "adam"),
+                          "existing file, bad method": (tmp_path / "afile", "sgd")}[where]
+    assert main(["--model", "llama-tiny", "--methods", methods, "--json", str(json_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m suites.memory: error: ") and err.count("\n") == 1
+    assert (tmp_path / "afile").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_mask_patch_refuses_to_measure_without_its_target(monkeypatch):
+    import transformers.masking_utils as masking
+
+    import suites.memory
+
+    original = masking.is_tracing
+    measure("llama-tiny", "adam", kind="estimate", **TINY)
+    assert masking.is_tracing is original  # put back after the run
+    # a transformers release that renamed the function: the estimate stops instead of measuring another mask
+    monkeypatch.setattr(suites.memory, "MASK_TRACING_CHECK", "is_tracing_renamed")
+    with pytest.raises(AttributeError, match="is_tracing_renamed: it does not exist"):
+        measure("llama-tiny", "adam", kind="estimate", **TINY)
