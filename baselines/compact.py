@@ -17,35 +17,35 @@ import torch
 
 from baselines._common import LLAMA_PROJECTIONS, adam_kwargs, check_rank, positive_int
 from oasis import OasisAdamW, compress
-from oasis.subspace import SubspaceTracker, largest_principal_angle, layer_seed, orthonormalize
+from oasis.subspace import SubspaceTracker, layer_seed
 
 DEFAULTS = {"refresh_every": 50, "scale": 0.25, "share_inputs": True}
 
 
 class GaussianProjectionTracker(SubspaceTracker):
-    """Basis = N(0, 1/r) d_in × r matrix, redrawn every `update_every` steps from (seed, layer, period)."""
+    """Basis = N(0, 1/r) d_in × r matrix, redrawn every `update_every` steps from (seed, layer, period).
+
+    Data-free: no statistics are kept, and the new draw happens in `optimizer.step()` (identical on every
+    rank). Not orthonormal, so no rotation is reported (nothing to transport); drift is measured between
+    the orthonormalised spans."""
+
+    needs_statistics = False
+    orthonormal = False
 
     def __init__(self, name, d_in, rank, *, scale=0.25, **kwargs):
         super().__init__(name, d_in, rank, **kwargs)
         self.scale = scale
 
-    def _gaussian(self, device) -> torch.Tensor:
-        period = self.steps // self.update_every
+    def _gaussian(self, period: int, device) -> torch.Tensor:
         gen = torch.Generator(device="cpu").manual_seed(layer_seed(self.seed, f"{self.name}#{period}"))
         return (torch.randn(self.d_in, self.rank, generator=gen) / math.sqrt(self.rank)).to(device)
 
-    @torch.no_grad()
-    def observe(self, x2d):
-        # Not orthonormal, so the base class's rotation/angle bookkeeping does not apply: no rotation is
-        # reported (nothing to transport) and drift is measured between the orthonormalised spans.
-        new = self._gaussian(x2d.device)
-        if self.basis is None:
-            self.basis = new.contiguous()
-        else:
-            angle = largest_principal_angle(orthonormalize(new).T @ orthonormalize(self.basis))
-            self.drift_since_query += angle
-            self.basis.copy_(new)
-        self.last_update_step = self.steps
+    def _init_basis(self, x2d):
+        return self._gaussian(self.steps // self.update_every, x2d.device)
+
+    def _next_basis(self):
+        # called at the end of step `self.steps`: the draw of the period the next step starts
+        return self._gaussian((self.steps + 1) // self.update_every, self.basis.device)
 
 
 def build(model, cfg):

@@ -9,7 +9,8 @@ What this adapter adds on top of the package, nothing in the update itself:
   tensor in 32-bit state (the small projected ones, < min_8bit_size elements) has its update clipped to
   zero (max_unorm is relative to the parameter norm, and GaLore zeroes the parameter before the update).
   `GaLoreAdamW8bitFixed` passes them by name. Its step also calls `torch.cuda.synchronize()` unconditionally,
-  which raises on CPU-only torch: on CPU that call is made a no-op for the duration of the step.
+  which raises on CPU-only torch: on CPU that call is made a no-op for the duration of the step
+  (`suites.patching.patched`: it raises if the attribute is gone and restores it on every exit).
 * `state_dict()` holds each projector's matrix (a tensor) instead of the `GaLoreProjector` object, so a
   checkpoint loads with `torch.load(weights_only=True)` and a loaded optimizer owns its own projectors.
 * eps defaults to 1e-6, GaLore's own default (the torch default is 1e-8).
@@ -17,7 +18,6 @@ What this adapter adds on top of the package, nothing in the update itself:
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import torch
@@ -27,6 +27,7 @@ from galore_torch.galore_projector import GaLoreProjector
 
 from baselines._common import adam_kwargs, check_rank, one_of, positive_int, split_params
 from baselines._layerwise import LayerwiseOptimizer
+from suites.patching import patched
 
 DEFAULTS = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "eps": 1e-6, "optim_bits": 32,
             "layerwise": False}
@@ -75,19 +76,20 @@ class GaLoreAdamW8bitFixed(_ProjectorStateMixin, GaLoreAdamW8bit):
 
     @torch.no_grad()
     def step(self, closure=None):
-        on_cuda = any(p.is_cuda for g in self.param_groups for p in g["params"])
-        with contextlib.nullcontext() if on_cuda else _no_cuda_synchronize():
+        if any(p.is_cuda for g in self.param_groups for p in g["params"]):
+            return super().step(closure)
+        with _no_cuda_synchronize():
             return super().step(closure)
 
 
-@contextlib.contextmanager
+def _no_synchronize(device=None) -> None:
+    """Nothing to wait for: the step's tensors are on the CPU."""
+
+
 def _no_cuda_synchronize():
-    original = torch.cuda.synchronize
-    torch.cuda.synchronize = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        torch.cuda.synchronize = original
+    """`torch.cuda.synchronize` as a no-op for the body of a `with` (raises if torch no longer has it)."""
+    why = "GaLoreAdamW8bit.step calls torch.cuda.synchronize(), which raises on CPU-only torch"
+    return patched(torch.cuda, "synchronize", _no_synchronize, why=why)
 
 
 def build(model, cfg):

@@ -28,6 +28,10 @@ from __future__ import annotations
 import torch
 
 from baselines._common import adam_kwargs, check_rank, split_params, unit_interval
+from oasis.optim import adam_direction, transport_moments
+
+__all__ = ["LDAdamW", "adam_direction", "build", "lift", "power_step", "project", "top_subspace",
+           "transport_moments"]
 
 DEFAULTS = {"betas": (0.908, 0.99), "rho": 0.908, "error_feedback": True}
 
@@ -50,13 +54,18 @@ def add_lifted_(out: torch.Tensor, P: torch.Tensor, low: torch.Tensor, left: boo
         out.addmm_(low, P.T, alpha=alpha)
 
 
+def _factor_dtype(x: torch.Tensor) -> torch.dtype:
+    # QR / SVD in float32 at least (bf16 has none), float64 for float64 weights
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _orthonormal(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(x.float())[0]
+    return torch.linalg.qr(x.to(_factor_dtype(x)))[0]
 
 
 def top_subspace(a: torch.Tensor, rank: int, left: bool) -> torch.Tensor:
-    """First step: top-r left (or right) singular vectors of `a`, exactly, in float32."""
-    U, _, Vh = torch.linalg.svd(a.float(), full_matrices=False)
+    """First step: top-r left (or right) singular vectors of `a`, exactly (float32 at least)."""
+    U, _, Vh = torch.linalg.svd(a.to(_factor_dtype(a)), full_matrices=False)
     return (U[:, :rank] if left else Vh[:rank].T).to(a.dtype)
 
 
@@ -72,23 +81,6 @@ def power_step(P_prev, m_prev, c_m: float, a, c_a: float, left: bool) -> torch.T
         U = torch.add(a @ P_prev, m_prev, alpha=c_m / c_a) if c_a else m_prev * c_m
         Y = torch.add(a.T @ U, P_prev @ (m_prev.T @ U), alpha=c_m / c_a) if c_a else P_prev @ (m_prev.T @ U)
     return _orthonormal(Y).to(a.dtype)  # overall scale (c_a) does not change the span
-
-
-def transport_moments(m, v, C, step: int, betas, left: bool):
-    """Carry Adam moments from the old basis to the new one (C = P_new^T P_old, r x r; `step` = steps taken).
-
-    m is rotated linearly. For v, the old coordinates are treated as independent with mean m_hat and
-    variance v_hat - m_hat^2; the new coordinates are linear combinations, so their second moment is
-    (C o C) applied to the variances plus the squared transported mean. |.| guards against the negative
-    values rounding can give; bias correction is undone so the running average continues unchanged."""
-    beta1, beta2 = betas
-    bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
-    C2 = C * C
-    m_new = C @ m if left else m @ C.T
-    var = v / bc2 - (m * m) / bc1 ** 2
-    v_new = C2 @ var if left else var @ C2.T
-    v_new = (v_new + (m_new * m_new) / bc1 ** 2).abs_().mul_(bc2)
-    return m_new, v_new
 
 
 class LDAdamW(torch.optim.Optimizer):
@@ -150,18 +142,15 @@ class LDAdamW(torch.optim.Optimizer):
             st["step"] = 0
             st["exp_avg"] = torch.zeros_like(p)
             st["exp_avg_sq"] = torch.zeros_like(p)
-        beta1, beta2 = group["betas"]
-        g = p.grad
         st["step"] += 1
-        st["exp_avg"].lerp_(g, 1 - beta1)
-        st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (st["exp_avg_sq"] / (1 - beta2 ** st["step"])).sqrt_().add_(group["eps"])
+        d, step_size = adam_direction(st["exp_avg"], st["exp_avg_sq"], p.grad, st["step"], group["betas"],
+                                      group["eps"], group["lr"])
         p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.addcdiv_(st["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** st["step"]))
+        p.add_(d, alpha=-step_size)
 
     def _ldadam(self, p, group):
         st = self.state[p]
-        beta1, beta2 = group["betas"]
+        beta1 = group["betas"][0]
         rank, rho = group["rank"], group["rho"]
         left = p.shape[0] <= p.shape[1]  # compress the smaller side
         a = p.grad  # gradient + error buffer (accumulated in place by autograd, or added just below)
@@ -177,7 +166,7 @@ class LDAdamW(torch.optim.Optimizer):
             # B = rho * (lifted, bias-corrected momentum) + (1 - rho) * (gradient + error buffer)
             P = power_step(P_old, m, rho / (1 - beta1 ** k), a, 1 - rho, left)
             C = P.T @ P_old
-            m_new, v_new = transport_moments(m, v, C, k, group["betas"], left)
+            m_new, v_new = transport_moments(m, v, C, k, group["betas"], left=left)
             # kept as a tensor (no host sync per step); smallest singular value of C = cos(largest angle)
             angle = torch.linalg.svdvals(C.float()).min().clamp(-1.0, 1.0).arccos()
             self._drift[id(p)] = self._drift[id(p)] + angle if id(p) in self._drift else angle
@@ -193,15 +182,10 @@ class LDAdamW(torch.optim.Optimizer):
 
         if m_new is None:
             m_new, v_new = torch.zeros_like(g_low), torch.zeros_like(g_low)
-        m_new.mul_(beta1).add_(g_low, alpha=1 - beta1)
-        v_new.mul_(beta2).addcmul_(g_low, g_low, value=1 - beta2)
+        d, step_size = adam_direction(m_new, v_new, g_low, k + 1, group["betas"], group["eps"], group["lr"])
         st["step"], st["proj"], st["exp_avg"], st["exp_avg_sq"] = k + 1, P, m_new, v_new
-
-        t = k + 1
-        d = (v_new / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
-        d = torch.div(m_new, d).div_(1 - beta1 ** t)
         p.mul_(1 - group["lr"] * group["weight_decay"])
-        add_lifted_(p, P, d, left, -group["lr"])
+        add_lifted_(p, P, d, left, -step_size)
 
 
 def build(model, cfg):

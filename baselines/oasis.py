@@ -2,6 +2,11 @@
 follows the activations by Oja's rule, with projection-aware AdamW. The registry also exposes two ablations
 of this module: `oasis-notransport` (transport="none": moments kept as they are when the basis moves) and
 `oasis-frozen` (subspace_lr=0: the first batch's PCA basis is never moved).
+
+Two OASIS-only memory options, off by default: `compress_lm_head` (lm_head compressed like the projections:
+its gradient and moments vocab × r; refused when lm_head is tied to the embedding) and
+`embedding_update="backward"` (the input embedding's AdamW update inside backward, its gradient freed at
+once; it cannot accumulate over micro-batches).
 """
 
 from __future__ import annotations
@@ -10,10 +15,11 @@ import math
 
 from baselines._common import LLAMA_PROJECTIONS, adam_kwargs, check_rank, one_of, positive_int
 from oasis import OasisConfig, prepare
-from oasis.optim import TRANSPORTS
+from oasis.optim import EMBEDDING_UPDATES, TRANSPORTS
 from oasis.subspace import INITS
 
-DEFAULTS = {"subspace_lr": 0.1, "update_every": 1, "init": "pca", "transport": "ldadam", "share_inputs": True}
+DEFAULTS = {"subspace_lr": 0.1, "update_every": 1, "init": "pca", "transport": "ldadam", "share_inputs": True,
+            "compress_lm_head": False, "embedding_update": "step"}
 
 
 def build(model, cfg):
@@ -24,5 +30,14 @@ def build(model, cfg):
     oasis_cfg = OasisConfig(rank=rank, subspace_lr=float(subspace_lr),
                             update_every=positive_int(cfg, "update_every"), init=one_of(cfg, "init", INITS),
                             transport=one_of(cfg, "transport", TRANSPORTS), targets=LLAMA_PROJECTIONS,
-                            share_inputs=bool(cfg["share_inputs"]), seed=int(cfg["seed"]))
+                            share_inputs=bool(cfg["share_inputs"]), seed=int(cfg["seed"]),
+                            compress_lm_head=_flag(cfg, "compress_lm_head"),
+                            embedding_update=one_of(cfg, "embedding_update", EMBEDDING_UPDATES))
     return model, prepare(model, oasis_cfg, **adam_kwargs(cfg))
+
+
+def _flag(cfg, key: str) -> bool:
+    value = cfg[key]
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}={value!r} is not valid; choose from True, False")
+    return value

@@ -6,42 +6,37 @@ the first step and then every T steps (default 200). Between refreshes U is fixe
 transported across a refresh by default (`transport="none"`, GaLore-style); `transport="ldadam"` carries
 them with the same rule as OASIS.
 
-Memory-lean refresh: XᵀX is accumulated in float32 over row blocks of at most d_in rows, so the refresh
-holds O(d_in²) extra (the Gram matrix, one block, eigh's output), never an N × d_in copy of the batch.
+Memory-lean refresh: the basis is recomputed in the forward of the first micro-batch of a refresh step, from
+that micro-batch (the tracker's `refresh_in_forward` policy), so no d_in × d_in matrix is held from forward
+to step; XᵀX is accumulated in float32 over row blocks of at most d_in rows (`oasis.subspace.lean_gram`), so
+the refresh holds O(d_in²) extra (the Gram matrix, one block, eigh's output), never an N × d_in copy of the
+batch. In a data-parallel run the Gram goes through the optimizer's `stats_reduce` first (every rank then
+computes the same basis from the global micro-batch).
 """
 
 from __future__ import annotations
 
-import torch
-
 from baselines._common import LLAMA_PROJECTIONS, adam_kwargs, check_rank, one_of, positive_int
 from oasis import OasisAdamW, compress
 from oasis.optim import TRANSPORTS
-from oasis.subspace import SubspaceTracker, top_eigvecs
+from oasis.subspace import SubspaceTracker, lean_gram, top_eigvecs
+
+__all__ = ["PeriodicPCATracker", "build", "lean_gram"]
 
 DEFAULTS = {"refresh_every": 200, "transport": "none", "share_inputs": True}
 
 
-def lean_gram(x2d: torch.Tensor) -> torch.Tensor:
-    """XᵀX in float32 (d_in × d_in), accumulated over blocks of d_in rows (no full float32 copy of X)."""
-    d_in = x2d.shape[1]
-    if x2d.dtype == torch.float32:
-        return x2d.T @ x2d
-    gram = torch.zeros(d_in, d_in, dtype=torch.float32, device=x2d.device)
-    for start in range(0, x2d.shape[0], d_in):
-        block = x2d[start:start + d_in].float()
-        gram.addmm_(block.T, block)
-    return gram
-
-
 class PeriodicPCATracker(SubspaceTracker):
-    """Basis = top-r principal directions (uncentred) of the current batch, every `update_every` steps."""
+    """Basis = top-r principal directions (uncentred) of the current micro-batch, at the first step and
+    every `update_every` steps, computed in forward."""
+
+    refresh_in_forward = True
 
     def _init_basis(self, x2d):
-        return top_eigvecs(lean_gram(x2d), self.rank)
+        return top_eigvecs(self._reduced_gram(x2d), self.rank)
 
-    def _next_basis(self, x2d, z):
-        return top_eigvecs(lean_gram(x2d), self.rank)
+    def _refresh_basis(self, x2d):
+        return top_eigvecs(self._reduced_gram(x2d), self.rank)
 
 
 def build(model, cfg):

@@ -6,9 +6,10 @@
 """
 
 from .linear import CompressedLinear
-from .optim import OasisAdamW, transport_moments
+from .optim import OasisAdamW, adam_direction, all_reduce_sum, transport_moments
 from .prepare import LLAMA_TARGETS, OasisConfig, compress, prepare
 from .subspace import OjaTracker, SubspaceTracker, largest_principal_angle, orthonormalize
 
 __all__ = ["OasisConfig", "prepare", "compress", "OasisAdamW", "CompressedLinear", "SubspaceTracker",
-           "OjaTracker", "transport_moments", "orthonormalize", "largest_principal_angle", "LLAMA_TARGETS"]
+           "OjaTracker", "transport_moments", "adam_direction", "all_reduce_sum", "orthonormalize",
+           "largest_principal_angle", "LLAMA_TARGETS"]

@@ -1,12 +1,18 @@
-"""Projection-aware AdamW.
+"""Projection-aware AdamW, and the two pieces of Adam algebra it shares with LDAdam (`baselines/ldadam.py`).
 
-Compressed weights: Adam moments m, v (d_out × r) on the low-rank gradient Ĝ; the update is lifted back with
-the basis, W ← W − lr·scale·(Δ Uᵀ) − lr·wd·W with Δ = m̂ / (√v̂ + ε). When a basis has moved since the last
-step (R = U_newᵀ U_old), the moments are first carried into the new coordinates:
+Compressed weights: Adam moments m, v (d_out × r) on the low-rank gradient Ĝ (the `.grad` of the layer's
+gradient carrier); the update is lifted back with the basis, W ← W − lr·scale·(Δ Uᵀ) − lr·wd·W with
+Δ = m̂ / (√v̂ + ε). When a basis moves (R = U_newᵀ U_old), the moments are carried into the new
+coordinates (`transport_moments`):
   m ← m Rᵀ                                   (exact for the part of m U_oldᵀ inside span(U_new))
   v̂ ← |(v̂ − m̂²)(R∘R)ᵀ + (m̂ Rᵀ)²|            (LDAdam: old coordinates as independent with variance v̂ − m̂²)
 `transport="none"` leaves m, v as they are (GaLore / CompAct behaviour).
 Every other trainable parameter gets plain AdamW, computed exactly as `torch.optim.AdamW` does.
+
+One `step()`: (1) moments of layers whose basis was refreshed in forward (periodic PCA) are transported;
+(2) the Adam update of every parameter, in the current bases; (3) the statistics of the bases due to move
+at this step go through `stats_reduce` (one call, all trackers), each such basis moves, and the moments of
+its layers are transported at once. See `oasis.subspace` for the timing.
 """
 
 from __future__ import annotations
@@ -17,24 +23,75 @@ import torch
 from torch import Tensor, nn
 
 from .linear import CompressedLinear
+from .subspace import StatsReduce
 
 TRANSPORTS = ("ldadam", "none")
+EMBEDDING_UPDATES = ("step", "backward")
+
+
+def adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, step: int, betas: tuple[float, float],
+                   eps: float, lr: float, *, out: Tensor | None = None) -> tuple[Tensor, float]:
+    """Adam's moment update (in place, with `grad`; `step` counts this update) and its step split as
+    `torch.optim.AdamW` computes it: returns (m / (√v / √(1 − β2ᵗ) + ε), lr / (1 − β1ᵗ)), so that the update
+    is `param -= step_size * direction` (lifted through a basis or not). The direction is written into `out`
+    when given (it may be `grad` itself, which is no longer needed once the moments have it), else into
+    one new tensor the size of the gradient."""
+    beta1, beta2 = betas
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    # the denominator, then the direction written over it: one buffer
+    denom = torch.sqrt(exp_avg_sq, out=out) if out is not None else exp_avg_sq.sqrt()
+    denom.div_(math.sqrt(bias_correction2)).add_(eps)
+    return torch.div(exp_avg, denom, out=denom), lr / bias_correction1
 
 
 def transport_moments(exp_avg: Tensor, exp_avg_sq: Tensor, rotation: Tensor, step: int,
-                      betas: tuple[float, float]) -> tuple[Tensor, Tensor]:
-    """Carry Adam moments (rows × r) from old basis coordinates to new ones; returns new (m, v).
+                      betas: tuple[float, float], *, left: bool = False) -> tuple[Tensor, Tensor]:
+    """Carry Adam moments from old basis coordinates to new ones; returns new (m, v).
 
-    `rotation` is U_newᵀ U_old. `step` is the number of updates the moments have seen (for bias correction).
+    `rotation` is U_newᵀ U_old (r_new × r_old). The basis coordinates are the columns of the moments
+    (rows × r: m ← m Rᵀ) or, with `left`, their rows (r × cols: m ← R m; LDAdam's projection of the smaller
+    side). `step` is the number of updates the moments have seen (for bias correction). m is rotated
+    linearly; for v the old coordinates are treated as independent with mean m̂ and variance v̂ − m̂², so a
+    new coordinate (a linear combination) has second moment (R∘R)·variances + (transported m̂)²; |·| guards
+    against the negative values rounding can give; bias correction is undone so the running average
+    continues unchanged.
     """
     beta1, beta2 = betas
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
     rotation = rotation.to(exp_avg.dtype)
+    squared = rotation.square()
     m_hat = exp_avg / bc1
     variance = exp_avg_sq / bc2 - m_hat.square()
-    new_m = exp_avg @ rotation.T
-    v_hat = (variance @ rotation.square().T).add_((m_hat @ rotation.T).square_()).abs_()
-    return new_m, v_hat.mul_(bc2)
+    if left:
+        new_m = rotation @ exp_avg
+        v_hat = (squared @ variance).add_((rotation @ m_hat).square_())
+    else:
+        new_m = exp_avg @ rotation.T
+        v_hat = (variance @ squared.T).add_((m_hat @ rotation.T).square_())
+    return new_m, v_hat.abs_().mul_(bc2)
+
+
+def all_reduce_sum(group=None) -> StatsReduce:
+    """A `stats_reduce` for `torch.distributed`: sums a list of tensors across the ranks of `group`, in
+    place, with one all-reduce per dtype (the tensors are flattened into one buffer each)."""
+    import torch.distributed as dist
+
+    def reduce(tensors: list[Tensor]) -> None:
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for same in by_dtype.values():
+            flat = torch.cat([t.reshape(-1) for t in same])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            offset = 0
+            for t in same:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+    return reduce
 
 
 class OasisAdamW(torch.optim.Optimizer):
@@ -44,32 +101,63 @@ class OasisAdamW(torch.optim.Optimizer):
         model: the model whose trainable parameters are optimised (all of them).
         compressed: the `CompressedLinear` modules of `model` (from `oasis.compress`).
         transport: "ldadam" (carry moments when a basis moves) or "none".
-    Param groups: group 0 holds the compressed weights, group 1 the rest; both follow `lr` changes by LR
-    schedulers as usual.
+        stats_reduce: None, or a callable that sum-all-reduces a list of tensors in place (e.g.
+            `all_reduce_sum()`); every statistic a basis is computed from goes through it first, so that a
+            data-parallel run moves every basis identically on every rank. Also settable later as the
+            `stats_reduce` attribute.
+        embedding_update: "step" (the input embedding is updated in `step()`, like any parameter) or
+            "backward": its AdamW update runs inside backward, as soon as its gradient is complete, and the
+            gradient is freed at once (`step()` skips it). Then the embedding's gradient cannot accumulate
+            over micro-batches (each backward updates it), and DDP / GradScaler / clipping do not see it.
+    Param groups: group 0 holds the compressed layers' gradient carriers (their state is the d_out × r
+    moments), group 1 the other parameters, and with embedding_update="backward" a last group holds the
+    input embedding. All follow `lr` changes by LR schedulers as usual.
     """
 
     def __init__(self, model: nn.Module, compressed: list[CompressedLinear], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 transport: str = "ldadam"):
+                 transport: str = "ldadam", stats_reduce: StatsReduce | None = None,
+                 embedding_update: str = "step"):
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+        if embedding_update not in EMBEDDING_UPDATES:
+            raise ValueError(f"embedding_update must be one of {', '.join(EMBEDDING_UPDATES)}, "
+                             f"got {embedding_update!r}")
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
-        self._layers = list(compressed)
-        weights = [m.weight for m in self._layers]
-        ids = {id(w) for w in weights}
-        others = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-        groups = [{"params": weights, "compressed": True}, {"params": others, "compressed": False}]
+        self._layers = [m for m in compressed if m.grad_carrier.requires_grad]
+        carriers = [m.grad_carrier for m in self._layers]
+        embedding = _input_embedding(model) if embedding_update == "backward" else None
+        skip = {id(p) for p in carriers} | {id(m.weight) for m in compressed} | {id(embedding)}
+        others = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
+        groups = [{"params": carriers, "compressed": True}, {"params": others, "compressed": False}]
+        if embedding is not None:
+            groups.append({"params": [embedding], "compressed": False, "in_backward": True})
         groups = [g for g in groups if g["params"]]
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(groups, defaults)
         self.transport = transport
-        self._layer_of = {id(m.weight): m for m in self._layers}
-        self._trackers = list({id(m.tracker): m.tracker for m in self._layers}.values())
+        self._layer_of = {id(m.grad_carrier): m for m in self._layers}
+        self._trackers = list({id(m.tracker): m.tracker for m in compressed}.values())
+        self._layers_of = {id(t): [m for m in self._layers if m.tracker is t] for t in self._trackers}
+        self.stats_reduce = stats_reduce
+        self._hooks = []
+        if embedding is not None:
+            self._hooks.append(embedding.register_post_accumulate_grad_hook(self._update_in_backward))
 
     @property
     def trackers(self):
         return self._trackers
+
+    @property
+    def stats_reduce(self) -> StatsReduce | None:
+        return self._stats_reduce
+
+    @stats_reduce.setter
+    def stats_reduce(self, fn: StatsReduce | None) -> None:
+        self._stats_reduce = fn
+        for tracker in self._trackers:  # PCA inits and refreshes in forward reduce their Gram through it
+            tracker.reduce = fn
 
     def subspace_drift(self) -> float:
         """Mean over bases of the largest principal angle (radians) moved since the previous call."""
@@ -77,72 +165,75 @@ class OasisAdamW(torch.optim.Optimizer):
             return 0.0
         return sum(t.pop_drift() for t in self._trackers) / len(self._trackers)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none)
-        for layer in self._layers:
-            if set_to_none or layer.lowrank_grad is None:
-                layer.lowrank_grad = None
-            else:
-                layer.lowrank_grad.zero_()
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        rotations = {id(t): t.pop_rotation() for t in self._trackers}
+        for tracker in self._trackers:  # bases refreshed in forward since the last step
+            self._transport(tracker, tracker.pop_rotation())
         for group in self.param_groups:
+            if group.get("in_backward"):
+                continue
             for p in group["params"]:
+                if p.grad is None:
+                    continue
                 if group["compressed"]:
-                    layer = self._layer_of[id(p)]
-                    self._compressed_step(p, layer, rotations[id(layer.tracker)], group)
-                elif p.grad is not None:
+                    self._compressed_step(self._layer_of[id(p)], group)
+                else:
                     self._adamw_step(p, p.grad, group)
+        due = [t for t in self._trackers if t.moves_this_step()]
+        stats = [s for t in due for s in t.statistics()]
+        if stats and self._stats_reduce is not None:
+            self._stats_reduce(stats)
+        for tracker in due:
+            self._transport(tracker, tracker.advance())
         for tracker in self._trackers:
             tracker.step()
         return loss
 
-    def _compressed_step(self, weight: Tensor, layer: CompressedLinear, rotation: Tensor | None, group):
-        state = self.state[weight]
-        beta1, beta2 = group["betas"]
-        if rotation is not None and self.transport == "ldadam" and state.get("step", 0) > 0:
-            state["exp_avg"], state["exp_avg_sq"] = transport_moments(
-                state["exp_avg"], state["exp_avg_sq"], rotation, int(state["step"]), (beta1, beta2))
-        grad = layer.lowrank_grad
-        if grad is None:
+    def _transport(self, tracker, rotation: Tensor | None) -> None:
+        if rotation is None or self.transport == "none":
             return
-        direction, step_size = self._adam_direction(state, grad, group)
+        for layer in self._layers_of[id(tracker)]:
+            state = self.state[layer.grad_carrier]
+            if state.get("step", 0) > 0:
+                group = self.param_groups[0]
+                state["exp_avg"], state["exp_avg_sq"] = transport_moments(
+                    state["exp_avg"], state["exp_avg_sq"], rotation, int(state["step"]), group["betas"])
+
+    def _compressed_step(self, layer: CompressedLinear, group) -> None:
+        direction, step_size = self._adam(self.state[layer.grad_carrier], layer.grad_carrier.grad, group)
+        weight = layer.weight
         if group["weight_decay"] != 0:
             weight.mul_(1 - group["lr"] * group["weight_decay"])
         # in-place GEMM: the lifted d_out × d_in update is never materialised
         basis = layer.tracker.basis.to(weight.dtype)
         weight.addmm_(direction.to(weight.dtype), basis.T, alpha=-step_size * layer.tracker.scale)
 
-    def _adamw_step(self, p: Tensor, grad: Tensor, group) -> None:
-        direction, step_size = self._adam_direction(self.state[p], grad, group)
+    def _adamw_step(self, p: Tensor, grad: Tensor, group, out: Tensor | None = None) -> None:
+        direction, step_size = self._adam(self.state[p], grad, group, out)
         if group["weight_decay"] != 0:
             p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(direction, alpha=-step_size)
 
     @staticmethod
-    def _adam_direction(state: dict, grad: Tensor, group) -> tuple[Tensor, float]:
-        """(m / (√v̂ + ε), lr / (1 − β1ᵗ)): Adam's step split as torch.optim.AdamW computes it, so that with
-        rank = d_in and a fixed identity basis the two agree to rounding."""
-        beta1, beta2 = group["betas"]
-        if "step" not in state:  # lazily, shaped like the gradient: d_out × r for compressed weights
+    def _adam(state: dict, grad: Tensor, group, out: Tensor | None = None) -> tuple[Tensor, float]:
+        if "step" not in state:  # lazily, shaped like the gradient: d_out × r for compressed layers
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(grad)
             state["exp_avg_sq"] = torch.zeros_like(grad)
         state["step"] += 1
-        step = state["step"]
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(group["eps"])
-        return exp_avg / denom, group["lr"] / bias_correction1
+        return adam_direction(state["exp_avg"], state["exp_avg_sq"], grad, state["step"], group["betas"],
+                              group["eps"], group["lr"], out=out)
+
+    @torch.no_grad()
+    def _update_in_backward(self, p: Tensor) -> None:
+        group = next(g for g in self.param_groups if g.get("in_backward"))
+        # the gradient is freed right after, so the direction is computed in its storage: no temporary
+        self._adamw_step(p, p.grad, group, out=p.grad)
+        p.grad = None
 
     # --- checkpointing: the bases live in the trackers, so they travel with the optimizer state ---------
     def state_dict(self) -> dict:
@@ -153,19 +244,25 @@ class OasisAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         trackers = state_dict.pop("trackers", None)
-        # torch casts floating state to each param's dtype on load; low-rank moments stay in their own dtype
-        saved = {k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()}
-                 for k, s in state_dict["state"].items()}
         super().load_state_dict(state_dict)
-        index = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if group["compressed"] and index in saved:
-                    self.state[p] = {n: (v.to(p.device) if torch.is_tensor(v) else v)
-                                     for n, v in saved[index].items()}
-                index += 1
         if trackers is not None:
             if len(trackers) != len(self._trackers):
                 raise ValueError(f"state has {len(trackers)} bases, optimizer has {len(self._trackers)}")
             for tracker, ts in zip(self._trackers, trackers):
                 tracker.load_state_dict(ts)
+
+
+def _input_embedding(model: nn.Module) -> nn.Parameter:
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if embedding is None or not isinstance(getattr(embedding, "weight", None), nn.Parameter):
+        raise ValueError("embedding_update='backward' needs a model with get_input_embeddings() "
+                         "(a Hugging Face model)")
+    weight = embedding.weight
+    if not weight.requires_grad:
+        raise ValueError("embedding_update='backward': the input embedding is frozen")
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
+    if len(names) > 1:
+        raise ValueError(f"embedding_update='backward' needs an untied input embedding; its weight is "
+                         f"shared by {', '.join(names)} (it would be updated once per use)")
+    return weight

@@ -1,26 +1,44 @@
 """Bases for the input activations of compressed linear layers.
 
 A tracker owns one orthonormal basis U (d_in × r, float32) of the activation space of one layer — or of a
-group of layers that read the same input. The compressed layer asks it for U in forward, hands it the live
-activations X once per optimizer step, and the optimizer reads back how the basis moved (R = U_newᵀ U_old,
-r × r) to transport its moments into the new coordinates.
+group of layers that read the same input. The compressed layer asks it for Z = X U in every training
+forward; the optimizer asks it, in `step()`, to move the basis and reads back how it moved
+(R = U_newᵀ U_old, r × r) to carry its moments into the new coordinates.
 
-Timing: a basis moves at most once per optimizer step, on the first forward after `step()`. Every
-micro-batch of a step is then projected on the same U, so the accumulated low-rank gradient is consistent
-with the basis the optimizer updates in. The moment transport happens in the next `optimizer.step()`, before
-the Adam update, using the accumulated rotation. Holding an r × r rotation instead of the old basis keeps the
-tracker's memory at one d_in × r basis.
+When a basis moves is a per-tracker policy (`refresh_in_forward`):
+
+* statistics at the step (the default; OASIS): every training forward of a step — every micro-batch, all
+  projected on the same U — adds its activation statistics, in float32, while X is alive:
+  S_sum += Xᵀ Z (d_in × r), K_sum += Zᵀ Z (r × r), N += rows of X. `optimizer.step()` first does the Adam
+  update in the current basis, then moves the basis from S = S_sum/N, K = K_sum/N (the statistics of the
+  whole step) and transports the moments at once. Nothing but the new basis survives the step: the
+  statistics are dropped, no rotation and no old basis is kept.
+* refresh in forward (periodic PCA): the basis is recomputed in the forward of the first micro-batch of a
+  refresh step, from that micro-batch alone, so nothing d_in × d_in is held from forward to step; the
+  optimizer transports the moments with the r × r rotation at the start of its next `step()`.
+
+Distributed runs: `reduce` (set by the optimizer from its `stats_reduce`) is a callable that sum-all-reduces a
+list of tensors in place. Every statistic a basis is computed from goes through it first — the Oja
+statistics [S_sum, K_sum, N] in `optimizer.step()`, and the d_in × d_in Gram [XᵀX, N] behind a PCA init or
+refresh in forward — so that every rank computes the same basis from the global batch.
+
+Activation checkpointing: a forward recomputed in backward (non-reentrant checkpointing) projects on the
+current basis and does nothing else: it neither initialises nor moves a basis nor adds statistics.
 """
 
 from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 INITS = ("pca", "random", "identity")
+
+# sum-all-reduce a list of tensors in place (e.g. `oasis.all_reduce_sum()`)
+StatsReduce = Callable[[list[Tensor]], None]
 
 
 def orthonormalize(u: Tensor) -> Tensor:
@@ -42,6 +60,18 @@ def top_eigvecs(gram: Tensor, rank: int) -> Tensor:
     return top * torch.where(pivots < 0, -1.0, 1.0).to(top.dtype)
 
 
+def lean_gram(x2d: Tensor) -> Tensor:
+    """XᵀX in float32 (d_in × d_in), accumulated over blocks of d_in rows (no full float32 copy of X)."""
+    d_in = x2d.shape[1]
+    if x2d.dtype == torch.float32:
+        return x2d.T @ x2d
+    gram = torch.zeros(d_in, d_in, dtype=torch.float32, device=x2d.device)
+    for start in range(0, x2d.shape[0], d_in):
+        block = x2d[start:start + d_in].float()
+        gram.addmm_(block.T, block)
+    return gram
+
+
 def largest_principal_angle(rotation: Tensor) -> Tensor:
     """Largest principal angle (radians, 0-dim tensor) between two r-dim subspaces, from R = U_newᵀ U_old."""
     cos = torch.linalg.svdvals(rotation.double()).min().clamp(-1.0, 1.0)
@@ -53,14 +83,26 @@ def layer_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
-class SubspaceTracker:
-    """Base class: holds the basis and the bookkeeping the optimizer needs; subclasses decide how it moves.
+def _count(rows: int, device) -> Tensor:
+    # float64: an exact token count for any realistic batch, and a tensor so that it can be all-reduced
+    return torch.tensor(float(rows), dtype=torch.float64, device=device)
 
-    Subclasses implement `_init_basis(x)` (first batch) and `_next_basis(x, z)` (a refresh; `z = x @ U` with
-    the current basis, already computed). `scale` multiplies the weight update (1 for orthonormal bases).
+
+class SubspaceTracker:
+    """Base class: holds the basis, the step count and the policy of when the basis moves.
+
+    Subclasses implement `_init_basis(x2d)` (first training forward) and either
+      * `_next_basis()` (statistics policy): the new basis from `self.stats` = [S_sum, K_sum, N], already
+        reduced across ranks; `needs_statistics = False` skips accumulating them (a data-free rule), or
+      * `_refresh_basis(x2d)` with `refresh_in_forward = True`: the new basis from this micro-batch.
+    `scale` multiplies the weight update (1 for orthonormal bases); `orthonormal = False` means the optimizer
+    gets no rotation (nothing to transport).
     """
 
     scale: float = 1.0
+    refresh_in_forward: bool = False
+    needs_statistics: bool = True
+    orthonormal: bool = True
 
     def __init__(self, name: str, d_in: int, rank: int, *, update_every: int = 1, init: str = "pca",
                  seed: int = 0):
@@ -73,41 +115,104 @@ class SubspaceTracker:
         self.name, self.d_in, self.rank = name, d_in, rank
         self.update_every, self.init, self.seed = update_every, init, seed
         self.basis: Tensor | None = None       # d_in × r, float32
-        self.rotation: Tensor | None = None    # U_newᵀ U_old accumulated since the optimizer last consumed it
-        self.steps = 0                         # optimizer steps seen
-        self.last_update_step = -1
+        self.steps = 0                         # optimizer steps completed
+        self.reduce: StatsReduce | None = None
+        self.stats: list[Tensor] | None = None  # [S_sum, K_sum, N] of the current step (statistics policy)
+        self.forwards = 0                      # training forwards (not recomputations) in the current step
+        self.refreshed_at = -1                 # step whose forward last set the basis (refresh policy)
+        self.rotation: Tensor | None = None    # refresh policy: U_newᵀ U_old until the next step() takes it
         self.drift_since_query = 0.0           # sum of largest principal angles since `pop_drift()`
-        # (kept as a tensor between queries: no host sync in forward, and FakeTensorMode-safe)
-
-    # --- used by the compressed layer -------------------------------------------------------------------
-    def due(self) -> bool:
-        """True when the next forward should initialise or move the basis."""
-        if self.basis is None:
-            return True
-        return self.steps > self.last_update_step and self.steps % self.update_every == 0 and self.moves
+        # (kept as a tensor between queries: no host sync, and FakeTensorMode-safe)
 
     @property
     def moves(self) -> bool:
         return True
 
+    def moves_this_step(self) -> bool:
+        """Statistics policy: the basis moves at the end of the current optimizer step (every
+        `update_every` steps: after steps k-1, 2k-1, ..., so each basis serves `update_every` steps)."""
+        return (not self.refresh_in_forward and self.moves
+                and (self.steps + 1) % self.update_every == 0)
+
+    # --- used by the compressed layer, in forward ---------------------------------------------------------
     @torch.no_grad()
-    def observe(self, x2d: Tensor) -> None:
-        """Initialise or move the basis from the live activations of this step (x2d: N × d_in)."""
+    def project(self, x2d: Tensor, *, training: bool = True, recompute: bool = False) -> Tensor:
+        """Z = X U (N × r, in X's dtype) for a forward with autograd on; initialises, refreshes and
+        accumulates statistics as the policy says, except in a recomputation."""
+        if recompute:
+            if self.forwards == 0:
+                raise RuntimeError(
+                    f"{self.name}: a compressed layer was recomputed in backward without a forward with "
+                    "autograd on in this step (reentrant activation checkpointing?); use "
+                    "gradient_checkpointing_kwargs={'use_reentrant': False}")
+            return x2d @ self.basis.to(x2d.dtype)
+        self.forwards += 1
         if self.basis is None:
             self.basis = self._init_basis(x2d).float().contiguous()
-            self.last_update_step = self.steps
-            return
-        old = self.basis
-        z = x2d @ old.to(x2d.dtype)
-        new = self._next_basis(x2d, z).float()
-        rotation = new.T @ old
-        self.rotation = rotation if self.rotation is None else rotation @ self.rotation
-        self.drift_since_query = self.drift_since_query + largest_principal_angle(rotation)
-        self.basis.copy_(new)  # in place: modules sharing this tracker hold the same tensor
-        self.last_update_step = self.steps
+            self.refreshed_at = self.steps
+        elif (training and self.refresh_in_forward and self.moves and self.refreshed_at < self.steps
+              and self.steps % self.update_every == 0):
+            self._set_basis(self._refresh_basis(x2d).float())
+            self.refreshed_at = self.steps
+        z = x2d @ self.basis.to(x2d.dtype)
+        if training and self.needs_statistics and self.moves_this_step():
+            self._accumulate(x2d, z)
+        return z
 
-    # --- used by the optimizer --------------------------------------------------------------------------
+    def _accumulate(self, x2d: Tensor, z: Tensor) -> None:
+        s, k = (x2d.T @ z).float(), (z.T @ z).float()
+        if self.stats is None:
+            self.stats = [s, k, _count(x2d.shape[0], x2d.device)]
+        else:
+            self.stats[0].add_(s)
+            self.stats[1].add_(k)
+            self.stats[2].add_(x2d.shape[0])
+
+    def _reduced_gram(self, x2d: Tensor) -> Tensor:
+        """XᵀX / N of this micro-batch (of the global one, through `reduce`), float32, memory-lean."""
+        gram, count = lean_gram(x2d), _count(x2d.shape[0], x2d.device)
+        if self.reduce is not None:
+            self.reduce([gram, count])
+        return gram.div_(count.clamp_min(1))
+
+    def _set_basis(self, new: Tensor) -> Tensor | None:
+        """Make `new` the basis (in place: modules sharing this tracker hold the same tensor); return the
+        rotation U_newᵀ U_old (None for bases that are not orthonormal) and book the drift."""
+        old = self.basis
+        rotation = new.T @ old if self.orthonormal else None
+        if rotation is not None:
+            angle = largest_principal_angle(rotation)
+            if self.refresh_in_forward:
+                self.rotation = rotation if self.rotation is None else rotation @ self.rotation
+        else:
+            angle = largest_principal_angle(orthonormalize(new).T @ orthonormalize(old))
+        self.drift_since_query = self.drift_since_query + angle
+        old.copy_(new)
+        return rotation
+
+    # --- used by the optimizer, in step() -------------------------------------------------------------
+    def statistics(self) -> list[Tensor]:
+        """The tensors to sum across ranks before `advance()` ([] when nothing is to be reduced). A tracker
+        that saw no forward this step contributes zeros, so every rank passes the same list."""
+        if not (self.needs_statistics and self.moves_this_step() and self.basis is not None):
+            return []
+        if self.stats is None:
+            device = self.basis.device
+            self.stats = [torch.zeros(self.d_in, self.rank, device=device),
+                          torch.zeros(self.rank, self.rank, device=device), _count(0, device)]
+        return self.stats
+
+    @torch.no_grad()
+    def advance(self) -> Tensor | None:
+        """Move the basis if due at this step (statistics already reduced); return U_newᵀ U_old or None."""
+        if not self.moves_this_step() or self.basis is None:
+            return None
+        rotation = self._set_basis(self._next_basis().float())
+        self.stats = None
+        return rotation
+
     def pop_rotation(self) -> Tensor | None:
+        """Refresh policy: the rotation of a refresh done in forward since the last step, once."""
         rotation, self.rotation = self.rotation, None
         return rotation
 
@@ -116,11 +221,14 @@ class SubspaceTracker:
         return float(drift)
 
     def step(self) -> None:
+        """End of an optimizer step: statistics of this step are gone whatever happened to them."""
         self.steps += 1
+        self.forwards = 0
+        self.stats = None
 
     def state_dict(self) -> dict:
-        return {"basis": self.basis, "rotation": self.rotation, "steps": self.steps,
-                "last_update_step": self.last_update_step}
+        return {"basis": self.basis, "steps": self.steps, "refreshed_at": self.refreshed_at,
+                "rotation": self.rotation}
 
     def load_state_dict(self, state: dict) -> None:
         basis = state["basis"]
@@ -128,8 +236,10 @@ class SubspaceTracker:
             self.basis.copy_(basis)
         else:
             self.basis = None if basis is None else basis.detach().clone().float()
-        self.rotation = None if state["rotation"] is None else state["rotation"].detach().clone()
-        self.steps, self.last_update_step = int(state["steps"]), int(state["last_update_step"])
+        rotation = state.get("rotation")
+        self.rotation = None if rotation is None else rotation.detach().clone()
+        self.steps, self.refreshed_at = int(state["steps"]), int(state["refreshed_at"])
+        self.stats, self.forwards = None, 0
 
     # --- policies ---------------------------------------------------------------------------------------
     def _init_basis(self, x2d: Tensor) -> Tensor:
@@ -139,28 +249,26 @@ class SubspaceTracker:
             gen = torch.Generator(device="cpu").manual_seed(layer_seed(self.seed, self.name))
             gaussian = torch.randn(self.d_in, self.rank, generator=gen)
             return orthonormalize(gaussian).to(x2d.device)
-        return top_eigvecs(gram(x2d), self.rank)
+        return top_eigvecs(self._reduced_gram(x2d), self.rank)
 
-    def _next_basis(self, x2d: Tensor, z: Tensor) -> Tensor:
+    def _next_basis(self) -> Tensor:
+        raise NotImplementedError
+
+    def _refresh_basis(self, x2d: Tensor) -> Tensor:
         raise NotImplementedError
 
 
-def gram(x2d: Tensor) -> Tensor:
-    """XᵀX / N in float32 (d_in × d_in): the uncentred activation covariance."""
-    xf = x2d.float()
-    return (xf.T @ xf) / max(x2d.shape[0], 1)
-
-
 class OjaTracker(SubspaceTracker):
-    """Oja's subspace rule on the uncentred activation covariance C = XᵀX/N.
+    """Oja's subspace rule on the uncentred activation covariance C = XᵀX/N of a whole optimizer step.
 
-        S = C U = Xᵀ Z / N,   K = Uᵀ C U = Zᵀ Z / N,   U' = qr(U + η (S − U K) / σ_max(S))
+        S = C U = Σ Xᵀ Z / N,   K = Uᵀ C U = Σ Zᵀ Z / N,   U' = qr(U + η (S − U K) / σ_max(S))
 
-    Normalisation (the paper is silent): dividing by σ_max(S), the largest singular value of C U, makes the
-    step scale-free — multiplying the activations by any constant leaves U' unchanged — and bounds the largest
-    step to η, so η ∈ (0, 1] is a relative step length with the same meaning in every layer and at every
-    activation scale. η → 0 freezes the basis; η ≈ 1 approaches one block power-iteration step. σ_max(S) ≤
-    λ_max(C), with equality once U holds the top eigenvector, so near convergence this is Oja's rule with the
+    (sums over the step's micro-batches, and across ranks through `reduce`). Normalisation (the paper is
+    silent): dividing by σ_max(S), the largest singular value of C U, makes the step scale-free —
+    multiplying the activations by any constant leaves U' unchanged — and bounds the largest step to η, so
+    η ∈ (0, 1] is a relative step length with the same meaning in every layer and at every activation
+    scale. η → 0 freezes the basis; η ≈ 1 approaches one block power-iteration step. σ_max(S) ≤ λ_max(C),
+    with equality once U holds the top eigenvector, so near convergence this is Oja's rule with the
     classic η/λ_max step.
     """
 
@@ -174,11 +282,11 @@ class OjaTracker(SubspaceTracker):
     def moves(self) -> bool:
         return self.subspace_lr > 0
 
-    def _next_basis(self, x2d: Tensor, z: Tensor) -> Tensor:
-        n = max(x2d.shape[0], 1)
+    def _next_basis(self) -> Tensor:
+        s_sum, k_sum, count = self.stats
+        count = count.clamp_min(1)  # no rows seen: S = K = 0, a zero step (no data-dependent branch)
+        s, k = s_sum / count, k_sum / count
         u = self.basis
-        s = (x2d.T @ z).float() / n           # d_in × r
-        k = (z.T @ z).float() / n             # r × r
         # clamp: activations that are all zero give S = 0 and a zero step, not a division by zero
         sigma = torch.linalg.svdvals(s)[0].clamp_min(torch.finfo(s.dtype).tiny)
         return orthonormalize(u + (self.subspace_lr / sigma) * (s - u @ k))

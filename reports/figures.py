@@ -1,4 +1,7 @@
-"""Figures (PNG + PDF) from grouped run records. Colours come from the one table in `reports.style`."""
+"""Figures (PNG + PDF) from grouped run records. Colours come from the one table in `reports.style`.
+
+Every figure draws a comparison's rows or ablation points on its one seed set (reports.compare): each
+point is a mean over those seeds, error bars and bands are 95% t-intervals, and the legend states n."""
 
 from __future__ import annotations
 
@@ -14,16 +17,16 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
 
+from reports.compare import Comparison  # noqa: E402
 from reports.load import (  # noqa: E402
     CATEGORIES,
     SOURCE_WORDS,
     Group,
-    Stat,
     describe_estimate,
+    labels_for,
     metric_names,
-    reference_groups,
-    varying_keys,
 )
+from reports.stats import Stat  # noqa: E402
 from reports.style import (  # noqa: E402
     CATEGORY_COLORS,
     memory_unit,
@@ -36,7 +39,7 @@ from reports.style import (  # noqa: E402
     ordered_metrics,
     spans_decades,
 )
-from reports.tables import FIXTURE_BANNER, adam_reference, breakdown_rows, sweep_lines  # noqa: E402
+from reports.tables import FIXTURE_BANNER, breakdown_rows, corpora  # noqa: E402
 
 CURVE_METHODS = ("adam", "pca", "oasis")   # loss-curve figure: the comparison the paper draws
 DRIFT_METHODS = ("pca", "oasis")           # subspace-drift figure: periodic refresh vs online tracking
@@ -59,29 +62,16 @@ def save(fig, out: Path, name: str, groups: list[Group] = ()) -> list[Path]:
     return paths
 
 
-def _by_suite_profile(groups):
-    d = defaultdict(list)
-    for g in groups:
-        d[(g.suite, g.profile)].append(g)
-    return dict(sorted(d.items()))
+_labels = labels_for
 
 
-def _labels(groups: list[Group], ignore=()) -> dict[int, str]:
-    """Method name, plus the config keys that tell apart groups of the same method."""
-    by_method = defaultdict(list)
-    for g in groups:
-        by_method[g.method].append(g)
-    out = {}
-    for gs in by_method.values():
-        keys = varying_keys(gs, ignore=ignore)
-        for g in gs:
-            out[id(g)] = g.label(keys)
-    return out
-
-
-def panel_metrics(groups: list[Group]) -> list[str]:
-    """The metrics an ablation figure plots: the first shown metrics these groups recorded."""
-    return ordered_metrics(metric_names(groups), shown_only=True)[:MAX_METRIC_PANELS]
+def panel_metrics(groups: list[Group], first: str | None = None) -> list[str]:
+    """The metrics an ablation figure plots: `first` (the comparison's headline metric) if recorded, then
+    the first other shown metrics these groups recorded."""
+    shown = ordered_metrics(metric_names(groups), shown_only=True)
+    if first in shown:
+        shown = [first] + [m for m in shown if m != first]
+    return shown[:MAX_METRIC_PANELS]
 
 
 def _suptitle(fig, text):
@@ -91,14 +81,17 @@ def _suptitle(fig, text):
 # --- figure 2: memory breakdown -------------------------------------------------------------------
 
 
-def memory_breakdown(groups: list[Group], estimates: list[dict], out: Path) -> list[Path]:
-    panels = defaultdict(list)  # title -> [(label, method, {cat: bytes}, peak_bytes)]
+def memory_breakdown(comps: list[Comparison], estimates: list[dict], out: Path) -> list[Path]:
+    panels = defaultdict(list)  # title -> [(group, method, {cat: bytes}, peak_bytes)]
     used = []
-    for title, g, stats in breakdown_rows(groups):
-        peak = g.stat("memory", "peak_bytes")
-        panels[f"{title}: {g.config.get('model', '?')}, {'/'.join(g.sources())}"].append(
-            (g, g.method, {c: (s.mean if s else 0.0) for c, s in stats.items()}, peak.mean if peak else None))
-        used.append(g)
+    for comp in comps:
+        for title, g, stats in breakdown_rows([comp]):
+            peak = g.stat("memory", "peak_bytes")
+            title_ = f"{title}: {g.config.get('model', '?')}, {'/'.join(g.sources())}, {comp.seeds_caption}"
+            panels[title_].append(
+                (g, g.method, {c: (s.mean if s else 0.0) for c, s in stats.items()},
+                 peak.mean if peak else None))
+            used.append(g)
     for est in estimates:
         what, source = describe_estimate(est)
         title = f"{source}:\n{what}"
@@ -115,7 +108,7 @@ def memory_breakdown(groups: list[Group], estimates: list[dict], out: Path) -> l
     # recorded runs first, then the estimates, each alphabetically
     order = sorted(panels.items(), key=lambda kv: (kv[0].startswith(SOURCE_WORDS["estimate"]), kv[0]))
     for ax, (title, bars) in zip(axes.flat, order, strict=False):
-        labels = _labels([b[0] for b in bars if b[0] is not None])
+        labels = _labels([b[0].full for b in bars if b[0] is not None])
         top = max(max(sum(b[2].values()), b[3] or 0) for b in bars)
         unit, div = memory_unit(top)
         xs = range(len(bars))
@@ -131,8 +124,8 @@ def memory_breakdown(groups: list[Group], estimates: list[dict], out: Path) -> l
                 ax.annotate(f"{b[3] / div:.1f}" if div < 2**30 else f"{b[3] / div:.2f}", (x, b[3] / div),
                             xytext=(0, 3), textcoords="offset points", ha="center", fontsize=7)
         ax.set_xticks(list(xs))
-        ax.set_xticklabels([labels.get(id(b[0]), b[1]) if b[0] is not None else b[1] for b in bars],
-                           rotation=30, ha="right")
+        ax.set_xticklabels([f"{labels[id(b[0].full)]} (n={len(b[0].seeds)})" if b[0] is not None else b[1]
+                            for b in bars], rotation=30, ha="right")
         for tick, b in zip(ax.get_xticklabels(), bars, strict=False):
             tick.set_color(method_color(b[1]))
             tick.set_fontweight("bold")
@@ -143,7 +136,7 @@ def memory_breakdown(groups: list[Group], estimates: list[dict], out: Path) -> l
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
     handles = [Patch(color=CATEGORY_COLORS[c], label=c) for c in reversed(CATEGORIES)]
-    handles.append(Line2D([], [], color="black", linewidth=1.5, label="recorded peak"))
+    handles.append(Line2D([], [], color="black", linewidth=1.5, label="recorded peak (mean over seeds)"))
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), title="category")
     _suptitle(fig, "Peak-memory breakdown per method")
     fig.tight_layout(rect=(0, 0, 1, 0.94))
@@ -154,60 +147,77 @@ def memory_breakdown(groups: list[Group], estimates: list[dict], out: Path) -> l
 
 
 def _errorbar(ax, xs, stats, scale, method, label, linestyle=None):
-    """Mean per point, error bars (± std over seeds) only where several seeds exist."""
+    """Mean per point; error bars = 95% t-interval over seeds where a point has two or more; a point
+    whose n differs from the line's most common n says its own n."""
     pts = [(x, s) for x, s in zip(xs, stats, strict=False) if s is not None]
     if not pts:
         return
     ls = method_linestyle(method) if linestyle is None else linestyle
-    ax.plot([x for x, _ in pts], [s.mean * scale for _, s in pts], color=method_color(method), label=label,
-            linestyle=ls, zorder=3 if ls != "-" else 2, **method_marker(method))
-    err = [(x, s) for x, s in pts if s.std is not None]
+    common = max(sorted({s.n for _, s in pts}), key=lambda n: sum(s.n == n for _, s in pts))
+    ax.plot([x for x, _ in pts], [s.mean * scale for _, s in pts], color=method_color(method),
+            label=f"{label} (n={common})", linestyle=ls, zorder=3 if ls != "-" else 2,
+            **method_marker(method))
+    err = [(x, s) for x, s in pts if s.half is not None]
     if err:
         ax.errorbar([x for x, _ in err], [s.mean * scale for _, s in err],
-                    yerr=[s.std * scale for _, s in err], color=method_color(method), linestyle="none",
+                    yerr=[s.half * scale for _, s in err], color=method_color(method), linestyle="none",
                     capsize=3)
+    for x, s in pts:
+        if s.n != common:
+            ax.annotate(f"n={s.n}", (x, s.mean * scale), xytext=(4, 4), textcoords="offset points",
+                        fontsize=6, color=method_color(method))
 
 
-def _adam_line(ax, lines, all_groups, getter, scale):
-    """Dashed horizontal line for adam's recorded value at the matching reference config, if any."""
+def _adam_line(ax, comp: Comparison, lines, getter, scale):
+    """adam's reference row (same seeds): a dashed line at its mean, its 95% interval shaded."""
     seen = set()
     for first, _ in lines:
-        a = adam_reference(first, all_groups)
+        a = comp.adam_for(first)
         if a is None or id(a) in seen:
             continue
         s = getter(a)
         if s is not None:
             seen.add(id(a))
             ax.axhline(s.mean * scale, color=method_color("adam"), linestyle="--", linewidth=1,
-                       label="adam (full rank, reference)")
+                       label=f"adam (full rank, reference; n={s.n})")
+            if s.half is not None:
+                ax.axhspan((s.mean - s.half) * scale, (s.mean + s.half) * scale, color=method_color("adam"),
+                           alpha=0.08, linewidth=0)
 
 
-def rank_ablation(groups: list[Group], out: Path) -> dict[tuple, list[Path]]:
+def _stat_title(comp: Comparison) -> str:
+    return f"mean ± 95% t-interval over {comp.seeds_caption}"
+
+
+def rank_ablation(comps: list[Comparison], out: Path) -> dict[tuple, list[Path]]:
     produced = {}
-    for (suite, profile), gs in _by_suite_profile(groups).items():
-        lines = sweep_lines(gs, "rank")
+    for comp in comps:
+        lines = comp.sweeps.get("rank") or []
         if not lines:
             continue
-        metrics = panel_metrics([g for _, pts in lines for g in pts])
+        suite, profile = comp.suite, comp.profile
+        pts_all = [g for _, pts in lines for g in pts]
+        names = corpora(pts_all)
+        metrics = panel_metrics(pts_all, comp.headline())
         npan = len(metrics) + 1
         fig, axes = plt.subplots(1, npan, figsize=(4.3 * npan, 3.8), squeeze=False)
         axes = axes[0]
-        labels = _labels([first for first, _ in lines], ignore=("rank",))
-        ranks = sorted({g.config["rank"] for _, pts in lines for g in pts})
+        labels = _labels([first.full for first, _ in lines], ignore=("rank",))
+        ranks = sorted({g.config["rank"] for g in pts_all})
         for ax, m in zip(axes, metrics, strict=False):
             for first, pts in lines:
                 _errorbar(ax, [g.config["rank"] for g in pts], [g.stat("metrics", m) for g in pts],
-                          metric_scale(m), first.method, labels[id(first)])
-            _adam_line(ax, lines, groups, lambda a, m=m: a.stat("metrics", m), metric_scale(m))
-            ax.set_ylabel(metric_label(m))
-        peaks = [v for _, pts in lines for g in pts for v in g.values("memory", "peak_bytes")]
+                          metric_scale(m), first.method, labels[id(first.full)])
+            _adam_line(ax, comp, lines, lambda a, m=m: a.stat("metrics", m), metric_scale(m))
+            ax.set_ylabel(_wrap(metric_label(m, names)))
+        peaks = [v for g in pts_all for v in g.values("memory", "peak_bytes")]
         unit, div = memory_unit(max(peaks, default=0))
         ax = axes[-1]
         for first, pts in lines:
             _errorbar(ax, [g.config["rank"] for g in pts], [g.stat("memory", "peak_bytes") for g in pts],
-                      1.0 / div, first.method, labels[id(first)])
-        _adam_line(ax, lines, groups, lambda a: a.stat("memory", "peak_bytes"), 1.0 / div)
-        sources = sorted({s for _, pts in lines for g in pts for s in g.sources()})
+                      1.0 / div, first.method, labels[id(first.full)])
+        _adam_line(ax, comp, lines, lambda a: a.stat("memory", "peak_bytes"), 1.0 / div)
+        sources = sorted({s for g in pts_all for s in g.sources()})
         ax.set_ylabel(f"peak memory ({unit}, {'/'.join(sources)})")
         ax.set_ylim(0, ax.get_ylim()[1] * 1.05)  # memory is a size: zero on the axis so ratios read right
         for ax in axes:
@@ -217,11 +227,18 @@ def rank_ablation(groups: list[Group], out: Path) -> dict[tuple, list[Path]]:
             ax.set_xticklabels([str(r) for r in ranks])
             ax.set_xlabel("rank r")
         _legend_below(fig, axes)
-        _suptitle(fig, f"Rank ablation: {suite} ({profile} profile)")
-        fig.tight_layout(rect=(0, 0.08, 1, 0.93))
-        produced[(suite, profile)] = save(fig, out, f"fig3_rank_ablation_{suite}_{profile}",
-                                          [g for _, pts in lines for g in pts])
+        _suptitle(fig, f"Rank ablation: {suite} ({profile} profile); {_stat_title(comp)}")
+        fig.tight_layout(rect=(0, 0.1, 1, 0.93))
+        produced[(suite, profile)] = save(fig, out, f"fig3_rank_ablation_{suite}_{profile}", pts_all)
     return produced
+
+
+def _wrap(label: str, width: int = 42) -> str:
+    """Long axis labels (corpus names) on two lines."""
+    if len(label) <= width:
+        return label
+    cut = label.rfind(" ", 0, width)
+    return label if cut < 0 else label[:cut] + "\n" + label[cut + 1:]
 
 
 def _legend_below(fig, axes):
@@ -231,7 +248,7 @@ def _legend_below(fig, axes):
             if lab not in handles:
                 handles[lab] = h
                 labels.append(lab)
-    fig.legend([handles[lab] for lab in labels], labels, loc="lower center", ncol=min(len(labels), 4),
+    fig.legend([handles[lab] for lab in labels], labels, loc="lower center", ncol=min(len(labels), 3),
                frameon=False)
 
 
@@ -250,47 +267,50 @@ def _stable_span(pts: list[Group], metric: str, higher_better: bool):
     return pts[lo].config["subspace_lr"], pts[hi].config["subspace_lr"]
 
 
-def subspace_lr_ablation(groups: list[Group], out: Path) -> dict[tuple, list[Path]]:
+def subspace_lr_ablation(comps: list[Comparison], out: Path) -> dict[tuple, list[Path]]:
     produced = {}
-    for (suite, profile), gs in _by_suite_profile(groups).items():
-        lines = sweep_lines(gs, "subspace_lr")
+    for comp in comps:
+        lines = comp.sweeps.get("subspace_lr") or []
         if not lines:
             continue
-        metrics = panel_metrics([g for _, pts in lines for g in pts])
+        suite, profile = comp.suite, comp.profile
+        pts_all = [g for _, pts in lines for g in pts]
+        names = corpora(pts_all)
+        metrics = panel_metrics(pts_all, comp.headline())
         if not metrics:
             continue
         fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 3.8), squeeze=False)
         axes = axes[0]
-        labels = _labels([first for first, _ in lines], ignore=("subspace_lr",))
+        labels = _labels([first.full for first, _ in lines], ignore=("subspace_lr",))
         for ax, m in zip(axes, metrics, strict=False):
             all_x = []
             higher = metric_style(m).higher_is_better
             for first, pts in lines:
                 color = method_color(first.method)
+                label = labels[id(first.full)]
                 xs = [g.config["subspace_lr"] for g in pts]
-                _errorbar(ax, xs, [g.stat("metrics", m) for g in pts], metric_scale(m), first.method,
-                          labels[id(first)])
+                _errorbar(ax, xs, [g.stat("metrics", m) if all(r.ok for r in g.runs) else None for g in pts],
+                          metric_scale(m), first.method, label)
                 span = _stable_span(pts, m, higher)
                 if span:
                     ax.axvspan(span[0], span[1], color=color, alpha=0.08, linewidth=0,
-                               label=f"{labels[id(first)]}: stable (all seeds ok), "
-                                     f"η {span[0]:g} – {span[1]:g}")
+                               label=f"{label}: stable (all seeds ok), η {span[0]:g} – {span[1]:g}")
                 failed = [g.config["subspace_lr"] for g in pts if any(not r.ok for r in g.runs)]
                 if failed:
                     ax.scatter(failed, [0.93] * len(failed), transform=ax.get_xaxis_transform(), marker="x",
-                               color=color, s=45, label=f"{labels[id(first)]}: diverged / failed (no metric)")
+                               color=color, s=45, label=f"{label}: diverged / failed on a seed (no mean)")
                 all_x += xs
-            _adam_line(ax, lines, groups, lambda a, m=m: a.stat("metrics", m), metric_scale(m))
+            _adam_line(ax, comp, lines, lambda a, m=m: a.stat("metrics", m), metric_scale(m))
             ax.set_xscale("log")
             pos = [x for x in all_x if x > 0]
             ax.set_xlim(min(pos) / 2.5, max(pos) * 2.5)  # failed points are drawn in axes coordinates
             ax.set_xlabel("subspace learning rate η (log scale)")
-            ax.set_ylabel(metric_label(m))
+            ax.set_ylabel(_wrap(metric_label(m, names)))
         _legend_below(fig, axes)
-        _suptitle(fig, f"Subspace learning-rate ablation: {suite} ({profile} profile); shaded = stable range")
-        fig.tight_layout(rect=(0, 0.1, 1, 0.93))
-        produced[(suite, profile)] = save(fig, out, f"fig4_subspace_lr_{suite}_{profile}",
-                                          [g for _, pts in lines for g in pts])
+        _suptitle(fig, f"Subspace learning-rate ablation: {suite} ({profile} profile); {_stat_title(comp)}; "
+                       "shaded = stable range")
+        fig.tight_layout(rect=(0, 0.12, 1, 0.93))
+        produced[(suite, profile)] = save(fig, out, f"fig4_subspace_lr_{suite}_{profile}", pts_all)
     return produced
 
 
@@ -298,8 +318,8 @@ def subspace_lr_ablation(groups: list[Group], out: Path) -> dict[tuple, list[Pat
 
 
 def mean_series(g: Group, *keys, col: int = 1) -> tuple[list[float], list[Stat]]:
-    """Per step, mean/std over the ok seeds of a recorded series ([[step, v, ...], ...] at `keys`);
-    only steps every seed recorded (non-null) are kept."""
+    """Per step, mean and 95% interval over the ok seeds of a recorded series ([[step, v, ...], ...] at
+    `keys`); only steps every seed recorded (non-null) are kept."""
     per_seed = []
     for r in g.ok_runs:
         series = r.get(*keys)
@@ -321,18 +341,23 @@ def mean_series(g: Group, *keys, col: int = 1) -> tuple[list[float], list[Stat]]
 def _band(ax, steps, stats, color, label, **kw):
     ys = [s.mean for s in stats]
     ax.plot(steps, ys, color=color, label=label, **kw)
-    if any(s.std is not None for s in stats):
-        lo = [s.mean - (s.std or 0) for s in stats]
-        hi = [s.mean + (s.std or 0) for s in stats]
+    if any(s.half is not None for s in stats):
+        lo = [s.mean - (s.half or 0) for s in stats]
+        hi = [s.mean + (s.half or 0) for s in stats]
         ax.fill_between(steps, lo, hi, color=color, alpha=0.18, linewidth=0)
 
 
-def loss_curves(groups: list[Group], out: Path) -> dict[tuple, list[Path]]:
-    """Training loss per step (mean ± std over seeds); validation loss where recorded: its own panel when
-    it was evaluated several times, else markers on the training panel (e.g. one final evaluation)."""
+def _series_n(g: Group, *keys) -> int:
+    return sum(1 for r in g.ok_runs if isinstance(r.get(*keys), list) and r.get(*keys))
+
+
+def loss_curves(comps: list[Comparison], out: Path) -> dict[tuple, list[Path]]:
+    """Training loss per step (mean, 95% band over seeds); validation loss where recorded: its own panel
+    when it was evaluated several times, else markers on the training panel (e.g. one final evaluation)."""
     produced = {}
-    for (suite, profile), gs in _by_suite_profile(groups).items():
-        ref = [g for g in reference_groups(gs) if g.method in CURVE_METHODS and mean_series(g, "curve")[0]]
+    for comp in comps:
+        suite, profile = comp.suite, comp.profile
+        ref = [g for g in comp.rows if g.method in CURVE_METHODS and mean_series(g, "curve")[0]]
         if not ref:
             continue
         ref.sort(key=lambda g: (CURVE_METHODS.index(g.method), g.key))
@@ -341,28 +366,29 @@ def loss_curves(groups: list[Group], out: Path) -> dict[tuple, list[Path]]:
         split = n_eval >= 3
         fig, axes = plt.subplots(1, 2 if split else 1, figsize=(10 if split else 6, 3.8), squeeze=False)
         axes = axes[0]
-        labels = _labels(ref)
+        labels = _labels([g.full for g in ref])
         widths = [1.3, 0.8, 2.0, 0.5]  # several configs of one method: same colour and style, other width
         count = defaultdict(int)
         for g in ref:
             ls = method_linestyle(g.method)
             lw = widths[count[g.method] % len(widths)]
             count[g.method] += 1
+            label = f"{labels[id(g.full)]} (n={_series_n(g, 'curve')})"
             steps, stats = mean_series(g, "curve", col=1)
-            _band(axes[0], steps, stats, method_color(g.method), labels[id(g)], linewidth=lw, linestyle=ls,
+            _band(axes[0], steps, stats, method_color(g.method), label, linewidth=lw, linestyle=ls,
                   zorder=3 if ls != "-" else 2)  # dashed lines on top: visible where they coincide
             steps, stats = evals[id(g)]
             if steps:
                 ax = axes[1] if split else axes[0]
-                ax.errorbar(steps, [s.mean for s in stats], yerr=[s.std or 0.0 for s in stats],
+                ax.errorbar(steps, [s.mean for s in stats], yerr=[s.half or 0.0 for s in stats],
                             color=method_color(g.method), linestyle=ls if split else "none", capsize=3,
-                            label=None if not split else labels[id(g)], **method_marker(g.method))
+                            label=None if not split else label, **method_marker(g.method))
         axes[0].set_ylabel("training loss (nats/token)")
-        axes[0].set_title("training loss per step (mean ± std over seeds)")
+        axes[0].set_title("training loss per step (mean, 95% band)")
         handles, names = axes[0].get_legend_handles_labels()
         if n_eval and not split:
             handles.append(Line2D([], [], color="#555555", marker="o", linestyle="none"))
-            names.append("validation loss (markers)")
+            names.append("validation loss (markers, 95% CI)")
         axes[0].legend(handles, names)
         if split:
             axes[1].set_ylabel("validation loss (nats/token)")
@@ -370,35 +396,37 @@ def loss_curves(groups: list[Group], out: Path) -> dict[tuple, list[Path]]:
             axes[1].legend()
         for ax in axes:
             ax.set_xlabel("optimizer step")
-        _suptitle(fig, f"Loss curves: {suite} ({profile} profile), reference configurations")
+        _suptitle(fig, f"Loss curves: {suite} ({profile} profile), reference configurations, "
+                       f"{comp.seeds_caption}")
         fig.tight_layout(rect=(0, 0, 1, 0.93))
         produced[(suite, profile)] = save(fig, out, f"fig5_loss_curves_{suite}_{profile}", ref)
     return produced
 
 
-def subspace_drift(groups: list[Group], out: Path) -> dict[tuple, list[Path]]:
+def subspace_drift(comps: list[Comparison], out: Path) -> dict[tuple, list[Path]]:
     produced = {}
-    for (suite, profile), gs in _by_suite_profile(groups).items():
-        ref = [g for g in reference_groups(gs)
-               if g.method in DRIFT_METHODS and mean_series(g, "subspace", "drift")[0]]
+    for comp in comps:
+        suite, profile = comp.suite, comp.profile
+        ref = [g for g in comp.rows if g.method in DRIFT_METHODS and mean_series(g, "subspace", "drift")[0]]
         if not ref:
             continue
         fig, ax = plt.subplots(figsize=(7, 3.8))
-        labels = _labels(ref)
+        labels = _labels([g.full for g in ref])
         all_vals = []
         for g in sorted(ref, key=lambda g: DRIFT_METHODS.index(g.method)):
             steps, stats = mean_series(g, "subspace", "drift")
             color = method_color(g.method)
+            label = f"{labels[id(g.full)]} (n={_series_n(g, 'subspace', 'drift')})"
             moved = [(s, st) for s, st in zip(steps, stats, strict=False) if st.mean > 0]
             all_vals += [st.mean for _, st in moved]
             nonzero_fraction = len(moved) / len(steps)
             if nonzero_fraction >= 0.5:  # moves (almost) every step: a line
-                _band(ax, [s for s, _ in moved], [st for _, st in moved], color, labels[id(g)], linewidth=1.2)
+                _band(ax, [s for s, _ in moved], [st for _, st in moved], color, label, linewidth=1.2)
             else:  # moves at refresh steps only: jumps
                 for s, _ in moved:
                     ax.axvline(s, color=color, alpha=0.25, linewidth=0.8, linestyle=":")
                 _errorbar(ax, [s for s, _ in moved], [st for _, st in moved], 1.0, g.method,
-                          f"{labels[id(g)]}: basis refresh (dotted lines)", linestyle="none")
+                          f"{labels[id(g.full)]}: basis refresh (dotted lines)", linestyle="none")
         if spans_decades(all_vals):
             ax.set_yscale("log")
             ax.set_ylim(min(all_vals) / 2, max(all_vals) * 2.5)
@@ -407,7 +435,8 @@ def subspace_drift(groups: list[Group], out: Path) -> dict[tuple, list[Path]]:
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("subspace drift per step (rad)\nlargest principal angle, mean over bases")
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(ref), frameon=False)
-        _suptitle(fig, f"Subspace drift: {suite} ({profile} profile)")
+        _suptitle(fig, f"Subspace drift: {suite} ({profile} profile); mean, 95% band over "
+                       f"{comp.seeds_caption}")
         fig.tight_layout(rect=(0, 0, 1, 0.93))
         produced[(suite, profile)] = save(fig, out, f"fig6_subspace_drift_{suite}_{profile}", ref)
     return produced

@@ -1,7 +1,9 @@
 """Read run records (DESIGN §3.4) and memory-estimate files, tolerate bad ones, group runs by config.
 
 Nothing here computes a metric: a `Group` only collects the numbers its records carry and summarises
-them across seeds (mean, sample std, count).
+them across seeds (reports.stats). Loading also settles provenance: smoke-profile records are set aside,
+and several records of one (configuration, seed) are compared (reproduced / differ / different bases)
+instead of being pooled as if they were more seeds.
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from reports.stats import Stat
 
 # Fields without which a file cannot be placed in any table or figure.
 REQUIRED = ("schema", "run_id", "suite", "profile", "method", "status", "config", "config_hash")
@@ -30,8 +33,10 @@ SEED_DERIVED = ("seed", "base_hash")
 def config_key(config: dict) -> str:
     """Hash of a config with `seed` removed: runs sharing it are seeds of one configuration.
 
-    `base_hash` goes too: the harness derives it from the base's config, whose only per-run part is the
-    seed (model, base_steps and base_lr stay in the config and still separate genuinely different bases).
+    `base_hash` goes too: the harness derives it from the base's own config (older harnesses from the run
+    seed, so it differed per seed). `base_seed` stays, as do model, base_steps and base_lr, so genuinely
+    different bases are different configurations. Whether records really started from the same weights is
+    checked on `env.base_checksum` (see _resolve_replicates and reports.compare).
     """
     rest = {k: v for k, v in config.items() if k not in SEED_DERIVED}
     blob = json.dumps(rest, sort_keys=True, default=str, separators=(",", ":"))
@@ -58,6 +63,10 @@ class Run:
     def ok(self) -> bool:
         return self.rec["status"] == "ok"
 
+    @property
+    def seed(self):
+        return self.rec["config"].get("seed")
+
     def get(self, *keys):
         """Nested lookup (`run.get("memory", "peak_bytes")`); None when any level is missing."""
         node = self.rec
@@ -68,39 +77,77 @@ class Run:
         return node
 
 
+def seed_order(seed) -> tuple:
+    """Sort key for seeds: integers by value, anything else (None, text) after them."""
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        return (0, seed, "")
+    return (1, 0, str(seed))
+
+
+def seeds_text(seeds) -> str:
+    return ",".join(str(s) for s in seeds) or "none"
+
+
 @dataclass
 class Group:
-    """All seeds of one configuration of one method in one suite/profile."""
+    """All seeds of one configuration of one method in one suite/profile; or, after `restrict`, a view
+    of it on a stated seed set (`full` then keeps the whole group, for status counts)."""
     suite: str
     profile: str
     method: str
     key: str
     config: dict                      # the shared config, without seed
     runs: list[Run] = field(default_factory=list)
+    full: Group | None = None
 
     @property
     def ok_runs(self) -> list[Run]:
         return [r for r in self.runs if r.ok]
 
     @property
+    def seeds(self) -> list:
+        """Seeds with an ok run, in seed order."""
+        return sorted({r.seed for r in self.ok_runs}, key=seed_order)
+
+    @property
+    def all_seeds(self) -> list:
+        """Seeds with any run (ok or not)."""
+        return sorted({r.seed for r in self.runs}, key=seed_order)
+
+    @property
     def fixture(self) -> bool:
         return any(is_fixture(r.rec) for r in self.runs)
 
-    def values(self, *keys) -> list[float]:
-        """The recorded number at `keys` for every ok seed that has a finite one."""
-        out = []
+    def restrict(self, seeds) -> Group:
+        """This configuration on exactly `seeds` (runs of other seeds left out)."""
+        keep = set(seeds)
+        return Group(self.suite, self.profile, self.method, self.key, self.config,
+                     [r for r in self.runs if r.seed in keep], self.full or self)
+
+    def by_seed(self, *keys) -> dict:
+        """{seed: recorded number at `keys`} over ok runs with a finite number there."""
+        out = {}
         for r in self.ok_runs:
-            v = r.get(*keys)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                out.append(float(v))
+            v = number(r.get(*keys))
+            if v is not None:
+                out[r.seed] = v
         return out
+
+    def values(self, *keys) -> list[float]:
+        """The recorded number at `keys` for every ok seed that has a finite one, in seed order."""
+        vals = self.by_seed(*keys)
+        return [vals[s] for s in sorted(vals, key=seed_order)]
 
     def stat(self, *keys) -> Stat | None:
         vals = self.values(*keys)
         return Stat.of(vals) if vals else None
 
     def status_counts(self) -> Counter:
-        return Counter(r.status for r in self.runs)
+        """Statuses of the runs on this view's seeds, plus every failed run of the whole configuration:
+        an extra ok seed outside the view changes nothing, a failure anywhere stays visible."""
+        mine = {id(r) for r in self.runs}
+        failed = [r for r in (self.full or self).runs if not r.ok and id(r) not in mine]
+        return Counter(r.status for r in self.runs + failed)
 
     def sources(self) -> list[str]:
         return sorted({str(r.get("memory", "source")) for r in self.ok_runs if r.get("memory", "source")})
@@ -110,15 +157,11 @@ class Group:
         return f"{self.method} ({extra})" if extra else self.method
 
 
-@dataclass(frozen=True)
-class Stat:
-    mean: float
-    std: float | None  # sample std (ddof=1); None for a single seed
-    n: int
-
-    @staticmethod
-    def of(vals: list[float]) -> Stat:
-        return Stat(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None, len(vals))
+def number(v) -> float | None:
+    """A recorded finite number as float, else None (bools, nulls, text and NaN are not numbers)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return float(v)
+    return None
 
 
 def metric_names(groups: list[Group]) -> set[str]:
@@ -132,12 +175,37 @@ def fmt_value(v) -> str:
     return str(v)
 
 
+SMOKE_PROFILES = ("smoke",)  # test/CI profiles: never in paper-style tables or figures
+REL_TOL = 1e-6  # two records of one configuration agree on a metric within this relative difference
+
+
+@dataclass
+class Replicate:
+    """Several ok records of one (configuration, seed), compared with each other.
+
+    kind: "reproduced" (metrics within REL_TOL, memory identical; `used` stands for all), "differs"
+    (same base, numbers disagree; `used` is the newest record and the table says so), or "bases"
+    (different base checksums, or different base_hash with no checksum: different experiments, so the
+    seed is left out of this configuration and `used` is None).
+    """
+    kind: str
+    suite: str
+    profile: str
+    method: str
+    seed: object
+    used: Run | None
+    others: list[Run]
+    differences: list[str]       # "metrics.answer_nll 5.09 (`a.json`) vs 4.71 (`b.json`)", ...
+
+
 @dataclass
 class Loaded:
     runs: list[Run]
     estimates: list[dict]              # memory-estimate files, normalised (see _as_estimate)
     skipped: list[tuple[str, str]]     # (file, reason)
-    superseded: list[tuple[str, str]]  # (file, kept file) duplicates of one config_hash
+    superseded: list[tuple[str, str]]  # (file, kept file): a not-ok record replaced by a re-run
+    smoke: list[Run] = field(default_factory=list)            # smoke-profile records, set aside
+    replicates: list[Replicate] = field(default_factory=list)
 
 
 def load(results: Path) -> Loaded:
@@ -162,8 +230,10 @@ def load(results: Path) -> Loaded:
             skipped.append((rel, problem))
             continue
         runs.append(Run(rel, data))
-    runs, superseded = _dedupe(runs)
-    return Loaded(runs, estimates, skipped, superseded)
+    smoke = [r for r in runs if r.profile in SMOKE_PROFILES]
+    runs = [r for r in runs if r.profile not in SMOKE_PROFILES]
+    runs, superseded, replicates = _resolve_replicates(runs)
+    return Loaded(runs, estimates, skipped, superseded, smoke, replicates)
 
 
 def _is_companion(data) -> bool:
@@ -191,18 +261,84 @@ def _check_record(data) -> str | None:
     return None
 
 
-def _dedupe(runs: list[Run]) -> tuple[list[Run], list[tuple[str, str]]]:
-    """One record per config_hash: a re-run replaces an earlier one (ok beats not-ok, then newest)."""
-    by_hash = defaultdict(list)
+def _newest(r: Run) -> tuple:
+    return (r.ok, str(r.rec.get("started_at", "")), r.path)
+
+
+def _resolve_replicates(runs: list[Run]):
+    """One record per (configuration, seed). A not-ok record is superseded by any re-run (ok beats
+    not-ok, then newest). Several ok records are compared: see `Replicate`."""
+    buckets = defaultdict(list)
     for r in runs:
-        by_hash[(r.suite, r.profile, r.method, r.config_hash)].append(r)
-    kept, superseded = [], []
-    for rs in by_hash.values():
-        rs.sort(key=lambda r: (r.ok, str(r.rec.get("started_at", "")), r.path))
-        kept.append(rs[-1])
-        superseded += [(r.path, rs[-1].path) for r in rs[:-1]]
+        buckets[(r.suite, r.profile, r.method, config_key(r.config), json.dumps(r.seed))].append(r)
+    kept, superseded, replicates = [], [], []
+    for rs in buckets.values():
+        rs.sort(key=_newest)
+        oks = [r for r in rs if r.ok]
+        if len(oks) < 2:
+            kept.append(rs[-1])
+            superseded += [(r.path, rs[-1].path) for r in rs[:-1]]
+            continue
+        superseded += [(r.path, oks[-1].path) for r in rs if not r.ok]
+        first = oks[-1]
+        where = (first.suite, first.profile, first.method, first.seed)
+        base = _base_difference(oks)
+        if base:
+            replicates.append(Replicate("bases", *where, None, oks, base))
+            continue
+        kept.append(first)
+        for other in reversed(oks[:-1]):
+            diffs = differences(first, other)
+            replicates.append(Replicate("differs" if diffs else "reproduced", *where, first, [other], diffs))
     kept.sort(key=lambda r: r.path)
-    return kept, sorted(superseded)
+    replicates.sort(key=lambda p: (p.suite, p.profile, method_rank(p.method), p.method, seed_order(p.seed),
+                                   [r.path for r in p.others]))
+    return kept, sorted(superseded), replicates
+
+
+def _base_difference(runs: list[Run]) -> list[str]:
+    """Why these records did not start from one base ([] when they did, as far as records tell)."""
+    sums = {r.get("env", "base_checksum") for r in runs}
+    if len(sums - {None}) > 1:
+        return ["env.base_checksum " + " vs ".join(f"{r.get('env', 'base_checksum')} (`{r.path}`)"
+                                                     for r in runs)]
+    if None in sums and len({json.dumps(r.config.get("base_hash")) for r in runs}) > 1:
+        return ["config.base_hash " + " vs ".join(f"{r.config.get('base_hash')} (`{r.path}`)" for r in runs)
+                + " and no env.base_checksum to show the weights are the same"]
+    return []
+
+
+def _leaves(node, prefix: str) -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_leaves(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: node}
+
+
+def differences(a: Run, b: Run) -> list[str]:
+    """What two records of one (configuration, seed) disagree on: a metric beyond REL_TOL (relative), any
+    memory number at all, or a value one of them lacks. Speed and wall time are not compared."""
+    out = []
+    for section, exact in (("metrics", False), ("memory", True)):
+        la, lb = _leaves(a.get(section) or {}, section), _leaves(b.get(section) or {}, section)
+        for k in sorted(set(la) | set(lb)):
+            va, vb = la.get(k), lb.get(k)
+            na, nb = number(va), number(vb)
+            if na is not None and nb is not None:
+                same = na == nb if exact else math.isclose(na, nb, rel_tol=REL_TOL, abs_tol=1e-12)
+            else:
+                same = va == vb
+            if not same:
+                out.append(f"{k} {_show(va)} (`{a.path}`) vs {_show(vb)} (`{b.path}`)")
+    return out
+
+
+def _show(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.7g}"
+    return "absent" if v is None else str(v)
 
 
 def _as_estimate(data) -> dict | None:
@@ -273,11 +409,11 @@ def group_runs(runs: list[Run]) -> list[Group]:
         key = config_key(r.config)
         gk = (r.suite, r.profile, r.method, key)
         if gk not in groups:
-            cfg = {k: v for k, v in r.config.items() if k != "seed"}
+            cfg = {k: v for k, v in r.config.items() if k not in SEED_DERIVED}
             groups[gk] = Group(r.suite, r.profile, r.method, key, cfg)
         groups[gk].runs.append(r)
     for g in groups.values():
-        g.runs.sort(key=lambda r: (str(r.config.get("seed")), r.path))
+        g.runs.sort(key=lambda r: (seed_order(r.seed), r.path))
     return sorted(groups.values(), key=lambda g: (g.suite, g.profile, method_rank(g.method), g.method, g.key))
 
 
@@ -295,6 +431,19 @@ def varying_keys(groups: list[Group], ignore=()) -> list[str]:
     keys = sorted({k for g in groups for k in g.config} - set(ignore))
     return [k for k in keys if len({json.dumps(g.config.get(k), sort_keys=True, default=str)
                                     for g in groups}) > 1]
+
+
+def labels_for(groups: list[Group], ignore=()) -> dict[int, str]:
+    """Method name, plus the config keys that tell apart groups of the same method (keyed by id)."""
+    by_method = defaultdict(list)
+    for g in groups:
+        by_method[g.method].append(g)
+    out = {}
+    for gs in by_method.values():
+        keys = varying_keys(gs, ignore=ignore)
+        for g in gs:
+            out[id(g)] = g.label(keys)
+    return out
 
 
 def reference_groups(groups: list[Group]) -> list[Group]:

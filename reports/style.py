@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from reports.load import Stat
+from reports.stats import Stat
 
 # The single colour table (colour-blind-friendly Okabe-Ito / tab10 mix). Variants of a method share its hue.
 METHOD_COLORS = {
@@ -70,32 +70,51 @@ class MetricStyle:
     shown: bool = True  # a Markdown/LaTeX column and figure-panel candidate (the CSV keeps every metric)
 
 
-# Names as the suites record them (suites/tasks/*.py on branch harness). Accuracy-type metrics are
-# recorded as fractions (lm-eval convention) and shown in percent. Order = column / panel order.
+# Names as the suites record them (suites/tasks/*.py). Accuracy-type metrics are recorded as fractions
+# (lm-eval convention) and shown in percent. Order = column / panel order. Labels say what was measured
+# on what: the c4 suite's held-out loss is labelled with the recorded corpora (see metric_label), and its
+# C4 sample is C4 *train*-split documents the run never trained on, never "C4 validation".
+C4_SAMPLE = "C4 sample (1,000 train-split docs, never trained on)"
 METRICS = {
-    "accuracy": MetricStyle("GSM8K accuracy, strict (%)", 100.0, 2, True),
+    "accuracy": MetricStyle("GSM8K accuracy, strict match (%)", 100.0, 2, True),
+    "final_answer_acc_tf": MetricStyle("final-answer accuracy, teacher-forced (%)", 100.0, 2, True),
     "pass@1": MetricStyle("HumanEval pass@1 (%)", 100.0, 2, True),
-    "eval_loss": MetricStyle("held-out loss (nats/token)"),
-    "c4_eval_loss": MetricStyle("C4 validation loss (nats/token)"),
     "answer_nll": MetricStyle("answer NLL (nats/token)"),
     "canonical_nll": MetricStyle("canonical-solution NLL (nats/token)"),
-    "eval_ppl": MetricStyle("held-out perplexity", decimals=2),
-    "c4_eval_ppl": MetricStyle("C4 validation perplexity", decimals=2),
-    "accuracy_flexible": MetricStyle("GSM8K accuracy, flexible (%)", 100.0, 2, True, shown=False),
+    "eval_loss": MetricStyle("held-out loss (nats/token)"),
+    "c4_sample_loss": MetricStyle(f"loss on the {C4_SAMPLE} (nats/token)"),
+    "c4_eval_loss": MetricStyle("loss on a C4 train-split sample, recorded as c4_eval_loss; "
+                                "not C4 validation (nats/token)"),
+    "eval_ppl": MetricStyle("held-out perplexity", decimals=2, shown=False),
+    "c4_sample_ppl": MetricStyle(f"perplexity on the {C4_SAMPLE}", decimals=2, shown=False),
+    "c4_eval_ppl": MetricStyle("perplexity on a C4 train-split sample (c4_eval_ppl)", decimals=2,
+                               shown=False),
+    "accuracy_flexible": MetricStyle("GSM8K accuracy, flexible extract (%)", 100.0, 2, True, shown=False),
     "answer_ppl": MetricStyle("answer perplexity", decimals=2, shown=False),
     "canonical_ppl": MetricStyle("canonical-solution perplexity", decimals=2, shown=False),
 }
 METRIC_ORDER = tuple(METRICS)
-# Sizes of the evaluation, not quality: reported as "evaluated on", never as a metric.
-EVAL_SIZES = {"eval_problems": "problems", "eval_tokens": "tokens", "passed": None}
+# Sizes and limits of the evaluation, not quality: reported under "evaluated on", never as a metric.
+# gen_ceiling: share of reference solutions that fit in max_gen_toks (no model can score above it).
+EVAL_SIZES = {"eval_problems": "problems", "eval_tokens": "tokens", "gen_ceiling": "generation ceiling",
+              "passed": None}
+HELD_OUT = ("eval_loss", "eval_ppl")  # labelled with config.train_corpus / config.eval_corpus
 
 
 def metric_style(name: str) -> MetricStyle:
     return METRICS.get(name) or MetricStyle(name)
 
 
-def metric_label(name: str) -> str:
-    return metric_style(name).label
+def metric_label(name: str, corpora: tuple | None = None) -> str:
+    """Column / axis label. `corpora` = (train_corpus, eval_corpus) as recorded in the configs, for the
+    held-out loss ("held-out loss on wikipedia-en validation (trained on wikipedia-en train)")."""
+    label = metric_style(name).label
+    if name in HELD_OUT and corpora and corpora[1]:
+        what = "loss" if name == "eval_loss" else "perplexity"
+        trained = f", trained on {corpora[0]}" if corpora[0] else ""
+        unit = " (nats/token)" if name == "eval_loss" else ""
+        label = f"held-out {what} on {corpora[1]}{trained}{unit}"
+    return label
 
 
 def metric_scale(name: str) -> float:
@@ -110,13 +129,33 @@ def ordered_metrics(names, shown_only: bool = False) -> list[str]:
 
 
 def fmt_stat(stat: Stat | None, decimals: int, scale: float = 1.0) -> str:
-    """'mean ± std' (sample std over seeds), or just 'mean' for one seed; '–' when nothing recorded."""
+    """'mean ± h' (h = half-width of the 95% t-interval over seeds), or just 'mean' for one seed; '–' when
+    nothing recorded."""
     if stat is None:
         return "–"
     s = f"{stat.mean * scale:.{decimals}f}"
-    if stat.std is not None:
-        s += f" ± {stat.std * scale:.{decimals}f}"
+    if stat.half is not None:
+        s += f" ± {stat.half * scale:.{decimals}f}"
     return s
+
+
+DAGGER = "†"  # the paired 95% interval excludes zero
+
+
+def _signed(v: float, decimals: int) -> str:
+    return f"{v:+.{decimals}f}".replace("-", "−")
+
+
+def fmt_diff(name: str, d: Stat | None) -> str:
+    """Paired difference vs adam: '+0.041 [+0.030, +0.052] †', or '+0.041 (n=1)'; '–' when none."""
+    if d is None:
+        return "–"
+    style = metric_style(name)
+    k, sc = style.decimals, style.scale
+    if d.half is None:
+        return f"{_signed(d.mean * sc, k)} (n={d.n})"
+    mark = f" {DAGGER}" if d.excludes_zero else ""
+    return f"{_signed(d.mean * sc, k)} [{_signed(d.low * sc, k)}, {_signed(d.high * sc, k)}]{mark}"
 
 
 def fmt_metric(name: str, stat: Stat | None) -> str:

@@ -1,7 +1,8 @@
 """Tables as Markdown, LaTeX (booktabs) and CSV, built from grouped run records.
 
-Every number printed is a recorded number (or the mean/std over seeds of recorded numbers), converted to a
-display unit; the only derived quantity is the memory ratio to adam, a ratio of two recorded peaks.
+Every number printed is a recorded number or a statistic of recorded numbers over a stated seed set
+(mean, 95% t-interval, paired per-seed difference against adam), converted to a display unit; the only
+other derived quantity is the memory ratio to adam, a ratio of two recorded peaks.
 """
 
 from __future__ import annotations
@@ -15,20 +16,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reports import published as pub
+from reports.compare import Comparison, speed
 from reports.load import (
     CATEGORIES,
+    REL_TOL,
     Group,
-    Stat,
     describe_estimate,
     fmt_value,
+    labels_for,
     method_rank,
     metric_names,
-    reference_groups,
+    seed_order,
+    seeds_text,
     varying_keys,
 )
+from reports.stats import Stat, paired
 from reports.style import (
+    DAGGER,
     EVAL_SIZES,
     fmt_bytes,
+    fmt_diff,
     fmt_metric,
     fmt_rate,
     memory_unit,
@@ -38,7 +45,6 @@ from reports.style import (
 
 FIXTURE_BANNER = "TEST FIXTURE DATA - NOT RESULTS"
 ALWAYS_SHOWN = ("rank", "lr")  # config keys every main/run table shows, so rows read on their own
-RATIO_KEYS = ("model", "dtype", "batch", "seq_len")  # adam run a peak is divided by must match these
 
 
 @dataclass
@@ -90,7 +96,8 @@ class Table:
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
         "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-        "±": r"$\pm$", "×": r"$\times$", "–": "--", "≥": r"$\geq$"}
+        "±": r"$\pm$", "×": r"$\times$", "–": "--", "≥": r"$\geq$", "−": r"$-$", "Δ": r"$\Delta$",
+        "†": r"$^\dagger$", "η": r"$\eta$"}
 
 
 def _tex(s: str) -> str:
@@ -116,7 +123,16 @@ def _sort_value(v):
 
 
 def _stat_cols(stat: Stat | None) -> list:
-    return [None, None, 0] if stat is None else [stat.mean, stat.std, stat.n]
+    """CSV columns mean, std, n, ci_low, ci_high (95% t-interval; empty for one seed)."""
+    return [None, None, 0, None, None] if stat is None else [stat.mean, stat.std, stat.n, stat.low, stat.high]
+
+
+STAT_COLS = ("mean", "std", "n", "ci_low", "ci_high")
+DIFF_COLS = ("diff_mean", "diff_ci_low", "diff_ci_high", "diff_n")
+
+
+def _diff_cols(d: Stat | None) -> list:
+    return [None, None, None, 0] if d is None else [d.mean, d.low, d.high, d.n]
 
 
 def _banner(groups: list[Group]) -> str:
@@ -139,28 +155,14 @@ def config_columns(groups: list[Group]) -> list[str]:
     return [k for k in ALWAYS_SHOWN if k in present] + sorted(within - set(ALWAYS_SHOWN))
 
 
-def adam_reference(g: Group, groups: list[Group]) -> Group | None:
-    """The adam group whose peak `g`'s peak is divided by: same suite/profile, same RATIO_KEYS, same memory
-    source; if several match, the reference one; if still ambiguous, none (no ratio printed)."""
-    cands = [a for a in groups if a.method == "adam" and a.suite == g.suite and a.profile == g.profile
-             and all(a.config.get(k) == g.config.get(k) for k in RATIO_KEYS)
-             and a.sources() == g.sources() and a.stat("memory", "peak_bytes")]
-    if len(cands) > 1:
-        refs = set(map(id, reference_groups(cands)))
-        cands = [a for a in cands if id(a) in refs]
-    return cands[0] if len(cands) == 1 else None
-
-
-def memory_ratio(g: Group, groups: list[Group]) -> float | None:
-    a = adam_reference(g, groups)
-    mine = g.stat("memory", "peak_bytes")
-    if a is None or mine is None:
-        return None
-    return mine.mean / a.stat("memory", "peak_bytes").mean
+def corpora(groups: list[Group]) -> tuple | None:
+    """(train_corpus, eval_corpus) when every group records the same pair; None otherwise."""
+    pairs = {(g.config.get("train_corpus"), g.config.get("eval_corpus")) for g in groups}
+    return next(iter(pairs)) if len(pairs) == 1 and None not in next(iter(pairs)) else None
 
 
 def eval_sizes(groups: list[Group]) -> list[str]:
-    """Recorded evaluation-size keys (problems, tokens) that name a unit, in EVAL_SIZES order."""
+    """Recorded evaluation-size keys (problems, tokens, ceiling) that name a unit, in EVAL_SIZES order."""
     return [k for k, unit in EVAL_SIZES.items() if unit and any(g.values("metrics", k) for g in groups)]
 
 
@@ -168,97 +170,227 @@ def eval_size_text(g: Group, sizes: list[str]) -> str:
     parts = []
     for k in sizes:
         vals = g.values("metrics", k)
-        if vals:
+        if not vals:
+            continue
+        if k == "gen_ceiling":  # a share: accuracy cannot exceed it
+            lo, hi = f"{100 * min(vals):.0f}", f"{100 * max(vals):.0f}"
+            parts.append(f"{EVAL_SIZES[k]} {lo}{'' if lo == hi else f'–{hi}'}%")
+        else:
             lo, hi = int(min(vals)), int(max(vals))
             parts.append(f"{lo}{'' if lo == hi else f'–{hi}'} {EVAL_SIZES[k]}")
     return ", ".join(parts) or "–"
 
 
-def run_table(name: str, caption: str, groups: list[Group], all_groups: list[Group], suite: str) -> Table:
-    """One row per configuration (seeds pooled): the main table and the full runs table share this."""
+def _ordered(groups: list[Group], cols: list[str]) -> list[Group]:
+    return sorted(groups, key=lambda g: (method_rank(g.method), g.method,
+                                         [_sort_value(g.config.get(k)) for k in cols], g.key))
+
+
+def _published(comp: Comparison, groups: list[Group], metrics: list[str]) -> dict:
+    """(id(group), metric) -> [Published] measured on the set this row evaluated on."""
+    out = {}
+    for g in groups:
+        for m in metrics:
+            hits = pub.lookup(comp.suite, g.config.get("model"), g.method, m, g.config.get("eval_corpus"))
+            if hits:
+                out[(id(g), m)] = hits
+    return out
+
+
+def _published_notes(comp: Comparison, found: dict) -> list[str]:
+    suite = comp.suite
+    if found:
+        return ["published (cited): numbers from the cited papers for the same model, method and evaluation "
+                f"set, measured in their setups (not ours); sources in published_{suite}.md."]
+    if pub.for_suite(suite):
+        return [f"Published numbers for {suite} (published_{suite}.md) were measured on other models or "
+                "evaluation sets; they are not comparable with these rows."]
+    return []
+
+
+def step0_row(comp: Comparison, metrics: list[str]) -> tuple[dict, list[str]]:
+    """Per metric, the Stat over the table's seeds of `metrics.step0` (the model before training), when
+    every row's records agree on it seed by seed (same base, same evaluation); and notes where they don't."""
+    out, notes = {}, []
+    for m in metrics:
+        per_seed = defaultdict(list)
+        for g in comp.rows:
+            for s, v in g.by_seed("metrics", "step0", m).items():
+                per_seed[s].append((g.method, v))
+        if not per_seed:
+            continue
+        split = [s for s, vs in per_seed.items()
+                 if any(not math.isclose(v, vs[0][1], rel_tol=REL_TOL, abs_tol=1e-12) for _, v in vs)]
+        if split:
+            notes.append(f"{comp.where}: step-0 {m} differs between methods on seed(s) "
+                         f"{seeds_text(sorted(split, key=seed_order))}; see the per-method step-0 values in "
+                         f"table1_paired_{comp.suite}_{comp.profile}")
+            continue
+        out[m] = Stat.of([per_seed[s][0][1] for s in sorted(per_seed, key=seed_order)])
+    return out, notes
+
+
+def main_table(comp: Comparison) -> tuple[Table, list[str]]:
+    """One row per method at its reference configuration, all on the comparison's seeds; returns the
+    table and notes for MISSING.md."""
+    groups = comp.rows
     cols = config_columns(groups)
     all_metrics = ordered_metrics(metric_names(groups))  # every recorded metric goes to the CSV
+    metrics = ordered_metrics(all_metrics, shown_only=True)
+    head = comp.headline()
+    sizes = eval_sizes(groups)
+    peaks = [v for g in groups for v in g.values("memory", "peak_bytes")]
+    unit = memory_unit(max(peaks, default=0))
+    found = _published(comp, groups, all_metrics)
+    step0, notes = step0_row(comp, metrics)
+    reserved = any(g.values("memory", "reserved_bytes") for g in groups)  # CUDA runs record it
+    names = corpora(groups)
+    header = (["method", *cols, "n", "status", f"peak memory ({unit[0]})", "memory source", "memory / adam"]
+              + ([f"reserved ({unit[0]})"] if reserved else [])
+              + [metric_label(m, names) for m in metrics] + (["evaluated on"] if sizes else []) + ["tokens/s"]
+              + ([f"Δ `{head}` vs adam (paired, 95% CI)", f"distinguishable from adam on `{head}`?"]
+                 if head else [])
+              + (["published (cited)"] if found else []))
+    csv_header = (["method", *cols, "config_key", "config_hashes", "seeds", "n", "status",
+                   "peak_bytes_mean", "peak_bytes_std", "peak_bytes_n", "memory_source",
+                   "memory_ratio_to_adam", "reserved_bytes_mean"]
+                  + [f"{m}_{s}" for m in all_metrics for s in STAT_COLS + DIFF_COLS]
+                  + [f"{m}_step0_mean" for m in all_metrics]
+                  + [f"{k}_mean" for k in sizes]
+                  + ["tokens_per_s_mean", "tokens_per_s_std", "tokens_per_s_n", "headline", "vs_adam",
+                     "published"])
+    rows, csv_rows = [], []
+    for g in _ordered(groups, cols):
+        peak = g.stat("memory", "peak_bytes")
+        ratio = comp.memory_ratio(g)
+        rate = speed(g)[0]
+        cites = [f"{m} {p.value:g} [{p.cite}]" for m in all_metrics for p in found.get((id(g), m), [])]
+        cfg = [fmt_value(g.config.get(k, "–")) for k in cols]
+        verdict = comp.verdict(g, head) if head else ""
+        rows.append([g.method, *cfg, str(len(g.seeds)),
+                     status_text(g), fmt_bytes(peak, unit), "/".join(g.sources()) or "–",
+                     "–" if ratio is None else f"{ratio:.2f}×"]
+                    + ([fmt_bytes(g.stat("memory", "reserved_bytes"), unit)] if reserved else [])
+                    + [fmt_metric(m, g.stat("metrics", m)) for m in metrics]
+                    + ([eval_size_text(g, sizes)] if sizes else []) + [fmt_rate(rate)]
+                    + ([fmt_diff(head, comp.vs_adam(g, "metrics", head)), verdict] if head else [])
+                    + (["; ".join(cites) or "–"] if found else []))
+        csv_rows.append([g.method, *[g.config.get(k) for k in cols], g.key,
+                         " ".join(sorted(r.config_hash for r in g.runs)),
+                         " ".join(map(str, g.seeds)), len(g.seeds), status_text(g), *_stat_cols(peak)[:3],
+                         "/".join(g.sources()), ratio, _stat_cols(g.stat("memory", "reserved_bytes"))[0]]
+                        + [v for m in all_metrics for v in _stat_cols(g.stat("metrics", m))
+                           + _diff_cols(comp.vs_adam(g, "metrics", m))]
+                        + [_stat_cols(g.stat("metrics", "step0", m))[0] for m in all_metrics]
+                        + [_stat_cols(g.stat("metrics", k))[0] for k in sizes]
+                        + [*_stat_cols(rate)[:3], head, verdict, "; ".join(cites)])
+    if step0 and comp.rows:
+        rows.append(["before training (step 0)", *["" for _ in cols], str(max(s.n for s in step0.values())),
+                     "", "", "", ""] + ([""] if reserved else [])
+                    + [fmt_metric(m, step0.get(m)) for m in metrics] + ([""] if sizes else []) + [""]
+                    + (["", ""] if head else []) + ([""] if found else []))
+    caption = (f"{_banner(groups)}{comp.suite} ({comp.profile} profile): peak memory, quality and throughput "
+               f"per method at its reference configuration, {comp.seeds_caption}")
+    table_notes = [
+        f"Every row is the mean over the same seeds ({seeds_text(comp.seeds)}: those every method here has); "
+        "± is the half-width of the 95% Student-t interval over seeds (n − 1 degrees of freedom); a single "
+        "seed shows its value alone. Seeds or methods left out are listed in MISSING.md.",
+        f"Δ vs adam: mean and 95% t-interval of the per-seed differences (method − adam on the same seed); "
+        f"{DAGGER} marks an interval that excludes 0. Headline metric `{head}`; every metric's paired "
+        f"differences{' and step-0 values' if step0 else ''} are in "
+        f"table1_paired_{comp.suite}_{comp.profile}."
+        if head else "No quality metric recorded.",
+        "memory / adam: ratio computed from records (mean recorded peak of this row / that of the adam row "
+        "with the same model, dtype, batch, seq_len and memory source).",
+        "tokens/s is shown only when every record pooled for it ran on one machine (env.machine).",
+        "Metrics are computed by the harness at run time; this table only formats them "
+        "(accuracy-type metrics recorded as fractions, shown in %).",
+    ]
+    if step0:
+        table_notes.append("before training (step 0): the same evaluation on the model each run started from "
+                           "(metrics.step0), so the rows show what training changed.")
+    table_notes += _published_notes(comp, found)
+    if len({g.config.get("model") for g in groups}) > 1:
+        table_notes.append("Rows cover several models; compare within a model.")
+    return Table(f"table1_main_{comp.suite}_{comp.profile}", caption, header, rows, csv_header, csv_rows,
+                 table_notes), notes
+
+
+def paired_table(comp: Comparison) -> Table | None:
+    """Per method and metric: before training, after training, the change, and Δ vs adam, all paired by
+    seed on the comparison's seeds."""
+    groups = comp.rows
+    metrics = ordered_metrics(metric_names(groups), shown_only=True)
+    if not metrics or not comp.seeds:
+        return None
+    names = corpora(groups)
+    labels = labels_for([g.full for g in groups])
+    header = ["method", "metric", "n", "before training (step 0)", "after training",
+              "change from step 0 (paired)", "Δ vs adam (paired, 95% CI)", "distinguishable from adam?"]
+    csv_header = (["method", "config_key", "metric", "seeds"] + [f"step0_{s}" for s in STAT_COLS]
+                  + [f"after_{s}" for s in STAT_COLS] + [f"change_{s}" for s in STAT_COLS]
+                  + list(DIFF_COLS) + ["vs_adam"])
+    rows, raw = [], []
+    for g in _ordered(groups, config_columns(groups)):
+        for m in metrics:
+            after = g.stat("metrics", m)
+            if after is None:
+                continue
+            before = g.stat("metrics", "step0", m)
+            change = paired(g.by_seed("metrics", m), g.by_seed("metrics", "step0", m))[0]
+            d = comp.vs_adam(g, "metrics", m)
+            verdict = comp.verdict(g, m)
+            rows.append([labels[id(g.full)], metric_label(m, names), str(after.n), fmt_metric(m, before),
+                         fmt_metric(m, after), fmt_diff(m, change).replace(f" {DAGGER}", ""),
+                         fmt_diff(m, d), verdict])
+            raw.append([g.method, g.key, m, " ".join(map(str, g.seeds)), *_stat_cols(before),
+                        *_stat_cols(after), *_stat_cols(change), *_diff_cols(d), verdict])
+    caption = (f"{_banner(groups)}{comp.suite} ({comp.profile} profile): every quality metric before and "
+               f"after training, and paired differences against adam, {comp.seeds_caption}")
+    notes = ["after training: mean ± half-width of the 95% t-interval over seeds. change from step 0: mean "
+             "[95% t-interval] of (after − before) per seed. Δ vs adam: mean [95% t-interval] of "
+             f"(method − adam) per seed; {DAGGER} marks an interval that excludes 0.",
+             "Accuracy-type metrics in percentage points."]
+    return Table(f"table1_paired_{comp.suite}_{comp.profile}", caption, header, rows, csv_header, raw, notes)
+
+
+def runs_table(comp: Comparison) -> Table:
+    """Every configuration run, each on the seeds it has (an inventory; not a matched comparison)."""
+    groups = comp.groups
+    cols = config_columns(groups)
+    all_metrics = ordered_metrics(metric_names(groups))
     metrics = ordered_metrics(all_metrics, shown_only=True)
     sizes = eval_sizes(groups)
     peaks = [v for g in groups for v in g.values("memory", "peak_bytes")]
     unit = memory_unit(max(peaks, default=0))
-    model = {g.config.get("model") for g in groups}
-    published = {}  # (method, model, metric) -> [Published]
-    for g in groups:
-        for m in all_metrics:
-            hits = pub.lookup(suite, g.config.get("model"), g.method, m)
-            if hits:
-                published[(g.method, g.config.get("model"), m)] = hits
-    reserved = any(g.values("memory", "reserved_bytes") for g in groups)  # CUDA runs record it
-    header = (["method", *cols, "seeds", "status", f"peak memory ({unit[0]})", "memory source",
-               "memory / adam"] + ([f"reserved ({unit[0]})"] if reserved else [])
-              + [metric_label(m) for m in metrics] + (["evaluated on"] if sizes else []) + ["tokens/s"]
-              + (["published (cited)"] if published else []))
+    names = corpora(groups)
+    header = (["method", *cols, "seeds", "status", f"peak memory ({unit[0]})", "memory source"]
+              + [metric_label(m, names) for m in metrics] + (["evaluated on"] if sizes else [])
+              + ["tokens/s"])
     csv_header = (["method", *cols, "config_key", "config_hashes", "seeds", "status",
-                   "peak_bytes_mean", "peak_bytes_std", "peak_bytes_n", "memory_source",
-                   "memory_ratio_to_adam", "reserved_bytes_mean"]
-                  + [f"{m}_{s}" for m in all_metrics for s in ("mean", "std", "n")]
-                  + [f"{k}_mean" for k in sizes]
-                  + ["tokens_per_s_mean", "tokens_per_s_std", "tokens_per_s_n", "published"])
-    rows, csv_rows = [], []
-    for g in sorted(groups, key=lambda g: (method_rank(g.method), g.method,
-                                           [_sort_value(g.config.get(k)) for k in cols], g.key)):
+                   "peak_bytes_mean", "peak_bytes_std", "peak_bytes_n", "memory_source"]
+                  + [f"{m}_{s}" for m in all_metrics for s in STAT_COLS] + [f"{k}_mean" for k in sizes]
+                  + ["tokens_per_s_mean", "tokens_per_s_std", "tokens_per_s_n"])
+    rows, raw = [], []
+    for g in _ordered(groups, cols):
         peak = g.stat("memory", "peak_bytes")
-        ratio = memory_ratio(g, all_groups)
-        rate = g.stat("speed", "tokens_per_s")
-        seeds = [r.config.get("seed") for r in g.runs]
-        cites = [f"{m} {p.value:g} [{p.cite}]" for m in all_metrics
-                 for p in published.get((g.method, g.config.get("model"), m), [])]
+        rate = speed(g)[0]
         cfg = [fmt_value(g.config.get(k, "–")) for k in cols]
-        rows.append([g.method, *cfg, str(len(seeds)), status_text(g), fmt_bytes(peak, unit),
-                     "/".join(g.sources()) or "–", "–" if ratio is None else f"{ratio:.2f}×"]
-                    + ([fmt_bytes(g.stat("memory", "reserved_bytes"), unit)] if reserved else [])
-                    + [fmt_metric(m, g.stat("metrics", m)) for m in metrics]
-                    + ([eval_size_text(g, sizes)] if sizes else []) + [fmt_rate(rate)]
-                    + (["; ".join(cites) or "–"] if published else []))
-        csv_rows.append([g.method, *[g.config.get(k) for k in cols], g.key,
-                         " ".join(sorted(r.config_hash for r in g.runs)),
-                         " ".join(map(str, seeds)), status_text(g), *_stat_cols(peak),
-                         "/".join(g.sources()), ratio, _stat_cols(g.stat("memory", "reserved_bytes"))[0]]
-                        + [v for m in all_metrics for v in _stat_cols(g.stat("metrics", m))]
-                        + [_stat_cols(g.stat("metrics", k))[0] for k in sizes]
-                        + [*_stat_cols(rate), "; ".join(cites)])
-    notes = ["Values are mean ± sample std over seeds (configs identical except `seed`); "
-             "a single seed shows its value alone. Runs with a different config never share a row.",
-             "memory / adam: ratio computed from records (mean recorded peak of this row / mean recorded "
-             "peak of the adam run with the same model, dtype, batch, seq_len and memory source).",
-             "Metrics are computed by the harness at run time; this table only formats them "
-             "(accuracy and pass@1 recorded as fractions, shown in %)."]
-    if published:
-        notes.append("published (cited): numbers from the cited papers for the same model and method, "
-                     "measured in their setups (not ours); sources in published_" + suite + ".md.")
-    elif pub.for_suite(suite):
-        models = ", ".join(sorted({p.model for p in pub.for_suite(suite)}))
-        notes.append(f"Published numbers for {suite} exist only for other models ({models}): see "
-                     f"published_{suite}.md; they are not comparable with these rows.")
-    if len(model) > 1:
-        notes.append("Rows cover several models; compare within a model.")
-    return Table(name, caption, header, rows, csv_header, csv_rows, notes)
-
-
-def main_tables(groups: list[Group]) -> list[Table]:
-    out = []
-    for (suite, profile), gs in _by_suite_profile(groups).items():
-        ref = reference_groups(gs)
-        b = _banner(gs)
-        out.append(run_table(f"table1_main_{suite}_{profile}",
-                             f"{b}{suite} ({profile} profile): peak memory, quality and throughput per "
-                             "method at its reference configuration", ref, groups, suite))
-        out.append(run_table(f"runs_{suite}_{profile}",
-                             f"{b}{suite} ({profile} profile): every configuration run", gs, groups, suite))
-    return out
-
-
-def _by_suite_profile(groups: list[Group]) -> dict:
-    d = defaultdict(list)
-    for g in groups:
-        d[(g.suite, g.profile)].append(g)
-    return dict(sorted(d.items()))
+        rows.append([g.method, *cfg, seeds_text(g.seeds), status_text(g), fmt_bytes(peak, unit),
+                     "/".join(g.sources()) or "–"] + [fmt_metric(m, g.stat("metrics", m)) for m in metrics]
+                    + ([eval_size_text(g, sizes)] if sizes else []) + [fmt_rate(rate)])
+        raw.append([g.method, *[g.config.get(k) for k in cols], g.key,
+                    " ".join(sorted(r.config_hash for r in g.runs)), " ".join(map(str, g.seeds)),
+                    status_text(g), *_stat_cols(peak)[:3], "/".join(g.sources())]
+                   + [v for m in all_metrics for v in _stat_cols(g.stat("metrics", m))]
+                   + [_stat_cols(g.stat("metrics", k))[0] for k in sizes] + _stat_cols(rate)[:3])
+    notes = ["Inventory: each row is one configuration over the ok seeds it has (listed), mean ± half-width "
+             "of the 95% t-interval; rows are not matched by seed. Compare methods in "
+             f"table1_main_{comp.suite}_{comp.profile} (one seed set).",
+             "tokens/s is shown only when every record pooled for it ran on one machine (env.machine)."]
+    return Table(f"runs_{comp.suite}_{comp.profile}",
+                 f"{_banner(groups)}{comp.suite} ({comp.profile} profile): every configuration run",
+                 header, rows, csv_header, raw, notes)
 
 
 def published_tables(suites) -> list[Table]:
@@ -273,7 +405,8 @@ def published_tables(suites) -> list[Table]:
         notes = [f"[{c}] {pub.CITATIONS[c]}" for c in cites]
         notes += [f"[{c}] claim: {text}" for c, text in pub.PUBLISHED_CLAIMS if c in cites]
         notes.append("Published numbers are quoted as printed in the papers (accuracy in %, peak in GB); "
-                     "they were measured in other setups and are never mixed with our records.")
+                     "they were measured in other setups and are never mixed with our records. A main table "
+                     "cites one only for a run of the same model evaluated on the same set.")
         out.append(Table(f"published_{suite}",
                          f"Published reference numbers for {suite} (not our measurements)",
                          ["method", "model", "metric", "published value", "setting", "source"], rows,
@@ -282,36 +415,39 @@ def published_tables(suites) -> list[Table]:
     return out
 
 
-def breakdown_rows(groups: list[Group]) -> list[tuple[str, Group, dict[str, Stat]]]:
-    """(panel title, group, per-category Stat) for reference groups that recorded a breakdown."""
+def breakdown_rows(comps: list[Comparison]) -> list[tuple[str, Group, dict[str, Stat]]]:
+    """(panel title, row, per-category Stat) for main-table rows that recorded a breakdown."""
     out = []
-    for (suite, profile), gs in _by_suite_profile(groups).items():
-        for g in reference_groups(gs):
+    for comp in comps:
+        for g in comp.rows:
             stats = {c: g.stat("memory", "breakdown", c) for c in CATEGORIES}
             if any(s is not None for s in stats.values()):
-                out.append((f"{suite} / {profile}", g, stats))
+                out.append((f"{comp.suite} / {comp.profile}", g, stats))
     return out
 
 
-def breakdown_table(groups: list[Group]) -> Table | None:
-    rows = breakdown_rows(groups)
+def breakdown_table(comps: list[Comparison]) -> Table | None:
+    rows = breakdown_rows(comps)
     if not rows:
         return None
-    header = ["panel", "method", "model", "source", *CATEGORIES, "peak"]
+    header = ["panel", "method", "model", "source", "n", *CATEGORIES, "peak"]
     unit = memory_unit(max((s.mean for _, _, st in rows for s in st.values() if s), default=0))
     disp, raw = [], []
     for panel, g, st in rows:
         peak = g.stat("memory", "peak_bytes")
-        disp.append([panel, g.method, str(g.config.get("model", "–")), "/".join(g.sources())]
+        disp.append([panel, g.method, str(g.config.get("model", "–")), "/".join(g.sources()),
+                     str(len(g.seeds))]
                     + [fmt_bytes(st[c], unit) for c in CATEGORIES] + [fmt_bytes(peak, unit)])
-        raw.append([panel, g.method, g.config.get("model"), "/".join(g.sources())]
+        raw.append([panel, g.method, g.config.get("model"), "/".join(g.sources()), len(g.seeds)]
                    + [st[c].mean if st[c] else None for c in CATEGORIES] + [peak.mean if peak else None])
+    seeds = "; ".join(f"{c.where}: {c.seeds_caption}" for c in comps if c.rows)
     return Table("table2_memory_breakdown",
                  f"{_banner([g for _, g, _ in rows])}Recorded peak-memory breakdown per method "
                  f"({unit[0]}; reference configurations)",
-                 header, disp, [h if h == "panel" or h in ("method", "model", "source") else f"{h}_bytes"
+                 header, disp, [h if h in ("panel", "method", "model", "source", "n") else f"{h}_bytes"
                                 for h in header], raw,
-                 ["Categories as recorded by the memory meter at the peak (mean over seeds)."])
+                 [f"Categories as recorded by the memory meter at the peak, mean over the main table's seeds "
+                  f"({seeds})."])
 
 
 def estimate_tables(estimates: list[dict]) -> list[Table]:
@@ -345,41 +481,35 @@ def estimate_tables(estimates: list[dict]) -> list[Table]:
     return out
 
 
-def sweep_lines(groups: list[Group], key: str) -> list[tuple[Group, list[Group]]]:
-    """Groups that differ only in `key` (and seed) form one line: [(first group, points sorted by key)].
-    Only lines with at least two values of `key` are an ablation."""
-    lines = defaultdict(list)
-    for g in groups:
-        if key not in g.config or not isinstance(g.config[key], (int, float)):
-            continue
-        rest = {k: v for k, v in g.config.items() if k != key}
-        lines[(g.suite, g.profile, g.method, json.dumps(rest, sort_keys=True, default=str))].append(g)
-    out = []
-    for k in sorted(lines, key=lambda k: (k[0], k[1], method_rank(k[2]), k[2], k[3])):
-        pts = sorted(lines[k], key=lambda g: g.config[key])
-        if len(pts) >= 2:
-            out.append((pts[0], pts))
-    return out
-
-
-def sweep_table(name: str, caption: str, lines, key: str, metrics: list[str]) -> Table:
-    """The numbers behind an ablation figure, one row per point."""
+def sweep_table(name: str, caption: str, comp: Comparison, key: str, metrics: list[str]) -> Table:
+    """The numbers behind an ablation figure, one row per point, on the comparison's seeds."""
+    lines = comp.sweeps[key]
+    names = corpora([g for _, pts in lines for g in pts])
     peaks = [v for _, pts in lines for g in pts for v in g.values("memory", "peak_bytes")]
     unit = memory_unit(max(peaks, default=0))
-    header = (["method", "line", key, "seeds", "status"] + [metric_label(m) for m in metrics]
+    header = (["method", "line", key, "n", "status"]
+              + [h for m in metrics for h in (metric_label(m, names), f"Δ `{m}` vs adam (paired, 95% CI)")]
               + [f"peak memory ({unit[0]})"])
-    csv_header = (["method", "line", key, "config_hashes", "status"]
-                  + [f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")]
+    csv_header = (["method", "line", key, "config_hashes", "seeds", "status"]
+                  + [f"{m}_{s}" for m in metrics for s in STAT_COLS + DIFF_COLS]
                   + ["peak_bytes_mean", "peak_bytes_std", "peak_bytes_n"])
     rows, raw = [], []
     for idx, (_, pts) in enumerate(lines):
         for g in pts:
             peak = g.stat("memory", "peak_bytes")
-            rows.append([g.method, str(idx + 1), fmt_value(g.config[key]), str(len(g.runs)), status_text(g)]
-                        + [fmt_metric(m, g.stat("metrics", m)) for m in metrics]
+            rows.append([g.method, str(idx + 1), fmt_value(g.config[key]), str(len(g.seeds)), status_text(g)]
+                        + [c for m in metrics for c in (fmt_metric(m, g.stat("metrics", m)),
+                                                         fmt_diff(m, comp.vs_adam(g, "metrics", m)))]
                         + [fmt_bytes(peak, unit)])
             raw.append([g.method, idx + 1, g.config[key], " ".join(sorted(r.config_hash for r in g.runs)),
-                        status_text(g)] + [v for m in metrics for v in _stat_cols(g.stat("metrics", m))]
-                       + _stat_cols(peak))
-    notes = [f"Each line holds configurations identical except `{key}` (and seed); mean ± std over seeds."]
+                        " ".join(map(str, g.seeds)), status_text(g)]
+                       + [v for m in metrics for v in _stat_cols(g.stat("metrics", m))
+                          + _diff_cols(comp.vs_adam(g, "metrics", m))]
+                       + _stat_cols(peak)[:3])
+    notes = [f"Each line holds configurations identical except `{key}` (and seed). Every point is the mean "
+             f"over {comp.seeds_caption}, the seeds of the reference configuration in "
+             f"table1_main_{comp.suite}_{comp.profile}; points lacking one are dropped (see MISSING.md). "
+             "± is the half-width of the 95% t-interval; status counts every record of the point.",
+             f"Δ vs adam: per-seed differences against adam's reference row; {DAGGER} marks a 95% interval "
+             "that excludes 0."]
     return Table(name, caption, header, rows, csv_header, raw, notes)

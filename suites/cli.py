@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 # No hub on the machines this suite targets by default; a run that needs the hub says so itself.
@@ -43,9 +44,11 @@ def offline_env() -> None:
 
 
 def quiet_libraries() -> None:
-    """Silence import-time notices that would break the one-line-error contract (bitsandbytes announces an
-    optional CPU kernel package on import)."""
+    """Silence library notices that would break the one-line-error contract or bury the output: bitsandbytes
+    announces an optional CPU kernel package on import; peft (LoRA) calls a transformers property that
+    transformers 5 deprecates, a FutureWarning on every LoRA build that is neither ours nor news."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
 
 
 def cli_main(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

@@ -8,8 +8,10 @@ a profile sees the same data in the same order. Tokenised streams are cached und
 
 from __future__ import annotations
 
+import ast
 import gzip
 import hashlib
+import io
 import json
 import os
 import random
@@ -17,6 +19,8 @@ import sysconfig
 from pathlib import Path
 
 import torch
+
+from suites import files
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = REPO_ROOT / ".cache"
@@ -51,9 +55,30 @@ def read_jsonl(path: Path):
                 yield json.loads(line)
 
 
-def load_tokenizer():
-    """The offline LLaMA SentencePiece tokenizer (the converted fast form is cached: converting is slow)."""
+def load_tokenizer(name: str = TOKENIZER_NAME):
+    """A tokenizer of the project's own, by name: `mistral-v1-sp32k` (the offline LLaMA SentencePiece; its
+    converted fast form is cached, converting is slow) or `wikibpe-<vocab>` (a byte-level BPE the project
+    trains from the Wikipedia train shards, cached; see `wiki_bpe`)."""
+    if name == TOKENIZER_NAME:
+        return _sp32k()
+    if name in PROJECT_BPE:
+        return wiki_bpe(**PROJECT_BPE[name])
+    raise ValueError(f"unknown tokenizer {name!r}; choose from {', '.join(PROJECT_TOKENIZERS)}")
+
+
+def check_tokenizer(name: str) -> None:
+    """DataMissing (naming the path) unless the data a project tokenizer is made from is present."""
+    if name == TOKENIZER_NAME:
+        require(f"tokenizers/{TOKENIZER_NAME}")
+    elif name in PROJECT_BPE:
+        require(f"wikipedia-en/{PROJECT_BPE[name]['shard']}")
+    else:
+        raise ValueError(f"unknown tokenizer {name!r}; choose from {', '.join(PROJECT_TOKENIZERS)}")
+
+
+def _sp32k():
     from transformers import AutoTokenizer
+
 
     source = require(f"tokenizers/{TOKENIZER_NAME}")
     digest = hashlib.sha256((source / "tokenizer.model").read_bytes()).hexdigest()[:12]
@@ -62,16 +87,114 @@ def load_tokenizer():
         tok = AutoTokenizer.from_pretrained(cached)
     else:
         tok = AutoTokenizer.from_pretrained(source)
-        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-        tok.save_pretrained(tmp)
-        try:
-            os.replace(tmp, cached)
-        except OSError:  # another process won the race; its copy is identical
-            pass
+        files.atomic_dir(cached, tok.save_pretrained)  # a concurrent run's identical copy may win
     if tok.pad_token_id is None:
         tok.pad_token = tok.unk_token  # padding positions are masked out of attention and loss
     tok.model_max_length = 1 << 30  # we pack and truncate ourselves
+    tok.oasis_id = TOKENIZER_NAME
     return tok
+
+
+# ---------------------------------------------------------------- the project's own BPE vocabulary
+
+# Byte-level BPE trained by the project (issue 12: a CPU model shaped like an LLM needs a small vocabulary).
+# Bump when the training code changes what it produces: it is part of the cache key.
+BPE_CODE_VERSION = 1
+BPE_SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: the pad/bos/eos ids of suites.models.llama_config
+PROJECT_BPE = {
+    # name -> wiki_bpe arguments: the first shard of the Wikipedia train split, every document, file order
+    "wikibpe-8k": dict(vocab=8192, shard="train-00000-of-00010.jsonl.gz", docs=None),
+}
+PROJECT_TOKENIZERS = (TOKENIZER_NAME, *PROJECT_BPE)
+
+
+def wiki_bpe_key(*, vocab: int, shard: str, docs: int | None) -> dict:
+    """Everything that determines the trained vocabulary (the cache key): training code version,
+    `tokenizers` version, vocabulary size, special tokens, and the exact bytes of the training documents."""
+    import tokenizers
+
+    source = require(f"wikipedia-en/{shard}")
+    return {
+        "code": BPE_CODE_VERSION,
+        "tokenizers": tokenizers.__version__,
+        "vocab": vocab,
+        "specials": list(BPE_SPECIALS),
+        "min_frequency": 2,
+        "shard": shard,
+        "shard_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+        "docs": docs,
+    }
+
+
+def train_wiki_bpe(texts, vocab: int):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on `texts` (in the given order), single-threaded
+    so that the result cannot depend on thread scheduling; BOS is prepended by the post-processor like
+    the LLaMA tokenizer does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    bos = BPE_SPECIALS[1]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, 1)]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        min_frequency=2,
+        special_tokens=list(BPE_SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = list(texts)
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by `tokenizers` at every parallel section
+    try:
+        tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+    return tok
+
+
+def _wrap_bpe(tokenizer_json: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_json), pad_token=BPE_SPECIALS[0], bos_token=BPE_SPECIALS[1],
+        eos_token=BPE_SPECIALS[2],
+    )
+    tok.model_max_length = 1 << 30
+    return tok
+
+
+def wiki_bpe(*, vocab: int, shard: str, docs: int | None):
+    """The project's BPE tokenizer, trained once from `docs` documents (all when None) of one Wikipedia
+    train shard in file order and cached under .cache/tokenizers/ by a digest of `wiki_bpe_key`."""
+    from suites.files import atomic_dir, write_json
+
+    key = wiki_bpe_key(vocab=vocab, shard=shard, docs=docs)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    name = f"wikibpe{vocab}-{digest}"
+    cached = CACHE_DIR / "tokenizers" / name
+
+    def fill(tmp: Path) -> None:
+        texts = [d["text"] for d in read_jsonl(require(f"wikipedia-en/{shard}"))][: docs or None]
+        train_wiki_bpe(texts, vocab).save(str(tmp / "tokenizer.json"))
+        write_json(tmp / "key.json", key)
+
+    if not (cached / "tokenizer.json").exists():
+        atomic_dir(cached, fill)
+    tok = _wrap_bpe(cached / "tokenizer.json")
+    tok.oasis_id = name
+    return tok
+
+
+def tokenizer_id(tokenizer) -> str:
+    """The name that identifies a tokenizer in cache keys and records (set by the loaders)."""
+    return getattr(tokenizer, "oasis_id", None) or str(tokenizer.name_or_path)
 
 
 def _cached_tokens(key: dict, make) -> torch.Tensor:
@@ -81,10 +204,9 @@ def _cached_tokens(key: dict, make) -> torch.Tensor:
     if path.exists():
         return torch.load(path)
     tokens = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(tokens, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(tokens, buffer)
+    files.atomic_write(path, buffer.getvalue())
     return tokens
 
 
@@ -138,7 +260,7 @@ def wikipedia_train_batches(tokenizer, *, steps: int, batch: int, seq_len: int, 
         "shards": [s.name for s in shards],
         "seed": seed,
         "n": n_tokens,
-        "tok": TOKENIZER_NAME,
+        "tok": tokenizer_id(tokenizer),
     }
     tokens = _cached_tokens(key, lambda: _pack(docs(), tokenizer, n_tokens))
     return _blocks_to_batches(tokens, batch, seq_len, steps, seed)
@@ -152,7 +274,7 @@ def heldout_batches(corpus: str, tokenizer, *, n_tokens: int, batch: int, seq_le
     }[corpus]
     source = require(path)
     n_blocks = max(1, n_tokens // seq_len)
-    key = {"corpus": corpus, "file": source.name, "n": n_blocks * seq_len, "tok": TOKENIZER_NAME}
+    key = {"corpus": corpus, "file": source.name, "n": n_blocks * seq_len, "tok": tokenizer_id(tokenizer)}
     tokens = _cached_tokens(
         key, lambda: _pack((d["text"] for d in read_jsonl(source)), tokenizer, n_blocks * seq_len)
     )
@@ -161,6 +283,72 @@ def heldout_batches(corpus: str, tokenizer, *, n_tokens: int, batch: int, seq_le
         {"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()}
         for b in blocks.split(batch)
     ]
+
+
+# ---------------------------------------------------------------- prompt formats
+
+# How a (question, answer) pair is laid out for a model, answer-only supervision in both:
+#   plain  "Question: {q}\nAnswer: {a}</s>" (lm-eval's gsm8k prompt; base models and the project's own)
+#   chat   the model's own chat template: the user turn is the question, the assistant turn the answer,
+#          closed by the template's end-of-turn token (instruct models, e.g. SmolLM2-135M-Instruct)
+PROMPT_FORMATS = ("plain", "chat")
+
+
+def prompt_format_of(tokenizer) -> str:
+    """`chat` when the tokenizer carries a chat template (an instruct model), else `plain`."""
+    return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+
+
+def chat_prompt(tokenizer, user: str) -> str:
+    """The rendered chat up to the start of the assistant's answer (what generation continues from)."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def chat_end_of_turn(tokenizer, user: str = "1+1?", answer: str = "2") -> str:
+    """The text the chat template puts right after an assistant answer, up to the end-of-turn marker
+    (`<|im_end|>` for ChatML), read off the template itself (once per tokenizer)."""
+    cached = getattr(tokenizer, "oasis_end_of_turn", None)
+    if cached is None:
+        cached = tokenizer.oasis_end_of_turn = _end_of_turn(tokenizer, user, answer)
+    return cached
+
+
+def _end_of_turn(tokenizer, user: str, answer: str) -> str:
+    prompt = chat_prompt(tokenizer, user)
+    full = tokenizer.apply_chat_template(
+        [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], tokenize=False
+    )
+    if not full.startswith(prompt + answer):
+        raise ValueError("the chat template does not render an answer as prompt + answer; "
+                         "answer-only supervision cannot be placed")
+    end = full[len(prompt) + len(answer):].rstrip()
+    if not end:
+        raise ValueError("the chat template puts no end-of-turn marker after an answer")
+    return end
+
+
+def encode_pair(tokenizer, fmt: str, question: str, answer: str) -> tuple[list[int], list[int]]:
+    """(prompt_ids, answer_ids) of one example in format `fmt`; the loss goes on answer_ids only.
+
+    In the chat format the answer ids are the assistant text plus the end-of-turn marker, and they are
+    checked to be exactly the tail of the tokenised whole conversation (so the labels mark the tokens
+    the model really sees, not a re-tokenisation that merges across the boundary)."""
+    if fmt == "plain":
+        p = tokenizer(gsm8k_prompt(question)).input_ids  # with BOS where the tokenizer adds one
+        a = tokenizer(" " + answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        return p, a
+    if fmt == "chat":
+        prompt = chat_prompt(tokenizer, question)
+        end = chat_end_of_turn(tokenizer)
+        p = tokenizer(prompt, add_special_tokens=False).input_ids
+        a = tokenizer(answer, add_special_tokens=False).input_ids + tokenizer(
+            end, add_special_tokens=False).input_ids
+        whole = tokenizer(prompt + answer + end, add_special_tokens=False).input_ids
+        if whole != p + a:
+            raise ValueError("chat format: prompt and answer tokens merge across their boundary")
+        return p, a
+    raise ValueError(f"unknown prompt format {fmt!r}; choose from {', '.join(PROMPT_FORMATS)}")
 
 
 # ---------------------------------------------------------------- GSM8K (fine-tuning)
@@ -173,12 +361,6 @@ def gsm8k_prompt(question: str) -> str:
 
 def gsm8k_examples(split: str) -> list[dict]:
     return list(read_jsonl(require(f"gsm8k/{split}.jsonl")))
-
-
-def _prompt_answer_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-    p = tokenizer(prompt).input_ids  # with BOS
-    a = tokenizer(" " + answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    return p, a
 
 
 def supervised_batch(pairs, tokenizer, seq_len: int | None = None) -> dict:
@@ -195,29 +377,31 @@ def supervised_batch(pairs, tokenizer, seq_len: int | None = None) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def gsm8k_train_batches(tokenizer, *, steps: int, batch: int, seq_len: int, seed: int) -> list[dict]:
-    """`steps` batches of GSM8K train problems in a seeded order; problems longer than seq_len are skipped."""
+def gsm8k_train_batches(tokenizer, *, steps: int, batch: int, seq_len: int, seed: int,
+                        fmt: str = "plain") -> list[dict]:
+    """`steps` batches of GSM8K train problems in a seeded order, in prompt format `fmt`; problems longer
+    than seq_len are skipped."""
     examples = gsm8k_examples("train")
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     pairs = []
     for i in order:
-        p, a = _prompt_answer_ids(tokenizer, gsm8k_prompt(examples[i]["question"]), examples[i]["answer"])
+        p, a = encode_pair(tokenizer, fmt, examples[i]["question"], examples[i]["answer"])
         if len(p) + len(a) <= seq_len:
             pairs.append((p, a))
         if len(pairs) == steps * batch:
             break
+    if not pairs:
+        raise ValueError(f"no GSM8K training problem fits in seq_len={seq_len} tokens")
     if len(pairs) < steps * batch:  # more steps than problems: another epoch in the same order
         pairs = (pairs * (steps * batch // max(1, len(pairs)) + 1))[: steps * batch]
     return [supervised_batch(pairs[i : i + batch], tokenizer, seq_len) for i in range(0, len(pairs), batch)]
 
 
-def gsm8k_eval_pairs(tokenizer, limit: int | None) -> list[tuple[list[int], list[int]]]:
+def gsm8k_eval_pairs(tokenizer, limit: int | None, fmt: str = "plain") -> list[tuple[list[int], list[int]]]:
     """(prompt_ids, answer_ids) of the first `limit` test problems, in lm-eval's order."""
-    return [
-        _prompt_answer_ids(tokenizer, gsm8k_prompt(ex["question"]), ex["answer"])
-        for ex in gsm8k_examples("test")[: limit or None]
-    ]
+    return [encode_pair(tokenizer, fmt, ex["question"], ex["answer"])
+            for ex in gsm8k_examples("test")[: limit or None]]
 
 
 # ---------------------------------------------------------------- code (HumanEval fine-tuning)
@@ -226,36 +410,96 @@ def gsm8k_eval_pairs(tokenizer, limit: int | None) -> list[tuple[list[int], list
 def stdlib_sources() -> list[Path]:
     """The running interpreter's own standard-library Python sources (an offline code corpus), sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = ("site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "turtledemo")
-    files = [p for p in root.rglob("*.py") if not any(part in skip for part in p.relative_to(root).parts)]
+    skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "turtledemo"}
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in skip]  # never descend into installed packages
+        files += [Path(folder, n) for n in names if n.endswith(".py")]
     return sorted(files)
 
 
-def code_train_batches(tokenizer, *, steps: int, batch: int, seq_len: int, seed: int) -> list[dict]:
+def function_pairs(path: Path) -> list[tuple[str, str]]:
+    """(prompt, body) of every undecorated top-level function with a docstring in one source file, shaped
+    like a HumanEval problem: the prompt is the `def` line through the docstring, the body the rest."""
+    try:
+        source = path.read_text(encoding="utf-8")
+        tree = ast.parse(source)
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+        return []
+    lines = source.splitlines(keepends=True)
+    pairs = []
+    for node in tree.body:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.decorator_list:
+            continue
+        if ast.get_docstring(node) is None or len(node.body) < 2:
+            continue
+        doc_end = node.body[0].end_lineno
+        prompt, body = "".join(lines[node.lineno - 1 : doc_end]), "".join(lines[doc_end : node.end_lineno])
+        if body.strip():
+            pairs.append((prompt, body if body.endswith("\n") else body + "\n"))
+    return pairs
+
+
+CODE_INSTRUCTION = "Complete the following Python function.\n\n"
+CODE_FENCE = "```python\n"
+
+
+def encode_code(tokenizer, fmt: str, prompt: str, body: str) -> tuple[list[int], list[int]]:
+    """(prompt_ids, body_ids) of a function completion in format `fmt`; the loss goes on the body only.
+
+    plain: the code itself (HumanEval's own prompt), the body, EOS.
+    chat:  the user turn asks to complete the function shown in a fenced block; the assistant turn starts
+           with the fence and the prompt code (given, not supervised), then the body, the closing fence and
+           the end-of-turn marker (supervised). Generation continues from the same point."""
+    if fmt == "plain":
+        p = tokenizer(prompt).input_ids
+        a = tokenizer(body, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        return p, a
+    if fmt == "chat":
+        # the cut sits before the prompt's last newline: a newline and the body's indentation are one
+        # pre-token for byte-level BPE, so a cut after it would split a token the model never sees split
+        context = code_chat_prompt(tokenizer, prompt)
+        answer = prompt[len(prompt.rstrip("\n")):] + body + "```"
+        end = chat_end_of_turn(tokenizer)
+        p = tokenizer(context, add_special_tokens=False).input_ids
+        a = tokenizer(answer, add_special_tokens=False).input_ids + tokenizer(
+            end, add_special_tokens=False).input_ids
+        if tokenizer(context + answer + end, add_special_tokens=False).input_ids != p + a:
+            raise ValueError("chat format: prompt and answer tokens merge across their boundary")
+        return p, a
+    raise ValueError(f"unknown prompt format {fmt!r}; choose from {', '.join(PROMPT_FORMATS)}")
+
+
+def code_chat_prompt(tokenizer, prompt: str) -> str:
+    """The rendered chat that a function body continues in the chat format (see `encode_code`): up to the
+    prompt code without its final newline, which the completion starts with."""
+    user = f"{CODE_INSTRUCTION}{CODE_FENCE}{prompt}```"
+    return chat_prompt(tokenizer, user) + CODE_FENCE + prompt.rstrip("\n")
+
+
+def code_train_batches(tokenizer, *, steps: int, batch: int, seq_len: int, seed: int,
+                       fmt: str = "plain") -> list[dict]:
+    """`steps` batches of function completions from the standard library (files in a seeded order),
+    loss on the bodies only; functions longer than seq_len are skipped."""
     files = stdlib_sources()
     if not files:
         raise DataMissing(f"missing data: no Python sources under {sysconfig.get_paths()['stdlib']}")
-    n_tokens = steps * batch * seq_len
-
-    def texts():
-        order = list(files)
-        random.Random(seed).shuffle(order)
-        for path in order:
-            try:
-                yield path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError):
-                continue
-
-    key = {
-        "corpus": "python-stdlib",
-        "root": sysconfig.get_paths()["stdlib"],
-        "n_files": len(files),
-        "seed": seed,
-        "n": n_tokens,
-        "tok": TOKENIZER_NAME,
-    }
-    tokens = _cached_tokens(key, lambda: _pack(texts(), tokenizer, n_tokens))
-    return _blocks_to_batches(tokens, batch, seq_len, steps, seed)
+    order = list(files)
+    random.Random(seed).shuffle(order)
+    pairs = []
+    for path in order:
+        for prompt, body in function_pairs(path):
+            p, a = encode_code(tokenizer, fmt, prompt, body)
+            if len(p) + len(a) <= seq_len:
+                pairs.append((p, a))
+            if len(pairs) == steps * batch:
+                break
+        if len(pairs) == steps * batch:
+            break
+    if not pairs:
+        raise ValueError(f"no standard-library function fits in seq_len={seq_len} tokens")
+    pairs = (pairs * (steps * batch // len(pairs) + 1))[: steps * batch]
+    return [supervised_batch(pairs[i : i + batch], tokenizer, seq_len) for i in range(0, len(pairs), batch)]
 
 
 def humaneval_problems(limit: int | None) -> list[dict]:

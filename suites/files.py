@@ -11,6 +11,8 @@ one-line usage error and not a traceback after an hour of training.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -24,20 +26,20 @@ class OutputError(ValueError):
     """An output path that cannot be written (the CLIs turn it into a one-line usage error, exit 2)."""
 
 
-def _json_safe(obj):
+def json_safe(obj):
     """JSON-stable form: tuples become lists, non-finite floats (a diverged loss) become null."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
 def json_text(obj, indent: int | None = 1) -> str:
     """The canonical JSON text the project writes: NaN/inf as null, tuples as lists, a final newline."""
-    return json.dumps(_json_safe(obj), indent=indent, allow_nan=False) + "\n"
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False) + "\n"
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str, *, mode: int = FILE_MODE) -> Path:
@@ -77,6 +79,7 @@ def atomic_dir(final: str | os.PathLike, fill) -> Path:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a cache is as readable as the files in it
     try:
         fill(tmp)
         try:
@@ -88,6 +91,25 @@ def atomic_dir(final: str | os.PathLike, fill) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, *, wait: bool = False):
+    """Hold an exclusive `flock` on the file `path` (created if needed, left in place afterwards) for the
+    body of the `with`; yields True when held, or False at once when another process holds it and
+    `wait` is false. The kernel drops the lock when its holder exits, however it exits."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing the only descriptor releases the lock
 
 
 def check_output_dir(path: str | os.PathLike, what: str = "--out") -> Path:

@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BASELINE = REPO / "results" / "memory" / "baseline.json"
 MAX_TOLERANCE = 0.01
 MEASURE_KEYS = ("model", "kind", "batch", "seq", "rank", "dtype", "checkpointing", "attn", "loss",
-                "loss_chunk", "lean_blocks", "window", "overrides")
+                "loss_chunk", "lean_blocks", "window", "overrides", "kernel_policy")
 CLAIM_KEYS = ("config", "method", "versus", "max", "target", "note")
 MIB = 2**20
 

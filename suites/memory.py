@@ -11,17 +11,26 @@ the method and every step live under FakeTensorMode: shapes are computed, nothin
 small models); both count live tensor storages with the same tracker (`suites.meters`), so a small
 config gives the same bytes both ways.
 
-Policy (the published setups): pure low precision (`--dtype bf16`: weights, gradients, optimizer
-state and activations all bf16, no fp32 master copy; parameters a method builder creates in another
-dtype are cast, see `cast_params`), no gradient checkpointing unless asked, scaled
+Policy (the published setups): pure low precision (`--dtype bfloat16`, or `bf16`: weights, gradients,
+optimizer state and activations all bf16, no fp32 master copy; parameters a method builder creates in
+another dtype are cast, see `cast_params`), no gradient checkpointing unless asked, scaled
 dot-product attention. Periodic methods have their refresh period set to 1 for these runs so that the
 measured window contains a refresh (DESIGN §5); the keys are in `REFRESH_KEYS`.
 
 Fidelity: fake tensors live on the CPU device, so an estimate follows the CPU kernels' choices of what
-to keep (CPU dropout keeps a bf16 noise tensor where CUDA keeps a bool mask; torch's AdamW runs
-single-tensor, where on CUDA its foreach default adds parameter-sized temporaries in the step), and
-allocator rounding and library workspaces are not counted. Under FakeTensorMode a Python scalar read
-from a tensor (`.item()`, `bool(t)`) is a placeholder (see `suites.meters`).
+to keep, with one exception chosen by `--kernels` and recorded as `kernel_policy`: `cuda-dropout` (the
+default for estimates) keeps dropout's 1-byte bool mask as CUDA's fused kernel does, where the CPU kernel
+keeps a noise tensor in the activation dtype (LoRA's dropout on every adapted layer's input: about 4 GiB
+at 7B, micro-batch 8, seq 512); `cpu` keeps the CPU kernel's choice (the default, and the only honest one,
+for `--kind cpu`, which measures a real CPU run). Not modelled: torch's AdamW runs single-tensor on CPU,
+where on CUDA its foreach default adds parameter-sized temporaries in the step; allocator rounding and
+library workspaces. Under FakeTensorMode a Python scalar read from a tensor (`.item()`, `bool(t)`) is a
+placeholder (see `suites.meters`).
+
+Quantised methods (adam8bit, galore8bit, qlora) run bitsandbytes itself under FakeTensorMode: its ops have
+fake implementations, and its code tables are computed for real (`suites.meters.bitsandbytes_tables`);
+tests/test_memory.py checks the estimate against a real CPU-tracked run byte for byte. A method that cannot
+be measured here stops the run with one line naming it and the reason.
 
 Generic memory tricks, offered to every method alike and recorded in the output:
   --loss chunked     the causal-LM loss over token chunks, never the whole batch's logits (suites.lean)
@@ -41,37 +50,46 @@ from pathlib import Path
 
 import torch
 
-from suites import lean
-from suites.meters import fake_construction, make_meter
+from suites import cli, dtypes, files, lean
+from suites.meters import KERNEL_POLICIES, fake_construction, make_meter
+from suites.patching import patched
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PROG = "python -m suites.memory"
+MASK_TRACING_CHECK = "is_tracing"  # the transformers.masking_utils function `_masks_as_in_real_runs` wraps
 KINDS = ("estimate", "cpu")
 # hyper-parameters that set how often a basis is recomputed: 1 puts a refresh inside the window
 REFRESH_KEYS = {"update_proj_gap": 1, "refresh_every": 1, "update_every": 1}
 COMMON = {"lr": 1e-4, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "seed": 0}
 GIB = 2**30
 CATEGORY_COLS = ("params", "grads", "optimizer", "activations", "other")
+POLICY_NOTES = {"cpu": "every op as the CPU kernel keeps it",
+                "cuda-dropout": "dropout keeps a 1-byte mask as on CUDA; other ops as the CPU kernels"}
 
 
 def load_config(model: str):
-    """A transformers config from a preset name of `suites.models` or a config.json (file or directory)."""
-    from suites.models import PRESETS, llama_config
+    """A transformers config from a model spec of `suites.models` (a preset, `smollm2-135m`, a GGUF file,
+    a Hugging Face folder, a hub id) or a config.json file; ValueError (one line) when it cannot be had."""
+    from suites.models import load_config_json, model_config
 
-    if model in PRESETS:
-        return llama_config(model)
     path = Path(model)
-    if path.is_dir():
-        path = path / "config.json"
     if path.suffix == ".json" and path.is_file():
-        from transformers import AutoConfig
+        return load_config_json(path)
+    return model_config(model)
 
-        with open(path) as f:
-            raw = json.load(f)
-        if "model_type" not in raw:
-            raise ValueError(f"{path} has no model_type; not a transformers config")
-        return AutoConfig.for_model(**raw)
-    raise ValueError(f"unknown model {model!r}: give a preset ({', '.join(PRESETS)}) "
-                     "or a path to config.json")
+
+def load_weights(model: str, dtype: torch.dtype, attn: str, checkpointing: bool):
+    """The real pretrained model of a spec with weights (for `--kind cpu`: a real training step of the real
+    model; its bytes equal those of a random init of the same config)."""
+    from transformers import AutoModelForCausalLM
+
+    from suites.models import resolve, weights_dir
+
+    net = AutoModelForCausalLM.from_pretrained(weights_dir(resolve(model)), dtype=dtype,
+                                               attn_implementation=attn)
+    if checkpointing:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    net.train()
+    return net
 
 
 def build_model(config, dtype: torch.dtype, attn: str, checkpointing: bool):
@@ -98,11 +116,11 @@ def make_batch(vocab: int, batch: int, seq: int) -> dict:
 def cast_params(model, dtype: torch.dtype) -> None:
     """Pure `dtype`: floating parameters a builder made in another dtype are cast in place (peft, for one,
     upcasts LoRA adapters of a bf16 model to fp32 by default). Optimizer state is created lazily from the
-    parameters, so it follows. Buffers and method state that is not a parameter (e.g. OASIS bases, fp32
-    by design) are left alone."""
+    parameters, so it follows. Buffers, method state that is not a parameter (e.g. OASIS bases, fp32
+    by design) and parameters marked `keep_dtype` (OASIS's float32 gradient carriers) are left alone."""
     with torch.no_grad():
         for p in model.parameters():
-            if p.is_floating_point() and p.dtype != dtype:
+            if p.is_floating_point() and p.dtype != dtype and not getattr(p, "keep_dtype", False):
                 p.data = p.data.to(dtype)
 
 
@@ -116,46 +134,68 @@ def method_config(name: str, rank: int, overrides: dict) -> dict:
     return cfg
 
 
-def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: str = "bf16",
+def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: str = "bfloat16",
             checkpointing: bool = False, kind: str = "estimate", attn: str = "sdpa", loss: str = "full",
             loss_chunk: int = 256, lean_blocks: bool = False, window: int = 1,
-            overrides: dict | None = None) -> dict:
-    """Peak memory of `window` training steps of `method` after one warm-up step; one result row."""
+            overrides: dict | None = None, kernel_policy: str | None = None) -> dict:
+    """Peak memory of `window` training steps of `method` after one warm-up step; one result row.
+
+    `dtype` is any name of `suites.dtypes` (`bf16` or `bfloat16`). `kernel_policy` (see `suites.meters`):
+    None means "cuda-dropout" for estimates and "cpu" for real runs.
+    """
     from suites.registry import build_method
+
+    torch_dtype = dtypes.torch_dtype(dtype)
+    if kernel_policy is None:
+        kernel_policy = "cuda-dropout" if kind == "estimate" else "cpu"
+    if kernel_policy not in KERNEL_POLICIES:
+        raise ValueError(f"unknown kernel policy {kernel_policy!r}; choose from {', '.join(KERNEL_POLICIES)}")
 
     config = load_config(model)
     cfg = method_config(method, rank, dict(overrides or {}))
     fake = kind == "estimate"
     vocab = config.vocab_size
     t0 = time.perf_counter()
-    with fake_construction() if fake else _nullcontext():
-        net = build_model(config, DTYPES[dtype], attn, checkpointing)
+    with fake_construction() if fake else contextlib.nullcontext():
+        if not fake and _has_weights(model):
+            net = load_weights(model, torch_dtype, attn, checkpointing)
+        else:
+            net = build_model(config, torch_dtype, attn, checkpointing)
         if lean_blocks:
             lean.apply_lean_activations(net)
         net, optimizer = build_method(method, net, cfg)
-        cast_params(net, DTYPES[dtype])
+        cast_params(net, torch_dtype)
         batch_ = make_batch(vocab, batch, seq)
-    meter = make_meter(kind, net, optimizer)
+    meter = make_meter(kind, net, optimizer, kernel_policy)
     loss_fn = lean.causal_lm_loss if loss == "chunked" else lean.model_loss
 
-    def step():  # what the harness loop does (suites.loop), minus timing and logging
+    def step():  # what the harness does (suites.recipe.optimizer_step), minus timing and logging
         value = loss_fn(net, batch_, chunk_tokens=loss_chunk)
         value.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    with meter, _masks_as_in_real_runs():
+    with meter, _masks_as_in_real_runs() if fake else contextlib.nullcontext():
         step()
         meter.start_window()
         for _ in range(window):
             step()
     rec = meter.result()
     return {"method": method, "peak_bytes": rec["peak_bytes"], "breakdown": rec["breakdown"],
-            "source": rec["source"],
+            "source": rec["source"], "kernel_policy": rec["kernel_policy"],
             "tricks": {"loss": loss, "lean_blocks": lean_blocks,
                        "layerwise": bool(cfg.get("layerwise", False)), "checkpointing": checkpointing},
             "method_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
             "wall_s": round(time.perf_counter() - t0, 2)}
+
+
+def _has_weights(model: str) -> bool:
+    from suites.models import carries_weights
+
+    path = Path(model)
+    if path.is_dir():  # a folder may hold only a config.json (shapes to measure, no weights)
+        return any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+    return carries_weights(model) and path.suffix != ".json"
 
 
 @contextlib.contextmanager
@@ -164,27 +204,16 @@ def _masks_as_in_real_runs():
     mask, where a real run with an all-ones attention_mask passes none and lets SDPA apply causality
     itself (the flash-attention path). The check that reads the mask's values is answered by the
     tracker's placeholder (True: all ones), which is what the batches measured here hold."""
-    try:
-        import transformers.masking_utils as masking
-    except ImportError:
-        yield
-        return
+    import transformers.masking_utils as masking
     from torch._subclasses.fake_tensor import FakeTensor
 
-    original = masking.is_tracing
-    masking.is_tracing = lambda tensor=None: original(None if isinstance(tensor, FakeTensor) else tensor)
-    try:
+    def is_tracing(tensor=None):
+        return original(None if isinstance(tensor, FakeTensor) else tensor)
+
+    why = ("an estimate must build the attention masks a real run builds; without it every estimate "
+           "holds a (batch, 1, seq, seq) mask that a real run with an all-ones attention_mask never makes")
+    with patched(masking, MASK_TRACING_CHECK, is_tracing, why=why) as original:  # bound before any call
         yield
-    finally:
-        masking.is_tracing = original
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run(args) -> dict:
@@ -196,9 +225,20 @@ def run(args) -> dict:
         overrides["layerwise"] = True
     rows = []
     for name in methods:
-        row = measure(args.model, name, batch=args.batch, seq=args.seq, rank=args.rank, dtype=args.dtype,
-                      checkpointing=args.checkpointing, kind=args.kind, attn=args.attn, loss=args.loss,
-                      loss_chunk=args.loss_chunk, lean_blocks=args.lean_blocks, overrides=overrides)
+        try:
+            row = measure(args.model, name, batch=args.batch, seq=args.seq, rank=args.rank, dtype=args.dtype,
+                          checkpointing=args.checkpointing, kind=args.kind, attn=args.attn, loss=args.loss,
+                          loss_chunk=args.loss_chunk, lean_blocks=args.lean_blocks, overrides=overrides,
+                          kernel_policy=args.kernels)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        except (RuntimeError, TypeError, AttributeError) as exc:  # NotImplementedError is a RuntimeError
+            # a library that cannot run this way (a kernel or fake implementation missing): one line
+            # naming the method, never a traceback; OASIS_DEBUG=1 shows where it failed
+            if os.environ.get("OASIS_DEBUG"):
+                raise
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            raise ValueError(f"{name} cannot be measured here: {type(exc).__name__}: {first}") from None
         rows.append(row)
         if not args.quiet:
             print(f"  {name}: {row['peak_bytes'] / GIB:.3f} GiB ({row['wall_s']} s)", file=sys.stderr)
@@ -206,10 +246,12 @@ def run(args) -> dict:
     for r in rows:
         r["ratio_to_adam"] = None if adam is None else round(r["peak_bytes"] / adam, 4)
     config = {"model": args.model, "batch": args.batch, "seq": args.seq, "rank": args.rank,
-              "dtype": args.dtype, "checkpointing": args.checkpointing, "attn": args.attn, "loss": args.loss,
+              "dtype": dtypes.canonical(args.dtype), "checkpointing": args.checkpointing, "attn": args.attn,
+              "loss": args.loss,
               "loss_chunk": args.loss_chunk if args.loss == "chunked" else None, "layerwise": args.layerwise,
               "lean_blocks": args.lean_blocks,
-              "kind": args.kind, "set": overrides, "torch": torch.__version__}
+              "kind": args.kind, "kernel_policy": rows[0]["kernel_policy"], "set": overrides,
+              "torch": torch.__version__}
     return {"config": config, "results": rows}
 
 
@@ -256,22 +298,25 @@ def _positive(text: str) -> int:
     return value
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+def _dtype(text: str) -> str:
+    try:
+        return dtypes.canonical(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m suites.memory", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a preset of suites.models or a path to a config.json")
+    p = cli.Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="a preset or named model of suites.models (llama-cpu, smollm2-135m, ...), a GGUF "
+                        "file, a Hugging Face model folder, a hub id, or a config.json")
     p.add_argument("--methods", default="all", help="'all' (the six mission methods) or a,b,...")
     p.add_argument("--batch", type=_positive, default=8, help="micro-batch size (sequences)")
     p.add_argument("--seq", type=_positive, default=512, help="sequence length (tokens)")
     p.add_argument("--rank", type=_positive, default=32, help="rank of the low-rank methods")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
-                   help="dtype of the whole model and its training state (pure, no master copy)")
+    p.add_argument("--dtype", type=_dtype, default="bfloat16", metavar="{" + ",".join(dtypes.CANONICAL) + "}",
+                   help="dtype of the whole model and its training state (pure, no master copy); "
+                        f"also {', '.join(dtypes.ALIASES)}")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (non-reentrant)")
     p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation")
     p.add_argument("--loss", choices=("full", "chunked"), default="full",
@@ -283,40 +328,46 @@ def parser() -> argparse.ArgumentParser:
                    help="optimizer steps inside backward (sets layerwise=true for methods that have it)")
     p.add_argument("--kind", choices=KINDS, default="estimate",
                    help="estimate: FakeTensorMode, nothing allocated; cpu: real tensors (small models)")
+    p.add_argument("--kernels", choices=KERNEL_POLICIES, default=None,
+                   help="kernel policy (recorded as kernel_policy): cuda-dropout keeps dropout's 1-byte mask "
+                        "as CUDA does (default for estimates); cpu keeps the CPU kernels' choice (default "
+                        "for --kind cpu)")
     p.add_argument("--set", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="a method hyper-parameter (JSON value), e.g. --set subspace_lr=0.1")
-    p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    p.add_argument("--json", type=Path, help="also write the results as JSON here (checked before measuring)")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--quiet", action="store_true", help="no per-method progress on stderr")
     return p
 
 
-def main(argv=None) -> int:
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ.setdefault(var, "1")
+def _main(argv) -> int:
     args = parser().parse_args(argv)
     try:
+        if args.json:
+            files.check_output_file(args.json, "--json")
         from suites.registry import resolve_methods
 
         resolve_methods(args.methods)
         load_config(args.model)
         report = run(args)
-    except ValueError as exc:
-        print(f"python -m suites.memory: error: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # OutputError, unknown method or model, a method's bad hyper-parameter
+        raise cli.UsageError(str(exc)) from None
     print(format_table(report, markdown=args.markdown))
+    policy = report["config"]["kernel_policy"]
+    print(f"kernel policy: {policy} ({POLICY_NOTES[policy]})")
     if args.json:
-        write_json(report, args.json)
+        files.write_json(args.json, report)
     return 0
 
 
+def main(argv=None) -> int:
+    return cli.cli_main(PROG, _main, argv)
+
+
 def write_json(obj, path: Path) -> None:
-    """Atomic write: a partial file never exists under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    """`suites.files.write_json` with the arguments the other way round, for `suites.memcheck` until it
+    calls `suites.files` itself."""
+    files.write_json(path, obj)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,25 @@
   tensors (build them inside `fake_construction()`), every op computes shapes only and
   nothing is allocated, so a 7B model is measured on a laptop.
 
+Kernel policy (``kernel_policy``, recorded in every result). CPU and CUDA kernels sometimes keep different
+tensors for backward; an estimate runs the CPU kernels (fake tensors live on the CPU device), so it says
+which choice it counted:
+
+* ``cpu``: every op as the CPU kernel runs it (the ``cpu`` meter's default; what a real CPU run keeps).
+* ``cuda-dropout``: as ``cpu``, except that dropout keeps a 1-byte bool mask for backward, as CUDA's fused
+  kernel does (``torch.native_dropout``), where the CPU kernel keeps a noise tensor in the input's dtype
+  (2 bytes per element in bf16). The ``estimate`` meter's default, since estimates target GPUs. Other
+  CPU/CUDA differences are not modelled (see `suites.memory`).
+* ``cuda``: the ``cuda`` meter: the real CUDA kernels.
+
 Breakdown categories (bytes of live storages at the peak; they sum to ``peak_bytes``). Each storage
 is counted once, in the first category that claims it:
 
-* ``params``: storages of the model's parameters and buffers (trainable or frozen).
-* ``grads``: ``p.grad`` of every parameter, and every module's ``.lowrank_grad`` (the OASIS / PCA /
-  CompAct weight gradient, which replaces ``.weight.grad`` for compressed layers).
+* ``params``: storages of the model's parameters and buffers (trainable or frozen), and the tensors a
+  quantised parameter carries beside its data (bitsandbytes' ``quant_state``: block absmax, nested absmax,
+  code tables, offset).
+* ``grads``: ``p.grad`` of every parameter (for OASIS / PCA / CompAct compressed layers this includes
+  the d_out × r weight gradient, the ``.grad`` of the layer's gradient carrier).
 * ``optimizer``: every tensor reachable from ``optimizer.state`` (nested mappings, lists, tuples and plain
   objects such as galore-torch's projector with its ``ortho_matrix``) or from the optimizer object's
   other attributes (OASIS keeps its bases in trackers it holds; a layer-wise optimizer holds inner
@@ -43,11 +56,15 @@ from contextlib import ExitStack
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from suites.patching import patched
+
 CATEGORIES = ("params", "grads", "optimizer", "activations", "other")
 KINDS = ("cuda", "cpu", "estimate")
+KERNEL_POLICIES = ("cpu", "cuda-dropout")  # for the cpu and estimate meters; the cuda meter is "cuda"
 
 
 def _storage(t: torch.Tensor):
@@ -180,15 +197,18 @@ class TensorTracker(TorchDispatchMode):
 
     # -- classification ---------------------------------------------------------------------
     def _param_tensors(self) -> list[torch.Tensor]:
-        return [*self.model.parameters(), *self.model.buffers()]
+        params = list(self.model.parameters())
+        out = [*params, *self.model.buffers()]
+        seen: set = set()
+        for p in params:
+            # bitsandbytes' Params4bit: the weight's data alone cannot be dequantised without these
+            quant_state = getattr(p, "quant_state", None)
+            if quant_state is not None:
+                _walk_tensors(quant_state, out, seen)
+        return out
 
     def _grad_tensors(self) -> list[torch.Tensor]:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        for module in self.model.modules():
-            g = getattr(module, "lowrank_grad", None)
-            if isinstance(g, torch.Tensor):
-                grads.append(g)
-        return grads
+        return [p.grad for p in self.model.parameters() if p.grad is not None]
 
     def _optimizer_tensors(self) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
@@ -267,13 +287,32 @@ class TensorTracker(TorchDispatchMode):
         return out
 
 
+class CudaDropout(TorchFunctionMode):
+    """Kernel policy "cuda-dropout": `F.dropout` (training, 0 < p < 1, not in place) runs as
+    `torch.native_dropout`, which keeps a bool mask for backward, as CUDA's fused dropout does. The CPU path
+    of `F.dropout` multiplies by a noise tensor of the input's dtype and keeps that instead. Values are
+    drawn the same way (Bernoulli(1 - p), scaled by 1 / (1 - p)); only what is stored differs."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.dropout:
+            bound = dict(zip(("input", "p", "training", "inplace"), args), **kwargs)
+            x, p = bound["input"], bound.get("p", 0.5)
+            if bound.get("training", True) and not bound.get("inplace", False) and 0 < p < 1:
+                return torch.native_dropout(x, p, True)[0]
+        return func(*args, **kwargs)
+
+
 class Meter:
     """Context manager around training steps; see the module docstring for the protocol."""
 
     source = "cpu-tracked"
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None):
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, kernel_policy: str = "cpu"):
+        if kernel_policy not in KERNEL_POLICIES:
+            raise ValueError(f"unknown kernel policy {kernel_policy!r}; "
+                             f"choose from {', '.join(KERNEL_POLICIES)}")
+        self.model, self.optimizer, self.kernel_policy = model, optimizer, kernel_policy
         self.tracker = TensorTracker(model, optimizer)
         self._stack: ExitStack | None = None
         self._gc_was_enabled = True
@@ -290,6 +329,8 @@ class Meter:
         gc.disable()
         self._stack = ExitStack()
         self._enter_modes(self._stack)
+        if self.kernel_policy == "cuda-dropout":
+            self._stack.enter_context(CudaDropout())
         return self
 
     def start_window(self) -> None:
@@ -310,7 +351,7 @@ class Meter:
         self._check()
         breakdown = self.tracker.result_breakdown()
         return {"peak_bytes": int(self.tracker.peak), "source": self.source, "reserved_bytes": None,
-                "breakdown": breakdown}
+                "breakdown": breakdown, "kernel_policy": self.kernel_policy}
 
 
 class EstimateMeter(Meter):
@@ -318,8 +359,8 @@ class EstimateMeter(Meter):
 
     source = "estimate"
 
-    def __init__(self, model, optimizer):
-        super().__init__(model, optimizer)
+    def __init__(self, model, optimizer, kernel_policy: str = "cuda-dropout"):
+        super().__init__(model, optimizer, kernel_policy)
         fake_modes = {id(m): m for m in (getattr(p, "fake_mode", None) for p in model.parameters()) if m}
         if len(fake_modes) != 1:
             raise ValueError("the estimate meter needs a model made of fake tensors "
@@ -332,6 +373,7 @@ class EstimateMeter(Meter):
         # fake mode below, tracker on top: the tracker sees each op first and its fake outputs
         if not any(isinstance(m, FakeTensorMode) for m in _get_current_dispatch_mode_stack()):
             stack.enter_context(self.fake_mode)
+        stack.enter_context(bitsandbytes_tables(self.fake_mode))
         stack.enter_context(self.tracker)
 
 
@@ -342,6 +384,7 @@ class CudaMeter(Meter):
 
     def __init__(self, model, optimizer, device=None):
         super().__init__(model, optimizer)
+        self.kernel_policy = "cuda"
         self.device = device if device is not None else next(model.parameters()).device
 
     def start_window(self) -> None:
@@ -358,19 +401,26 @@ class CudaMeter(Meter):
         # allocator rounding and library workspaces are real bytes the tracker cannot see: "other"
         breakdown["other"] = max(peak - known, 0)
         return {"peak_bytes": max(peak, known), "source": self.source,
-                "reserved_bytes": int(torch.cuda.max_memory_reserved(self.device)), "breakdown": breakdown}
+                "reserved_bytes": int(torch.cuda.max_memory_reserved(self.device)), "breakdown": breakdown,
+                "kernel_policy": self.kernel_policy}
 
 
-def make_meter(kind: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Meter:
-    """A meter of `kind` ("cuda" | "cpu" | "estimate") for one model and its optimizer."""
+def make_meter(kind: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+               kernel_policy: str | None = None) -> Meter:
+    """A meter of `kind` ("cuda" | "cpu" | "estimate") for one model and its optimizer. `kernel_policy`
+    (cpu and estimate meters; see the module docstring) defaults to "cpu" for the cpu meter and
+    "cuda-dropout" for the estimate."""
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("meter kind 'cuda' needs a CUDA device; use 'cpu' or 'estimate'")
+        if kernel_policy not in (None, "cuda"):
+            raise ValueError(f"the cuda meter runs the CUDA kernels; kernel policy {kernel_policy!r} "
+                             "does not apply")
         return CudaMeter(model, optimizer)
     if kind == "cpu":
-        return Meter(model, optimizer)
+        return Meter(model, optimizer, kernel_policy or "cpu")
     if kind == "estimate":
-        return EstimateMeter(model, optimizer)
+        return EstimateMeter(model, optimizer, kernel_policy or "cuda-dropout")
     raise ValueError(f"unknown meter kind {kind!r}; choose from {', '.join(KINDS)}")
 
 
@@ -391,8 +441,6 @@ def fake_construction():
     (FakeTensor keeps its device in Python metadata that `.data =` would not update).
     """
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-
-    original_apply = nn.Module._apply
 
     def apply_in_place(module, fn, recurse=True):
         own = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
@@ -416,9 +464,42 @@ def fake_construction():
         return module
 
     fake_mode = FakeTensorMode()
-    nn.Module._apply = apply_in_place
+    why = "fake parameters cannot be swapped by nn.Module._apply (model.to(dtype) would fail)"
+    # `original_apply`, which apply_in_place falls back to, is bound by the `with` before any call
+    with patched(nn.Module, "_apply", apply_in_place, why=why) as original_apply, fake_mode, \
+            bitsandbytes_tables(fake_mode):
+        yield fake_mode
+
+
+@contextlib.contextmanager
+def bitsandbytes_tables(fake_mode):
+    """Let bitsandbytes run on fake tensors: its quantisation code tables are computed for real.
+
+    bitsandbytes' ops have fake (shape-only) implementations, so its 8-bit optimizers and 4-bit layers run
+    under FakeTensorMode, except for one step: `create_dynamic_map` builds the 256-entry code table of
+    8-bit block-wise quantisation from computed values (`.tolist()`), which fake tensors do not have. The
+    table depends on no input, so here it is computed on real tensors and handed to `fake_mode` as a
+    constant (same shape, dtype and bytes). bitsandbytes caches one table per process
+    (`functional.name2qmap`); while fake tensors are built that cache is swapped for a private one, so a
+    fake table never reaches later real runs and a real one never enters the fake mode.
+    """
     try:
-        with fake_mode:
-            yield fake_mode
+        import bitsandbytes.functional as bnb_functional
+    except ImportError:  # not installed: nothing of it can run, so nothing to adapt
+        yield
+        return
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    original, cache = bnb_functional.create_dynamic_map, bnb_functional.name2qmap
+
+    def create_dynamic_map(*args, **kwargs):
+        with unset_fake_temporarily():
+            table = original(*args, **kwargs)
+        return fake_mode.from_tensor(table)
+
+    bnb_functional.create_dynamic_map = create_dynamic_map
+    bnb_functional.name2qmap = {}
+    try:
+        yield
     finally:
-        nn.Module._apply = original_apply
+        bnb_functional.create_dynamic_map, bnb_functional.name2qmap = original, cache

@@ -1,10 +1,12 @@
 """Profiles: the budgets every method shares, as data.
 
 A profile fixes model, base, data order (seed), steps, batch, sequence length, schedule, rank and
-evaluation for every method of a suite; only learning rates differ, looked up per method in `lrs`.
-Method hyper-parameters start from the method's own defaults (`registry.method_defaults`) and are
-overridden by profile keys of the same name (e.g. `refresh_every`, so that a basis refresh falls
-inside the measured memory window), then by `--set key=value`.
+evaluation for every method of a suite. What differs between methods: the learning rate (per method,
+in `lrs`), each method's own hyper-parameters, and the published optimizer constants a method keeps
+over the profile's shared `betas` / `eps` (LDAdam's betas, GaLore's eps: `PER_METHOD_KEYS` in its
+defaults). Method hyper-parameters start from the method's own defaults (`registry.method_defaults`)
+and are overridden by profile keys of the same name (e.g. `refresh_every`, so that a basis refresh
+falls inside the measured memory window), then by `--set key=value`.
 
 Resolution order for one run:  method defaults  <  profile  <  --set / --sweep.
 """
@@ -15,9 +17,11 @@ import copy
 
 import yaml
 
+from suites import dtypes
+
 # Hyper-parameters that make a method recompute its projection every N optimizer steps. The memory
 # window must contain such a refresh (DESIGN §5), which `resolve` checks for every key listed here.
-PERIODIC_KEYS = ("refresh_every", "update_proj_gap", "regenerate_every")
+PERIODIC_KEYS = ("refresh_every", "update_proj_gap")
 
 # Keys every training profile has (values here are only the types' witnesses; profiles set them all).
 _TRAIN = dict(
@@ -42,7 +46,6 @@ _TRAIN = dict(
     # method hyper-parameters that the profile pins for every method that has them
     refresh_every=2,
     update_proj_gap=2,
-    regenerate_every=2,
     eval_limit=4,  # problems / documents evaluated (None = all)
     eval_batch=8,
     max_gen_toks=32,  # greedy generation budget for accuracy / pass@1
@@ -50,6 +53,11 @@ _TRAIN = dict(
     exec_timeout=5.0,  # seconds per HumanEval program
 )
 
+# Extras' learning rates. adam-mini and qlora take adam's and lora's. APOLLO's update is the raw gradient
+# scaled towards Adam's per-channel step size from an r-dimensional projection, which at r << d is smaller
+# than Adam's step by about sqrt(r/d) (its published scale 1 assumes r = d/4); like GaLore's scale-0.25
+# update it takes GaLore's (larger) learning rate here. The APOLLO scripts pretrain APOLLO and APOLLO-Mini
+# with one learning rate, 1e-2, GaLore's pretraining rate too.
 _LRS_FT = {
     "adam": 1e-4,
     "lora": 1e-3,
@@ -57,6 +65,10 @@ _LRS_FT = {
     "ldadam": 1e-4,
     "pca": 1e-4,
     "oasis": 1e-4,
+    "apollo": 1e-3,
+    "apollo-mini": 1e-3,
+    "adam-mini": 1e-4,
+    "qlora": 1e-3,
     "default": 1e-4,
 }
 # the cpu profiles fine-tune a small base pretrained for only a few hundred steps: larger steps help
@@ -67,6 +79,10 @@ _LRS_FT_CPU = {
     "ldadam": 1e-3,
     "pca": 1e-3,
     "oasis": 1e-3,
+    "apollo": 3e-3,
+    "apollo-mini": 3e-3,
+    "adam-mini": 1e-3,
+    "qlora": 3e-3,
     "default": 1e-3,
 }
 _LRS_PT = {
@@ -76,8 +92,16 @@ _LRS_PT = {
     "ldadam": 1e-3,
     "pca": 1e-3,
     "oasis": 1e-3,
+    "apollo": 1e-2,
+    "apollo-mini": 1e-2,
+    "adam-mini": 1e-3,
+    "qlora": 1e-3,
     "default": 1e-3,
 }
+# Pretraining from random init: LoRA (and QLoRA) train embeddings, norms and lm_head fully besides the
+# adapters, as the low-rank baselines of pretraining papers do (baselines/lora.py, `train_unadapted`);
+# the fine-tuning profiles keep peft's frozen base (the method's default).
+_PRETRAIN_METHOD_KEYS = {"train_unadapted": True}
 
 PROFILES: dict[str, dict[str, dict]] = {
     "c4": {
@@ -89,11 +113,12 @@ PROFILES: dict[str, dict[str, dict]] = {
             batch=2,
             seq_len=64,
             eval_tokens=2048,
-            lrs={**_LRS_PT, "galore": 1e-3},
+            lrs={**_LRS_PT, "galore": 1e-3, "apollo": 1e-3, "apollo-mini": 1e-3},
+            **_PRETRAIN_METHOD_KEYS,
         ),
         "cpu": dict(
             _TRAIN,
-            model="llama-mini",
+            model="llama-cpu",
             steps=60,
             mem_window=11,
             batch=4,
@@ -102,10 +127,10 @@ PROFILES: dict[str, dict[str, dict]] = {
             rank=32,
             refresh_every=10,
             update_proj_gap=10,
-            regenerate_every=10,
             eval_tokens=16384,
             eval_batch=8,
             lrs=dict(_LRS_PT),
+            **_PRETRAIN_METHOD_KEYS,
         ),
         "paper": dict(
             _TRAIN,
@@ -118,10 +143,10 @@ PROFILES: dict[str, dict[str, dict]] = {
             rank=256,
             refresh_every=200,
             update_proj_gap=200,
-            regenerate_every=200,
             eval_tokens=10_000_000,
             eval_batch=64,
             lrs=dict(_LRS_PT),
+            **_PRETRAIN_METHOD_KEYS,
         ),
     },
     "gsm8k": {
@@ -136,10 +161,13 @@ PROFILES: dict[str, dict[str, dict]] = {
             max_gen_toks=8,
             eval_batch=2,
             lrs=dict(_LRS_FT),
+            # a model with its own weights (--set model=smollm2-135m): two steps on short sequences
+            pretrained=dict(steps=2, mem_window=1, seq_len=160, refresh_every=1, update_proj_gap=1,
+                            regenerate_every=1),
         ),
         "cpu": dict(
             _TRAIN,
-            model="llama-mini",
+            model="llama-cpu",
             base="c4",
             base_steps=300,
             steps=32,
@@ -150,7 +178,6 @@ PROFILES: dict[str, dict[str, dict]] = {
             rank=32,
             refresh_every=5,
             update_proj_gap=5,
-            regenerate_every=5,
             eval_limit=32,
             eval_batch=16,
             max_gen_toks=96,
@@ -169,7 +196,6 @@ PROFILES: dict[str, dict[str, dict]] = {
             rank=32,
             refresh_every=200,
             update_proj_gap=200,
-            regenerate_every=200,
             eval_limit=None,
             eval_batch=32,
             max_gen_toks=256,
@@ -180,6 +206,10 @@ PROFILES: dict[str, dict[str, dict]] = {
                 "ldadam": 1e-5,
                 "pca": 1e-5,
                 "oasis": 1e-5,
+                "apollo": 1e-5,
+                "apollo-mini": 1e-5,
+                "adam-mini": 1e-5,
+                "qlora": 2e-4,
                 "default": 1e-5,
             },
         ),
@@ -196,10 +226,13 @@ PROFILES: dict[str, dict[str, dict]] = {
             max_gen_toks=8,
             eval_batch=2,
             lrs=dict(_LRS_FT),
+            # a model with its own weights (--set model=smollm2-135m): two steps on short sequences
+            pretrained=dict(steps=2, mem_window=1, seq_len=128, refresh_every=1, update_proj_gap=1,
+                            regenerate_every=1),
         ),
         "cpu": dict(
             _TRAIN,
-            model="llama-mini",
+            model="llama-cpu",
             base="c4",
             base_steps=300,
             steps=32,
@@ -210,7 +243,6 @@ PROFILES: dict[str, dict[str, dict]] = {
             rank=32,
             refresh_every=5,
             update_proj_gap=5,
-            regenerate_every=5,
             eval_limit=16,
             eval_batch=16,
             max_gen_toks=96,
@@ -229,7 +261,6 @@ PROFILES: dict[str, dict[str, dict]] = {
             rank=32,
             refresh_every=200,
             update_proj_gap=200,
-            regenerate_every=200,
             eval_limit=None,
             eval_batch=16,
             max_gen_toks=512,
@@ -240,6 +271,10 @@ PROFILES: dict[str, dict[str, dict]] = {
                 "ldadam": 1e-5,
                 "pca": 1e-5,
                 "oasis": 1e-5,
+                "apollo": 1e-5,
+                "apollo-mini": 1e-5,
+                "adam-mini": 1e-5,
+                "qlora": 2e-4,
                 "default": 1e-5,
             },
         ),
@@ -247,6 +282,8 @@ PROFILES: dict[str, dict[str, dict]] = {
 }
 
 
+# profile entries that are not --set keys
+INTERNAL_KEYS = ("lrs", "lr_override", "per_method", "pretrained")
 # shared optimizer keys that `KEY.METHOD=value` may set for one method (budgets stay shared)
 PER_METHOD_KEYS = ("betas", "eps", "weight_decay", "rank")
 
@@ -311,13 +348,13 @@ def parse_value(key: str, text: str, witness):
     raise ProfileError(f"--set {key}={text}: expected a scalar")
 
 
-def parse_assignment(text: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise ProfileError(f"--set {text}: expected key=value")
-    key, value = text.split("=", 1)
+def parse_assignment(text: str, flag: str = "--set") -> tuple[str, str]:
+    """'key=value' -> (key, value); `flag` names the option in the error message."""
+    key, sep, value = text.partition("=")
     key = key.strip()
-    if not key:
-        raise ProfileError(f"--set {text}: expected key=value")
+    if not sep or not key:
+        form = "key=value1,value2,..." if flag == "--sweep" else "key=value"
+        raise ProfileError(f"{flag} {text}: expected {form}")
     return key, value
 
 
@@ -327,6 +364,7 @@ def apply_overrides(prof: dict, overrides: list[tuple[str, str]], method_keys: d
     `lr=X` sets every method's learning rate; `lr.NAME=X` sets one method's.
     """
     prof = copy.deepcopy(prof)
+    given = {key.split(".", 1)[0] for key, _ in overrides}
     for key, text in overrides:
         if key == "lr":
             value = parse_value(key, text, 1.0)
@@ -339,7 +377,12 @@ def apply_overrides(prof: dict, overrides: list[tuple[str, str]], method_keys: d
             prof.setdefault("per_method", {}).setdefault(method, {})[base] = parse_value(key, text, witness)
         elif key.startswith("lr."):
             prof["lrs"][key[3:]] = parse_value(key, text, 1.0)
-        elif key in prof and key not in ("lrs", "lr_override", "per_method"):
+        elif key == "dtype":
+            try:
+                prof[key] = dtypes.canonical(text)  # `bf16` is accepted; records say `bfloat16`
+            except ValueError as exc:
+                raise ProfileError(f"--set {key}={text}: {exc}") from None
+        elif key in prof and key not in INTERNAL_KEYS:
             witness = prof[key]
             if key == "eval_limit":
                 witness = None if text.strip().lower() in ("none", "null", "all") else 0
@@ -347,11 +390,22 @@ def apply_overrides(prof: dict, overrides: list[tuple[str, str]], method_keys: d
         elif key in method_keys:
             prof[key] = parse_value(key, text, method_keys[key])
         else:
-            internal = ("lrs", "lr_override", "per_method")
-            known = sorted([k for k in prof if k not in internal] + list(method_keys) + ["lr", "lr.METHOD"])
+            known = sorted({k for k in prof if k not in INTERNAL_KEYS} | set(method_keys)
+                           | {"lr", "lr.METHOD"})
             raise ProfileError(f"unknown key {key!r} for --set/--sweep; known keys: {', '.join(known)}")
+    _apply_pretrained(prof, given)
     _check_budget(prof)
     return prof
+
+
+def _apply_pretrained(prof: dict, given: set) -> None:
+    """A profile's `pretrained` budget replaces its own when the model brings its own weights (a 135M
+    pretrained model in place of a tiny random one: fewer, shorter steps keep a smoke run short on CPU);
+    keys set on the command line stay as given."""
+    from suites.models import carries_weights
+
+    if "pretrained" in prof and carries_weights(prof["model"]):
+        prof.update({k: v for k, v in prof["pretrained"].items() if k not in given})
 
 
 def _check_budget(prof: dict) -> None:
@@ -368,8 +422,8 @@ def _check_budget(prof: dict) -> None:
         raise ProfileError(f"rank must be a positive integer, got {prof['rank']}")
     if prof["schedule"] not in ("cosine", "constant"):
         raise ProfileError(f"schedule must be cosine or constant, got {prof['schedule']!r}")
-    if prof["dtype"] not in ("float32", "bfloat16", "float16"):
-        raise ProfileError(f"dtype must be float32, bfloat16 or float16, got {prof['dtype']!r}")
+    if prof["dtype"] not in dtypes.CANONICAL:
+        raise ProfileError(f"dtype must be one of {', '.join(dtypes.CANONICAL)}, got {prof['dtype']!r}")
 
 
 def resolve(suite: str, profile_name: str, prof: dict, method: str, defaults: dict, device: str) -> dict:

@@ -7,14 +7,16 @@ skipping every config that already has an `ok` record.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import math
 import os
 import platform
 import subprocess
-import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
+
+from suites import files
 
 SCHEMA = "oasis-bench/run-record/1"
 STATUSES = ("ok", "diverged", "oom", "error")
@@ -40,20 +42,9 @@ RECORD_KEYS = (
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _canonical(obj):
-    """JSON-stable form: tuples become lists; NaN/inf (a diverged loss) become null, which JSON can hold."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _canonical(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_canonical(v) for v in obj]
-    return obj
-
-
 def config_hash(config: dict) -> str:
     """16 hex digits of sha256 over the canonical JSON of a resolved config."""
-    text = json.dumps(_canonical(config), sort_keys=True, separators=(",", ":"))
+    text = json.dumps(files.json_safe(config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -100,6 +91,36 @@ def environment(device: str, dtype: str) -> dict:
     return env
 
 
+def now() -> str:
+    """The `started_at` timestamp of a record (UTC, seconds)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def make_record(config: dict, *, status: str, error: str | None = None, metrics: dict | None = None,
+                memory: dict | None = None, speed: dict | None = None, curve: list | None = None,
+                drift: list | None = None, started_at: str, wall_s: float) -> dict:
+    """A run record (DESIGN §3.4) in the schema's key order; the one place a record is assembled."""
+    return {
+        "schema": SCHEMA,
+        "run_id": run_id(config),
+        "suite": config["suite"],
+        "profile": config["profile"],
+        "method": config["method"],
+        "status": status,
+        "error": error,
+        "config": config,
+        "config_hash": config_hash(config),
+        "metrics": metrics if metrics is not None else {},
+        "memory": memory,
+        "speed": speed,
+        "curve": curve if curve is not None else [],
+        "subspace": {"drift": drift} if drift is not None else None,
+        "env": environment(config["device"], config["dtype"]),
+        "started_at": started_at,
+        "wall_s": wall_s,
+    }
+
+
 def validate_record(record: dict) -> None:
     """Raise ValueError when a record does not follow the schema (used before every write)."""
     missing = [k for k in RECORD_KEYS if k not in record]
@@ -118,23 +139,9 @@ def record_path(record: dict, out_dir: str | os.PathLike) -> Path:
 
 
 def write_record(record: dict, out_dir: str | os.PathLike) -> Path:
-    """Write `record` as `<out_dir>/<run_id>.json` atomically (temp file in the same folder + os.replace)."""
+    """Write `record` as `<out_dir>/<run_id>.json` atomically and world-readable (`suites.files`)."""
     validate_record(record)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = record_path(record, out)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=out)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_canonical(record), f, indent=1, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return files.write_json(record_path(record, out_dir), record)
 
 
 def load_records(out_dir: str | os.PathLike, recursive: bool = True) -> list[dict]:
@@ -161,3 +168,22 @@ def completed_hashes(out_dir: str | os.PathLike) -> set[str]:
     fresh `--out results` sweep from running.
     """
     return {r["config_hash"] for r in load_records(out_dir, recursive=False) if r.get("status") == "ok"}
+
+
+def has_ok_record(out_dir: str | os.PathLike, config: dict) -> bool:
+    """Whether `out_dir` holds an `ok` record of exactly this config (read from its file, not a listing)."""
+    path = Path(out_dir) / f"{run_id(config)}.json"
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    ok = isinstance(rec, dict) and rec.get("status") == "ok"
+    return ok and rec.get("config_hash") == config_hash(config)
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: str | os.PathLike, config: dict):
+    """Claim one config of a sweep: yields True while this process holds `<out_dir>/.locks/<hash>.lock`,
+    False when another sweep into the same folder is running that config now."""
+    with files.exclusive_lock(Path(out_dir) / ".locks" / f"{config_hash(config)}.lock") as held:
+        yield held

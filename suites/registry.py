@@ -2,8 +2,13 @@
 
 Each method lives in `baselines/<module>.py`, which exposes `DEFAULTS: dict` (its own hyper-parameters) and
 `build(model, cfg) -> (model, optimizer)`. Some names are variants of one module with settings pinned
-(`galore8bit` is GaLore with 8-bit states, `oasis-frozen` is OASIS with subspace_lr=0); the pinned settings
+(`galore8bit` is GaLore with 8-bit states, `oasis-frozen` is OASIS with subspace_lr=0, `apollo-mini` is APOLLO
+with a rank-1 space and tensor-wise scaling); the pinned settings
 cannot be overridden from the command line, use the base method for that.
+
+Names and defaults are read without importing torch: `DEFAULTS` must be a literal (a dict of numbers,
+strings, booleans and tuples), which the registry reads from the module's source, so that a command line
+is checked in well under a second and the module stays the one place that defines its defaults.
 
     from suites.registry import build_method, method_defaults
     cfg = {"lr": 1e-3, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "rank": 8, "seed": 0}
@@ -12,13 +17,21 @@ cannot be overridden from the command line, use the base method for that.
 
 from __future__ import annotations
 
+import ast
+import copy
+import functools
 import importlib
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import nn
-from torch.optim import Optimizer
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.optim import Optimizer
 
 MISSION_METHODS = ("adam", "lora", "galore", "ldadam", "pca", "oasis")  # what `--methods all` means
-EXTRA_METHODS = ("adam8bit", "galore8bit", "compact", "oasis-notransport", "oasis-frozen")
+EXTRA_METHODS = ("adam8bit", "galore8bit", "compact", "oasis-notransport", "oasis-frozen", "apollo",
+                 "apollo-mini", "adam-mini", "qlora")
 ALL_METHODS = MISSION_METHODS + EXTRA_METHODS
 
 # name -> (module under baselines/, settings pinned by the name)
@@ -34,6 +47,10 @@ _METHODS: dict[str, tuple[str, dict]] = {
     "oasis": ("oasis", {}),
     "oasis-notransport": ("oasis", {"transport": "none"}),
     "oasis-frozen": ("oasis", {"subspace_lr": 0.0}),
+    "apollo": ("apollo", {}),
+    "apollo-mini": ("apollo_mini", {"aux_rank": 1, "scale_type": "tensor"}),
+    "adam-mini": ("adam_mini", {}),
+    "qlora": ("qlora", {}),
 }
 
 REQUIRED_KEYS = ("lr", "weight_decay", "betas", "eps", "rank", "seed")
@@ -59,27 +76,61 @@ def resolve_methods(spec: str) -> list[str]:
     return out
 
 
-def _module(name: str):
-    _check_name(name)
-    return importlib.import_module(f"baselines.{_METHODS[name][0]}")
+def read_defaults(path: str | Path) -> dict:
+    """The literal `DEFAULTS = {...}` of a Python source file, read without running it."""
+    path = Path(path)
+    for node in ast.parse(path.read_text(), filename=str(path)).body:
+        targets = [node.target] if isinstance(node, ast.AnnAssign) else getattr(node, "targets", [])
+        if any(isinstance(t, ast.Name) and t.id == "DEFAULTS" for t in targets) and node.value is not None:
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                raise TypeError(f"{path}: DEFAULTS must be a literal dict (numbers, strings, booleans, "
+                                "tuples), so the registry can read it without importing the module") from None
+            if not isinstance(value, dict):
+                raise TypeError(f"{path}: DEFAULTS must be a dict, got {type(value).__name__}")
+            return value
+    raise TypeError(f"{path}: no top-level `DEFAULTS = {{...}}`; every method module defines its defaults")
+
+
+@functools.cache
+def _module_defaults(module: str) -> dict:
+    spec = importlib.util.find_spec(f"baselines.{module}")
+    if spec is None or spec.origin is None:
+        raise ImportError(f"method module baselines.{module} is not installed")
+    return read_defaults(spec.origin)
 
 
 def method_defaults(name: str) -> dict:
     """The method's own hyper-parameters with their defaults (pinned variant settings included)."""
-    module = _module(name)
-    return {**module.DEFAULTS, **_METHODS[name][1]}
+    _check_name(name)
+    module, pinned = _METHODS[name]
+    return {**copy.deepcopy(_module_defaults(module)), **pinned}
+
+
+def published_constants(keys) -> dict[str, dict]:
+    """method -> {key: value} for the shared optimizer `keys` (betas, eps, ...) that a method's defaults
+    set to its paper's value instead of the profile's shared one."""
+    out = {}
+    for name in ALL_METHODS:
+        own = {k: v for k, v in method_defaults(name).items() if k in keys}
+        if own:
+            out[name] = own
+    return out
 
 
 def build_method(name: str, model: nn.Module, cfg: dict) -> tuple[nn.Module, Optimizer]:
     """Build `name` on `model`. `cfg` holds the common keys plus any method keys (unused keys are ignored);
     method keys missing from `cfg` take the method's defaults. Bad values raise one-line ValueErrors."""
-    module = _module(name)
-    pinned = _METHODS[name][1]
+    _check_name(name)
+    module_name, pinned = _METHODS[name]
+    module = importlib.import_module(f"baselines.{module_name}")
     missing = [k for k in REQUIRED_KEYS if k not in cfg]
     if missing:
         raise ValueError(f"method config is missing {', '.join(missing)}")
+    free = next((n for n, (mod, pins) in _METHODS.items() if mod == _METHODS[name][0] and not pins), None)
     for key, value in pinned.items():
         if key in cfg and cfg[key] != value:
-            raise ValueError(f"method {name!r} pins {key}={value!r} (got {cfg[key]!r}); "
-                             f"use method {_METHODS[name][0]!r} to choose {key}")
+            hint = f"; use method {free!r} to choose {key}" if free else ""
+            raise ValueError(f"method {name!r} pins {key}={value!r} (got {cfg[key]!r}){hint}")
     return module.build(model, {**module.DEFAULTS, **cfg, **pinned})

@@ -1,12 +1,17 @@
 """Run a suite for several methods under one budget: `python -m suites.run gsm8k --methods all`.
 
-Every run (one method × one point of a sweep) is its own process (`suites.worker`) and writes one
-JSON record under --out; this process only validates input, prepares the pretrained base once,
-orchestrates, and prints a summary. A sweep that is interrupted and started again skips every run
-whose config already has an `ok` record.
+Every run (one method × one point of a sweep) is its own process (`suites.worker`, which runs
+`suites.recipe`) and writes one JSON record under --out; this process only validates input, prepares the
+pretrained base once, orchestrates, and prints a summary. A sweep that is interrupted and started again
+skips every run whose config already has an `ok` record; two sweeps into the same --out never run the
+same config twice (each run is claimed with a lock file under <out>/.locks/).
+
+Input is checked in two passes, so that a typo is reported in well under a second: first everything that
+needs no torch (suite, methods, profile, --set / --sweep keys and values, --out), then what needs the
+libraries (device, rank against the model's layers, data files, a hub base).
 
 Exit status: 0 all runs ok; 1 some run ended diverged/oom/error (its record says why); 2 bad input
-(nothing written); 130 interrupted.
+(nothing written); 130 interrupted (finished runs are recorded).
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import argparse
 import ctypes
 import itertools
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -23,67 +27,73 @@ import sys
 import tempfile
 from pathlib import Path
 
-for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_var, "1")  # no hub on the CPU profiles; the paper profile checks access itself
-# bitsandbytes warns on import about an optional CPU kernel package; bad input must stay one line on stderr
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+from suites import cli, files, profiles, records, registry
+from suites.cli import UsageError
 
-from suites import profiles, records  # noqa: E402
-from suites.data import CACHE_DIR, DataMissing, require  # noqa: E402
+PROG = "python -m suites.run"
+SUITES = ("gsm8k", "humaneval", "c4")  # suites.tasks.SUITES, without importing the task modules
+EXIT_INTERRUPTED = cli.EXIT_INTERRUPTED
+INTERRUPTED = "interrupted: finished runs are recorded; run the same command again to resume"
+ENVIRONMENT = (
+    ("OASIS_DATA_DIR", "folder of the offline data (default <repo>/../shared/data)"),
+    ("OASIS_THREADS", "intra-op threads of each run (default: half the cores, at least 1)"),
+    ("OASIS_NO_PROGRESS", "set (to anything): no progress bars, e.g. for logs and CI"),
+    ("OASIS_DEBUG", "set: a failed run also prints its traceback, and lm-eval its own output"),
+    ("HF_HUB_OFFLINE, HF_DATASETS_OFFLINE, TRANSFORMERS_OFFLINE", "default 1 here; the paper profile "
+     "needs the hub: set them to 0"),
+)
 
 
-class UsageError(Exception):
-    """Bad input: one line on stderr, exit 2, nothing written."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + exits 2; we want one line
-        raise UsageError(message)
+def _what_differs() -> str:
+    shared = profiles.profile("c4", "cpu")
+    keys = [k for k in profiles.PER_METHOD_KEYS if k in ("betas", "eps")]
+    constants = registry.published_constants(keys)
+    own = "; ".join(f"{m}: " + ", ".join(f"{k}={v}" for k, v in kv.items()) for m, kv in constants.items())
+    return (
+        "what differs between methods:\n"
+        "  Every method of a profile shares data order, steps, tokens, batch, sequence length, schedule,\n"
+        "  rank and evaluation. Per method: the learning rate (the profile's table `lrs` in\n"
+        "  suites/profiles.py; --set lr.METHOD=X), the method's own hyper-parameters (its DEFAULTS in\n"
+        "  baselines/), and the published optimizer constants that replace the profile's shared\n"
+        f"  {', '.join(f'{k}={shared[k]}' for k in keys)} (--set KEY.METHOD=X overrides them):\n"
+        f"    {own}\n"
+    )
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="python -m suites.run",
+    env = "\n".join(f"  {name}\n      {what}" for name, what in ENVIRONMENT)
+    p = cli.Parser(
+        prog=PROG,
         description=(
-            "Train and evaluate every method of a suite under identical budgets (data order, steps,\n"
-            "tokens, batch, sequence length, schedule, rank, evaluation; only learning rates differ, per\n"
-            "method, from the profile). Each run is its own process and writes one JSON record to --out;\n"
-            "a restarted sweep skips runs that already have an ok record."
+            "Train and evaluate every method of a suite under identical budgets. Each run is its own\n"
+            "process and writes one JSON record to --out; a restarted sweep skips runs that already\n"
+            "have an ok record, and two sweeps into one --out never run the same config twice."
         ),
         epilog=(
             "examples:\n  python -m suites.run gsm8k --methods all\n"
             "  python -m suites.run c4 --methods adam,oasis --profile smoke\n"
-            "  python -m suites.run gsm8k --methods oasis --sweep rank=8,16,32 --set steps=60\n"
-            "profile keys (suites/profiles.py) and method hyper-parameters (suites/registry.py) can be\n"
-            "overridden with --set; 'lr=X' sets every method's learning rate, 'lr.NAME=X' one method's.\n"
-            "data: $OASIS_DATA_DIR (default <repo>/../shared/data)."
+            "  python -m suites.run gsm8k --methods oasis --sweep rank=8,16,32 --set steps=60\n\n"
+            f"methods:\n  all = {', '.join(registry.MISSION_METHODS)}\n"
+            f"  extras: {', '.join(registry.EXTRA_METHODS)}\n\n"
+            + _what_differs()
+            + "\nprofile keys (suites/profiles.py) and method hyper-parameters can be set with --set;\n"
+            "'lr=X' sets every method's learning rate, 'lr.NAME=X' one method's.\n\n"
+            f"environment:\n{env}\n\n"
+            "exit status: 0 all runs ok, 1 some run diverged/oom/error, 2 bad input, 130 interrupted"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("suite", help="gsm8k | humaneval | c4")
-    p.add_argument(
-        "--methods", default="all", help="'all' (adam,lora,galore,ldadam,pca,oasis) or a comma list"
-    )
-    p.add_argument(
-        "--profile", default="cpu", help="smoke (seconds, tests/CI) | cpu (minutes) | paper (GPU, hub)"
-    )
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a profile key or method hyper-parameter (repeatable)",
-    )
-    p.add_argument(
-        "--sweep",
-        action="append",
-        default=[],
-        metavar="KEY=V1,V2,...",
-        help="one run per value (repeatable: the cartesian product)",
-    )
+    p.add_argument("suite", help=" | ".join(SUITES))
+    p.add_argument("--methods", default="all", help="'all' or a comma list (see methods below)")
+    p.add_argument("--profile", default="cpu",
+                   help="smoke (seconds, tests/CI) | cpu (minutes) | paper (GPU, hub)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a profile key or method hyper-parameter (repeatable)")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="one run per value (repeatable: the cartesian product)")
     p.add_argument("--out", default="results", help="folder for the run records (default: results/)")
-    p.add_argument("--device", default="auto", choices=None, help="auto (CUDA when present) | cpu | cuda")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto (CUDA when present) | cpu | cuda")
     return p
 
 
@@ -91,16 +101,47 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _method_key_witnesses() -> dict:
-    from suites.registry import ALL_METHODS, method_defaults
-
+    """Every method hyper-parameter a --set may name, with a value that gives its type."""
     keys: dict = {}
-    for name in ALL_METHODS:
-        try:
-            for k, v in method_defaults(name).items():
-                keys.setdefault(k, v)
-        except ImportError:  # a method module not merged yet cannot contribute keys
-            continue
+    for name in registry.ALL_METHODS:
+        for k, v in registry.method_defaults(name).items():
+            keys.setdefault(k, v)
     return keys
+
+
+def _sweep_axes(texts: list[str]) -> list[list[tuple[str, str]]]:
+    axes = []
+    for text in texts:
+        key, values = profiles.parse_assignment(text, "--sweep")
+        # values are comma-separated; ';' separates values that hold commas (betas=0.9,0.99;0.9,0.95)
+        values = [v for v in values.split(";" if ";" in values else ",") if v.strip()]
+        if not values:
+            raise UsageError(f"--sweep {text}: no values")
+        axes.append([(key, v) for v in values])
+    return axes
+
+
+def check_arguments(args) -> list[dict]:
+    """First pass, no torch: every config of the sweep, resolved except for its device (None)."""
+    files.check_output_dir(args.out)
+    if args.suite not in SUITES:
+        raise UsageError(f"unknown suite {args.suite!r}; choose from {', '.join(SUITES)}")
+    methods = registry.resolve_methods(args.methods)
+    prof = profiles.profile(args.suite, args.profile)
+    method_keys = _method_key_witnesses()
+    sets = [profiles.parse_assignment(s) for s in args.sets]
+    configs = []
+    for point in itertools.product(*_sweep_axes(args.sweep)):
+        p = profiles.apply_overrides(prof, sets + list(point), method_keys)
+        named = set(p.get("per_method", {})) | (set(p["lrs"]) - {"default"})
+        if named - set(registry.ALL_METHODS):
+            raise UsageError(f"unknown method {sorted(named - set(registry.ALL_METHODS))[0]!r} in --set "
+                             f"KEY.METHOD; choose from {', '.join(registry.ALL_METHODS)}")
+        for method in methods:
+            # the device is known once torch is imported (second pass); its key keeps its place
+            configs.append(profiles.resolve(args.suite, args.profile, p, method,
+                                            registry.method_defaults(method), None))
+    return configs
 
 
 def _device(choice: str) -> str:
@@ -110,15 +151,13 @@ def _device(choice: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
-    if choice not in ("cpu", "cuda"):
-        raise UsageError(f"--device {choice}: choose from auto, cpu, cuda")
     return choice
 
 
 def _check_rank(cfg: dict) -> None:
-    from suites.models import linear_shapes, llama_config
+    from suites.models import linear_shapes, model_config, weights_spec
 
-    shapes = linear_shapes(llama_config(cfg["model"]))
+    shapes = linear_shapes(model_config(weights_spec(cfg) or cfg["model"]))
     name, (d_out, d_in) = min(shapes.items(), key=lambda kv: min(kv[1]))
     if cfg["rank"] > min(d_out, d_in):
         raise UsageError(
@@ -127,17 +166,33 @@ def _check_rank(cfg: dict) -> None:
         )
 
 
-def _check_hub_base(base: str) -> None:
-    try:
-        from transformers import AutoConfig
+def _causes(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
+
+def _check_hub_base(base: str) -> None:
+    """A hub id or local folder as the base: a usage error when it is not in the cache offline or is not
+    a valid id; any other failure (a corrupt config, a network error) is a real error and propagates."""
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from transformers import AutoConfig
+
+    try:
         AutoConfig.from_pretrained(base)
-    except Exception:  # noqa: BLE001 - any failure means the weights cannot be had here
-        raise UsageError(
-            f"base model {base} is not available offline (no hub access and not in the HF cache); "
-            "the paper profile needs a machine with hub access: HF_HUB_OFFLINE=0 and "
-            "`huggingface-cli login` for gated Llama weights"
-        ) from None
+    except OSError as exc:
+        causes = list(_causes(exc))
+        if any(isinstance(c, LocalEntryNotFoundError) for c in causes):
+            raise UsageError(
+                f"base model {base} is not available offline (no hub access and not in the HF cache); "
+                "the paper profile needs a machine with hub access: HF_HUB_OFFLINE=0 and "
+                "`huggingface-cli login` for gated Llama weights"
+            ) from None
+        if any(isinstance(c, HFValidationError) for c in causes):
+            raise UsageError(f"base {base!r} is neither a local model folder nor a hub id") from None
+        raise
 
 
 def base_config(cfg: dict) -> dict:
@@ -147,59 +202,54 @@ def base_config(cfg: dict) -> dict:
     prof["lrs"] = {"default": cfg["base_lr"]}
     prof["mem_window"] = min(prof["mem_window"], prof["steps"] - 1)
     prof["warmup_steps"] = max(1, prof["steps"] // 10)
-    from suites.registry import method_defaults
+    from suites.models import run_fields
 
-    base = profiles.resolve("c4", cfg["profile"], prof, "adam", method_defaults("adam"), cfg["device"])
+    adam = registry.method_defaults("adam")
+    base = profiles.resolve("c4", cfg["profile"], prof, "adam", adam, cfg["device"])
+    base.update(run_fields(base))
     base["purpose"] = "base"
     return base
 
 
-def plan(args) -> tuple[list[dict], str]:
-    """Validate everything and return the resolved configs (no side effects)."""
-    from suites.registry import method_defaults, resolve_methods
+def check_environment(args, configs: list[dict]) -> None:
+    """Second pass, with the libraries: device, rank, data, base; fills in each config's device."""
+    from suites.data import DataMissing
     from suites.tasks import get as get_suite
 
-    try:
-        suite = get_suite(args.suite)
-        methods = resolve_methods(args.methods)
-        prof = profiles.profile(args.suite, args.profile)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
     device = _device(args.device)
-    method_keys = _method_key_witnesses()
-    sets = [profiles.parse_assignment(s) for s in args.sets]
-    sweep_axes = []
-    for text in args.sweep:
-        key, values = profiles.parse_assignment(text)
-        # values are comma-separated; ';' separates values that hold commas (betas=0.9,0.99;0.9,0.95)
-        values = [v for v in values.split(";" if ";" in values else ",") if v.strip()]
-        if not values:
-            raise UsageError(f"--sweep {text}: no values")
-        sweep_axes.append([(key, v) for v in values])
-    configs = []
-    from suites.registry import ALL_METHODS
+    from suites.models import run_fields
 
-    for point in itertools.product(*sweep_axes) if sweep_axes else [()]:
-        p = profiles.apply_overrides(prof, sets + list(point), method_keys)
-        named = set(p.get("per_method", {})) | (set(p["lrs"]) - {"default"})
-        if named - set(ALL_METHODS):
-            raise UsageError(f"unknown method {sorted(named - set(ALL_METHODS))[0]!r} in --set KEY.METHOD; "
-                             f"choose from {', '.join(ALL_METHODS)}")
-        for method in methods:
-            cfg = profiles.resolve(args.suite, args.profile, p, method, method_defaults(method), device)
-            _check_rank(cfg)
-            configs.append(cfg)
+    for cfg in configs:
+        cfg["device"] = device
+        if cfg["base"] not in ("random", "c4", "pretrained"):
+            _check_hub_base(cfg["base"])  # a careful one-line error before the model spec is resolved
+    suite = get_suite(args.suite)
     try:
         suite.check_data()
-        require("tokenizers/mistral-v1-sp32k")
-    except DataMissing as exc:
+        fields = {}  # the model's source, tokenizer and prompt format: the same for every run of a point
+        for cfg in configs:
+            key = (cfg["model"], cfg["base"])
+            if key not in fields:
+                fields[key] = run_fields(cfg)
+            cfg.update(fields[key])
+            _check_rank(cfg)
+        for cfg in configs:
+            if suite.FINETUNE and cfg["base"] == "c4":
+                cfg["base_hash"] = records.config_hash(base_config(cfg))
+    except (DataMissing, ValueError) as exc:  # ModelUnavailable is a ValueError: one line, exit 2
         raise UsageError(str(exc)) from None
-    for cfg in configs:
-        if suite.FINETUNE and cfg["base"] == "c4":
-            cfg["base_hash"] = records.config_hash(base_config(cfg))
-        elif cfg["base"] not in ("random", "c4"):
-            _check_hub_base(cfg["base"])
-    return configs, suite.HEADLINE
+
+
+def plan(args) -> tuple[list[dict], str]:
+    """Validate everything; the resolved configs and the suite's headline metric (nothing is written)."""
+    try:
+        configs = check_arguments(args)
+    except ValueError as exc:  # OutputError, ProfileError, an unknown method: the input, nothing else ran
+        raise UsageError(str(exc)) from None
+    check_environment(args, configs)
+    from suites.tasks import get as get_suite
+
+    return configs, get_suite(args.suite).HEADLINE
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -213,7 +263,21 @@ def _die_with_parent():
         pass
 
 
+def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Ask a run to stop as Ctrl-C would (it unwinds and exits quietly); kill it if it does not."""
+    try:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def launch(spec: dict) -> int:
+    """Run one spec in its own process; returns its exit status. KeyboardInterrupt when it was interrupted."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="oasis-run-", delete=False) as f:
         json.dump(spec, f)
     try:
@@ -223,19 +287,34 @@ def launch(spec: dict) -> int:
             preexec_fn=_die_with_parent if os.name == "posix" else None,
         )
         try:
-            return proc.wait()
+            code = proc.wait()
         except BaseException:
-            proc.kill()
-            proc.wait()
+            _stop(proc)
             raise
     finally:
         Path(f.name).unlink(missing_ok=True)
+    if code in (EXIT_INTERRUPTED, -signal.SIGINT):  # the run alone got the Ctrl-C
+        raise KeyboardInterrupt
+    return code
 
 
 def ensure_base(cfg: dict) -> str:
-    """Path of the pretrained base for a fine-tuning config; pretrains it (c4 suite, adam) the first time."""
+    """Path of the pretrained base for a fine-tuning config; pretrains it (c4 suite, adam) the first time.
+    Sweeps that need the same base wait for the one that is pretraining it."""
+    from suites.data import CACHE_DIR
+
     bcfg = base_config(cfg)
     home = CACHE_DIR / "bases" / records.config_hash(bcfg)
+    lock = home.with_name(home.name + ".lock")
+    with files.exclusive_lock(lock) as held:
+        if held:
+            return _pretrain_base(bcfg, home)
+    print("waiting for another sweep that is pretraining the same base", file=sys.stderr)
+    with files.exclusive_lock(lock, wait=True):
+        return _pretrain_base(bcfg, home)
+
+
+def _pretrain_base(bcfg: dict, home: Path) -> str:
     model_dir = home / "model"
     if (model_dir / "config.json").exists():
         return str(model_dir)
@@ -254,27 +333,30 @@ def ensure_base(cfg: dict) -> str:
 
 def failure_record(cfg: dict, why: str) -> dict:
     """The parent's record for a run whose process died before writing its own."""
-    from datetime import datetime, timezone
+    return records.make_record(cfg, status="error", error=why, started_at=records.now(), wall_s=0.0)
 
-    return {
-        "schema": records.SCHEMA,
-        "run_id": records.run_id(cfg),
-        "suite": cfg["suite"],
-        "profile": cfg["profile"],
-        "method": cfg["method"],
-        "status": "error",
-        "error": why,
-        "config": cfg,
-        "config_hash": records.config_hash(cfg),
-        "metrics": {},
-        "memory": None,
-        "speed": None,
-        "curve": [],
-        "subspace": None,
-        "env": records.environment(cfg["device"], cfg["dtype"]),
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": 0.0,
-    }
+
+def run_config(cfg: dict, out: Path) -> str:
+    """Run one config under its lock. Returns 'ran', 'locked' (another sweep is running it now) or
+    'done' (another sweep finished it after this one planned)."""
+    with records.run_lock(out, cfg) as held:
+        if not held:
+            return "locked"
+        if records.has_ok_record(out, cfg):
+            return "done"
+        spec = {"config": cfg, "out_dir": str(out), "position": 1}
+        path = out / f"{records.run_id(cfg)}.json"
+        before = path.stat().st_mtime_ns if path.exists() else None
+        try:
+            if cfg.get("base_hash"):
+                spec["base_dir"] = ensure_base(cfg)
+            code = launch(spec)
+            if not path.exists() or path.stat().st_mtime_ns == before:
+                why = f"run process exited with code {code} before writing its record"
+                records.write_record(failure_record(cfg, why), out)
+        except RuntimeError as exc:
+            records.write_record(failure_record(cfg, str(exc)), out)
+    return "ran"
 
 
 def summary(rows: list[dict], headline: str) -> str:
@@ -297,17 +379,10 @@ def summary(rows: list[dict], headline: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parser().parse_args(argv)
-        configs, headline = plan(args)
-    except (UsageError, profiles.ProfileError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
+def sweep(configs: list[dict], headline: str, out: Path, desc: str) -> int:
+    """Run every config that has no ok record yet, then print the summary; the exit status."""
     from tqdm import tqdm
 
-    out = Path(args.out)
     done = records.completed_hashes(out)
     todo = [c for c in configs if records.config_hash(c) not in done]
     if len(todo) < len(configs):
@@ -315,39 +390,20 @@ def main(argv: list[str] | None = None) -> int:
             f"resuming: {len(configs) - len(todo)} of {len(configs)} runs already have an ok record in {out}",
             file=sys.stderr,
         )
-    bar = tqdm(
-        total=len(configs),
-        initial=len(configs) - len(todo),
-        desc=f"{args.suite}/{args.profile}",
-        unit="run",
-        position=0,
-        dynamic_ncols=True,
-        disable=bool(os.environ.get("OASIS_NO_PROGRESS")),
-    )
+    bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc=desc, unit="run", position=0,
+               dynamic_ncols=True, disable=bool(os.environ.get("OASIS_NO_PROGRESS")))
     try:
         for cfg in todo:
             bar.set_postfix(method=cfg["method"], refresh=True)
-            spec = {"config": cfg, "out_dir": str(out), "position": 1}
-            path = out / f"{records.run_id(cfg)}.json"
-            before = path.stat().st_mtime_ns if path.exists() else None
-            try:
-                if cfg.get("base_hash"):
-                    spec["base_dir"] = ensure_base(cfg)
-                code = launch(spec)
-                if not path.exists() or path.stat().st_mtime_ns == before:
-                    records.write_record(
-                        failure_record(cfg, f"run process exited with code {code} before writing its record"),
-                        out,
-                    )
-            except RuntimeError as exc:
-                records.write_record(failure_record(cfg, str(exc)), out)
+            outcome = run_config(cfg, out)
+            if outcome != "ran":
+                why = "is running it" if outcome == "locked" else "finished it"
+                bar.write(f"skipped {records.run_id(cfg)}: another sweep into {out} {why}", sys.stderr)
             bar.update(1)
     except KeyboardInterrupt:
         bar.close()
-        print(
-            "\ninterrupted: finished runs are recorded; run the same command again to resume", file=sys.stderr
-        )
-        return 130
+        print(("\n" if sys.stderr.isatty() else "") + INTERRUPTED, file=sys.stderr)
+        return EXIT_INTERRUPTED
     bar.close()
     wanted = {records.config_hash(c) for c in configs}
     latest = {}
@@ -358,6 +414,16 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(rows, headline))
     print(f"records: {out}/ ({len(rows)} runs)")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+def _main(argv: list[str] | None) -> int:
+    args = parser().parse_args(argv)
+    configs, headline = plan(args)
+    return sweep(configs, headline, Path(args.out), desc=f"{args.suite}/{args.profile}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.cli_main(PROG, _main, argv)
 
 
 if __name__ == "__main__":

@@ -1,164 +1,48 @@
-"""One run in its own process: `python -m suites.worker SPEC.json`.
+"""The process of one run: `python -m suites.worker SPEC.json` (started by `suites.run`; the run itself is
+`suites.recipe`). Exit status: 0 ok, 3 the run ended diverged/oom/error (its record says why), 130
+interrupted (no record).
 
-The parent (`suites.run`) writes a spec {config, out_dir, base_dir?, save_dir?, position} and starts
-this module; it builds the model and method, trains with the shared loop, evaluates with the suite's
-shared evaluation and writes exactly one record (atomically). Failures are results: divergence,
-out-of-memory and any other exception each become a record with that status.
+Ctrl-C in a terminal reaches every process of the sweep at once. The sweep (`suites.run`) says so in one
+line; this process ends quietly: SIGINT raises SystemExit here, which unwinds like an exception (a record
+being written is never left half-written) but prints no traceback.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import random
+import signal
 import sys
-import time
-import traceback
-from datetime import datetime, timezone
 from pathlib import Path
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+EXIT_FAILED_RUN = 3
+EXIT_INTERRUPTED = 130
 
 
-def threads() -> int:
-    """Intra-op threads of a run: $OASIS_THREADS, else half the cores (at least 1).
-
-    On a small shared machine, one busy thread per run beats two threads fighting other processes
-    (a llama-tiny step measured 15x slower with 2 threads under load); the count goes into the record.
-    """
-    return max(1, int(os.environ.get("OASIS_THREADS") or (os.cpu_count() or 2) // 2))
-
-
-def load_model(cfg: dict, base_dir: str | None, device: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from suites.models import build_model, llama_config
-
-    dtype = getattr(torch, DTYPES[cfg["dtype"]])
-    attn = "eager" if device == "cpu" else "sdpa"
-    if cfg["base"] == "random":
-        return build_model(llama_config(cfg["model"]), dtype=dtype, seed=cfg["seed"], device=device)
-    source = base_dir if cfg["base"] == "c4" else cfg["base"]
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn)
-    return model.to(device)
-
-
-def run(spec: dict) -> dict:
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional-kernel notice on import
-    import torch
-
-    from suites import records
-    from suites.data import load_tokenizer
-    from suites.loop import TrainResult, is_oom, train
-    from suites.meters import make_meter
-    from suites.registry import build_method
-    from suites.tasks import get as get_suite
-
-    cfg = spec["config"]
-    device = cfg["device"]
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    t0 = time.perf_counter()
-    random.seed(cfg["seed"])
-    torch.manual_seed(cfg["seed"])
-    torch.set_num_threads(threads())
-    res, metrics = TrainResult(), {}
-    try:
-        suite = get_suite(cfg["suite"])
-        tokenizer = load_tokenizer()
-        batches = suite.train_batches(tokenizer, cfg)
-        model = load_model(cfg, spec.get("base_dir"), device)
-        if cfg.get("lean_activations"):
-            from suites.lean import apply_lean_activations
-
-            if not apply_lean_activations(model):
-                raise ValueError("lean_activations=true but the model has no RMSNorm/SwiGLU modules to patch")
-        model, optimizer = build_method(cfg["method"], model, cfg)
-        meter = make_meter("cuda" if device.startswith("cuda") else "cpu", model, optimizer)
-        progress = _progress(cfg, spec.get("position", 1))
-        try:
-            res = train(
-                model,
-                optimizer,
-                batches,
-                steps=cfg["steps"],
-                mem_window=cfg["mem_window"],
-                schedule=cfg["schedule"],
-                warmup_steps=cfg["warmup_steps"],
-                min_lr_ratio=cfg["min_lr_ratio"],
-                meter=meter,
-                device=device,
-                progress=progress,
-            )
-        finally:
-            if progress is not None:
-                progress.close()
-        if res.status == "ok":
-            metrics = suite.evaluate(model, tokenizer, cfg, device)
-            if "eval_loss" in metrics and res.curve:
-                res.curve[-1][2] = metrics["eval_loss"]
-            if spec.get("save_dir"):
-                _save(model, tokenizer, spec["save_dir"])
-    except Exception as exc:  # noqa: BLE001 - a failed run is a result, recorded with its message
-        res.status = "oom" if is_oom(exc) else "error"
-        res.error = (
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ''}"
-        )
-        if os.environ.get("OASIS_DEBUG"):
-            traceback.print_exc()
-    record = {
-        "schema": records.SCHEMA,
-        "run_id": records.run_id(cfg),
-        "suite": cfg["suite"],
-        "profile": cfg["profile"],
-        "method": cfg["method"],
-        "status": res.status,
-        "error": res.error,
-        "config": cfg,
-        "config_hash": records.config_hash(cfg),
-        "metrics": metrics,
-        "memory": res.memory,
-        "speed": res.speed,
-        "curve": res.curve,
-        "subspace": {"drift": res.drift} if res.drift is not None else None,
-        "env": records.environment(device, cfg["dtype"]),
-        "started_at": started,
-        "wall_s": round(time.perf_counter() - t0, 3),
-    }
-    records.write_record(record, spec["out_dir"])
-    return record
-
-
-def _save(model, tokenizer, save_dir: str) -> None:
-    """Save a pretrained base atomically: write next to it, then rename into place."""
-    final = Path(save_dir)
-    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    os.replace(tmp, final)
-
-
-def _progress(cfg: dict, position: int):
-    if os.environ.get("OASIS_NO_PROGRESS"):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(
-        total=cfg["steps"],
-        desc=f"  {cfg['method']}",
-        position=position,
-        leave=False,
-        unit="step",
-        dynamic_ncols=True,
-    )
+def _exit_quietly(signum, frame):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the unwinding short
+    raise SystemExit(EXIT_INTERRUPTED)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m suites.worker SPEC.json (started by python -m suites.run)", file=sys.stderr)
+        return 2
+    from suites.cli import offline_env, quiet_libraries
+
+    offline_env()
+    quiet_libraries()
+    if os.environ.get("OASIS_NO_PROGRESS"):  # also the bars transformers draws when it loads or saves a model
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    from suites import recipe
+
     spec = json.loads(Path(argv[0]).read_text())
-    record = run(spec)
-    return 0 if record["status"] == "ok" else 3
+    return 0 if recipe.run(spec)["status"] == "ok" else EXIT_FAILED_RUN
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, _exit_quietly)  # before the heavy imports, which take seconds
     sys.exit(main())

@@ -32,8 +32,9 @@ COMMON = {"lr": 3e-3, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "
 # short refresh periods so that 30 steps (and the resumed half of the round trip) cross a basis refresh
 FAST = {"update_proj_gap": 4, "refresh_every": 4}
 CASES = [(name, {}) for name in ALL_METHODS]
-CASES += [("adam", {"layerwise": True}), ("galore", {"layerwise": True})]
-IDS = [name + ("-layerwise" if extra else "") for name, extra in CASES]
+CASES += [("adam", {"layerwise": True}), ("galore", {"layerwise": True}), ("apollo", {"layerwise": True}),
+          ("lora", {"train_unadapted": True})]
+IDS = [name + "".join(f"-{k}" for k in extra) for name, extra in CASES]
 
 warnings.filterwarnings("ignore", message=".*kernels.*")
 
@@ -96,6 +97,12 @@ def _layers(model):
             if name.rsplit(".", 1)[-1] in LLAMA_PROJECTIONS}
 
 
+def _shape(mod):
+    """(d_out, d_in) of a projection, also when its base is 4-bit (bitsandbytes stores the codes flat)."""
+    base = getattr(mod, "base_layer", mod)
+    return base.out_features, base.in_features
+
+
 def _state_numel(opt, module):
     seen, total = set(), 0
     for p in module.parameters():
@@ -106,10 +113,23 @@ def _state_numel(opt, module):
     return total
 
 
+def _adam_mini_per_layer(lname, m, n, config):
+    """Adam-mini: the first moment in full, one second-moment mean per head (q, k: a head's block of q or k
+    holds d·d/h weights) or per output row (every other projection)."""
+    d, h = config.hidden_size, config.num_attention_heads
+    blocks = m * n // (d * d // h) if lname.rsplit(".", 1)[-1] in ("q_proj", "k_proj") else m
+    return m * n + blocks
+
+
 def _expected_per_layer(name, m, n, r):
     return {
         "adam": 2 * m * n,
         "lora": 2 * r * (m + n),
+        "qlora": 2 * r * (m + n),
+        # APOLLO: moments of the r-dim projected gradient + the Gaussian projection; the limiter's
+        # last norm is a 0-dim tensor, left out here like AdamW's step counters
+        "apollo": 2 * r * max(m, n) + r * min(m, n),
+        "apollo-mini": 2 * 1 * max(m, n) + 1 * min(m, n),
         "galore": 2 * r * max(m, n) + r * min(m, n),
         "galore8bit": 2 * r * max(m, n) + r * min(m, n),  # projected tensors < 4096 elements stay 32-bit
         # moments + the current projector + the error buffer; P_{t-1} only lives inside step()
@@ -139,9 +159,10 @@ def test_trains_and_keeps_the_state_its_formula_says(name, extra):
             assert nbytes == 2 * m * n + 2 * 4 * math.ceil(m * n / 256), lname
         return
     for lname, mod in _layers(model).items():
-        weight = getattr(mod, "base_layer", mod).weight
-        m, n = weight.shape
-        assert _state_numel(opt, mod) == _expected_per_layer(name, m, n, RANK), lname
+        m, n = _shape(mod)
+        expected = (_adam_mini_per_layer(lname, m, n, model.config) if name == "adam-mini"
+                    else _expected_per_layer(name, m, n, RANK))
+        assert _state_numel(opt, mod) == expected, lname
     bases = [getattr(mod, "basis", None) for mod in _layers(model).values()]
     bases = {id(b): b for b in bases if b is not None}
     if name in ("pca", "compact") or name.startswith("oasis"):
@@ -158,15 +179,22 @@ def test_state_dict_round_trip_resumes_identically(name, extra):
     torch.manual_seed(7)  # LoRA dropout draws from the global RNG
     model, opt = _build(name, extra)
     _train(model, opt, batch, k)
+    # A QLoRA checkpoint holds what trains; its frozen 4-bit base is quantised again from the pretrained
+    # weights (bitsandbytes' Linear4bit reloads quantised state only through transformers' loader).
+    frozen_base = name == "qlora"
+    weights = ({n: p for n, p in model.named_parameters() if p.requires_grad} if frozen_base
+               else model.state_dict())
     buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buf)
+    torch.save({"model": weights, "optim": opt.state_dict()}, buf)
     rng = torch.get_rng_state()
     _train(model, opt, batch, k)  # uninterrupted
 
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)  # a checkpoint must load without unpickling code objects
-    fresh_model, fresh_opt = _build(name, extra, seed=99)  # another init: all must come from the file
-    fresh_model.load_state_dict(saved["model"])
+    # another init (for QLoRA the same base): everything that trains must come from the file
+    fresh_model, fresh_opt = _build(name, extra, seed=0 if frozen_base else 99)
+    missing, unexpected = fresh_model.load_state_dict(saved["model"], strict=not frozen_base)
+    assert not unexpected and not {n for n in missing if "lora_" in n}
     fresh_opt.load_state_dict(saved["optim"])
     torch.set_rng_state(rng)
     _train(fresh_model, fresh_opt, batch, k)
@@ -175,7 +203,7 @@ def test_state_dict_round_trip_resumes_identically(name, extra):
         assert torch.equal(p, q), f"{name}: {pname} differs after resuming"
 
 
-@pytest.mark.parametrize("name", ["adam", "galore"])
+@pytest.mark.parametrize("name", ["adam", "galore", "apollo"])
 def test_layerwise_mode_gives_the_same_weights_as_the_ordinary_step(name):
     batch = _batch()
     results = []
@@ -234,7 +262,8 @@ def test_registry_names_and_resolution():
         method_defaults("sgd")
 
 
-RANKED = [n for n in ALL_METHODS if n not in ("adam", "adam8bit")]
+# methods whose rank is the suite's `rank` (apollo-mini pins its own rank 1; adam-mini has none)
+RANKED = [n for n in ALL_METHODS if n not in ("adam", "adam8bit", "adam-mini", "apollo-mini")]
 
 
 @pytest.mark.parametrize("name", RANKED)
@@ -254,6 +283,13 @@ def test_rank_above_layer_size_is_one_clear_error(name):
     ("oasis-frozen", "subspace_lr", 0.1, "pins subspace_lr=0.0 .* use method 'oasis'"),
     ("galore8bit", "optim_bits", 32, "pins optim_bits=8"),
     ("pca", "refresh_every", 0, "refresh_every=0 is out of range"),
+    ("apollo", "scale_type", "row", "choose from channel, tensor"),
+    ("apollo", "proj", "svd", "proj='svd' is not valid; choose from random"),
+    ("apollo", "scale", 0.0, "scale=0.0 is out of range"),
+    ("apollo-mini", "aux_rank", 4, r"pins aux_rank=1 \(got 4\)$"),
+    ("apollo-mini", "scale_type", "channel", "pins scale_type='tensor'"),
+    ("qlora", "quant_type", "int4", "choose from nf4, fp4"),
+    ("lora", "train_unadapted", "yes", "choose from False, True"),
 ])
 def test_bad_hyper_parameters_are_one_clear_error(name, key, value, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -340,3 +376,78 @@ def test_oasis_variants_move_or_freeze_the_basis():
         moved = [not torch.equal(a, m.basis) for a, m in zip(first, _bases(model), strict=True)]
         assert all(moved) if should_move else not any(moved), name
         assert opt.transport == ("none" if name == "oasis-notransport" else "ldadam")
+
+
+# ---- LoRA's trainable set: peft's frozen base (fine-tuning) or unadapted parameters trained (pretraining) --
+
+@pytest.mark.parametrize("train_unadapted", [False, True])
+@pytest.mark.parametrize("name", ["lora", "qlora"])
+def test_lora_trains_adapters_only_or_also_every_unadapted_parameter(name, train_unadapted):
+    plain = {n for n, _ in _model().named_parameters()}
+    projections = {n for n in plain if n.split(".")[-2] in LLAMA_PROJECTIONS}
+    model, opt = _build(name, {"train_unadapted": train_unadapted})
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    adapters = {n for n in trainable if ".lora_A." in n or ".lora_B." in n}
+    assert len(adapters) == 2 * len(projections)
+    # embeddings (tied with lm_head here), every norm; never the adapted projections' base weights
+    unadapted = {"base_model.model." + n for n in plain - projections}
+    assert trainable - adapters == (unadapted if train_unadapted else set())
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {
+        id(p) for p in model.parameters() if p.requires_grad}
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _train(model, opt, _batch(), 1)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved <= trainable
+    assert ("base_model.model.model.embed_tokens.weight" in moved) == train_unadapted
+
+
+def test_pretraining_profiles_train_lora_unadapted_parameters_and_fine_tuning_profiles_do_not():
+    from suites import profiles
+
+    for suite, table in profiles.PROFILES.items():
+        for prof_name, prof in table.items():
+            for name in ("lora", "qlora"):
+                cfg = profiles.resolve(suite, prof_name, prof, name, method_defaults(name), "cpu")
+                assert cfg["train_unadapted"] is (suite == "c4"), (suite, prof_name, name)
+            assert "train_unadapted" not in profiles.resolve(suite, prof_name, prof, "adam",
+                                                             method_defaults("adam"), "cpu")
+
+
+# ---- APOLLO: the package's update with this adapter's param groups, against a float64 reference ----------
+
+@pytest.mark.parametrize("name", ["apollo", "apollo-mini"])
+def test_apollo_first_step_matches_a_float64_reference(name):
+    """One step from zero state: P = N(0, 1/r) from the parameter's seed (its 1-based position in the
+    param groups), R = G Pᵀ (m ≥ n) or Pᵀ G, Adam's first step on R, scaling factor ‖m̂/(√v̂+ε)‖ / ‖R‖ per
+    row (m ≥ n) or column (channel) or over the tensor, update lr·√scale·s·G (no limiter on step 1)."""
+    model, opt = _build(name)
+    group = next(g for g in opt.param_groups if "rank" in g)
+    r, scale, lr, eps = group["rank"], group["scale"], group["lr"], group["eps"]
+    beta1, beta2 = group["betas"]
+    published = (RANK, "channel", 1.0) if name == "apollo" else (1, "tensor", 128.0)
+    assert (r, group["scale_type"], scale) == published
+    order = [p for g in opt.param_groups for p in g["params"]]
+    layers = {"q_proj": model.model.layers[0].self_attn.q_proj.weight,     # 64 x 64: m >= n
+              "down_proj": model.model.layers[1].mlp.down_proj.weight}     # 64 x 172: m < n
+    model(**_batch()).loss.backward()
+    before = {k: (w.detach().double().clone(), w.grad.double().clone()) for k, w in layers.items()}
+    opt.step()
+    for key, w in layers.items():
+        w0, g = before[key]
+        m, n = g.shape
+        seed = next(i for i, p in enumerate(order, start=1) if p is w)
+        shape = (r, n) if m >= n else (m, r)
+        proj = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) / math.sqrt(r)).double()
+        low = g @ proj.T if m >= n else proj.T @ g
+        normed = (1 - beta1) * low / ((1 - beta2) ** 0.5 * low.abs() + eps)
+        if group["scale_type"] == "channel":
+            dim = 1 if m >= n else 0
+            factor = normed.norm(dim=dim) / (low.norm(dim=dim) + 1e-8)
+            factor = factor.unsqueeze(1) if dim == 1 else factor
+        else:
+            factor = normed.norm() / (low.norm() + 1e-8)
+        step_size = lr * math.sqrt(1 - beta2) / (1 - beta1)
+        expected = w0 - step_size * math.sqrt(scale) * g * factor
+        torch.testing.assert_close(w.detach().double(), expected, rtol=1e-4, atol=1e-6)
+        assert (w.detach().double() - w0).abs().max() > 1e-4, key

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -85,6 +86,7 @@ def test_record_follows_schema(adam_c4):
 def test_write_record_is_atomic_and_validated(tmp_path, adam_c4):
     path = records.write_record(adam_c4, tmp_path)
     assert path.name == f"{adam_c4['run_id']}.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # world-readable, like any file the user writes
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
     assert json.loads(path.read_text()) == adam_c4
     broken = dict(adam_c4, config={**adam_c4["config"], "lr": 123.0})
@@ -123,7 +125,8 @@ def test_killed_sweep_resumes_without_repeats_or_loss(tmp_path, adam_c4):
     os.killpg(proc.pid, signal.SIGKILL)  # kill the whole sweep, like a closed terminal or a crashed node
     proc.wait()
     time.sleep(1.0)
-    assert [p.name for p in out.iterdir()] == [first[0].name]  # only the finished run, no partial file
+    # only the finished run, no partial file (and the sweep's lock files, which stay in .locks/)
+    assert [p.name for p in out.iterdir() if p.name != ".locks"] == [first[0].name]
     mtime = first[0].stat().st_mtime_ns
 
     again = run_cli("c4", "--profile", "smoke", "--methods", "adam", "--sweep", "seed=0,1", "--out", str(out))
@@ -196,7 +199,7 @@ def test_bad_input_exits_2_with_one_line(args, tmp_path, capsys):
     code = cli.main([*args, "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2
-    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("python -m suites.run: error: "), err
     assert "Traceback" not in err
     assert not out.exists()
 
@@ -258,7 +261,7 @@ def test_every_profile_puts_a_refresh_inside_the_memory_window():
 
 
 def test_lr_schedule_warms_up_then_decays():
-    from suites.loop import lr_factor
+    from suites.recipe import lr_factor
 
     f = lr_factor("cosine", warmup=4, steps=20, min_ratio=0.1)
     values = [f(i) for i in range(20)]
@@ -279,3 +282,232 @@ def test_gsm8k_smoke_goes_through_lm_eval(tmp_path):
     assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["accuracy_flexible"] <= 1.0
     assert m["answer_nll"] > 0
     assert "accuracy" in proc.stdout.splitlines()[0]  # summary table header names the headline metric
+
+
+# ------------------------------------------------------------------------------------------- usage errors
+
+FAST_USAGE_ERRORS = {
+    "unknown method": ["gsm8k", "--methods", "nosuch"],
+    "unknown suite": ["mnist"],
+    "unknown profile": ["c4", "--profile", "huge"],
+    "unknown --set key": ["c4", "--set", "nosuchkey=1"],
+    "malformed --set value": ["c4", "--set", "steps=many"],
+    "malformed --sweep": ["c4", "--sweep", "rank"],
+    "bad device": ["c4", "--device", "tpu"],
+    "--out is a file": ["c4", "--out", "{file}"],
+    "--out below a file": ["c4", "--out", "{file}/below"],
+}
+
+
+def test_usage_errors_come_before_torch_is_imported(tmp_path):
+    """Every argument check runs before torch or transformers is imported (so it answers in well under a
+    second), prints one line and exits 2; nothing is written and an existing file named by --out is kept."""
+    victim = tmp_path / "keep.txt"
+    victim.write_text("precious")
+    cases = {name: [a.replace("{file}", str(victim)) for a in argv]
+             for name, argv in FAST_USAGE_ERRORS.items()}
+    probe = (
+        "import contextlib, io, json, sys\n"
+        "from suites import run\n"
+        "out = {}\n"
+        "for name, argv in json.loads(sys.argv[1]).items():\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        code = run.main(argv)\n"
+        "    out[name] = [code, err.getvalue()]\n"
+        "out['heavy'] = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe, json.dumps(cases)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result.pop("heavy") == []
+    for name, (code, err) in result.items():
+        assert code == 2, (name, err)
+        assert err.startswith("python -m suites.run: error: "), (name, err)
+        assert len(err.strip().splitlines()) == 1, (name, err)
+    assert "--out" in result["--out is a file"][1] and "not a folder" in result["--out is a file"][1]
+    assert victim.read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_out_is_a_usage_error(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    assert cli.main(["c4", "--profile", "smoke", "--methods", "adam", "--out", str(locked / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "not writable" in err and len(err.strip().splitlines()) == 1
+    assert list(locked.iterdir()) == []
+
+
+def test_unknown_key_lists_each_known_key_once(capsys):
+    assert cli.main(["c4", "--set", "nosuchkey=1"]) == 2
+    err = capsys.readouterr().err
+    known = err.split("known keys: ", 1)[1].strip().split(", ")
+    assert len(known) == len(set(known)) and {"betas", "eps", "refresh_every"} <= set(known)
+
+
+def test_help_lists_every_method_and_what_differs():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    from suites.registry import ALL_METHODS, method_defaults
+
+    for name in ALL_METHODS:
+        assert name in proc.stdout
+    for var in ("OASIS_DATA_DIR", "OASIS_THREADS", "OASIS_NO_PROGRESS", "OASIS_DEBUG"):
+        assert var in proc.stdout
+    assert "only learning rates differ" not in proc.stdout
+    # the published constants, as the methods define them (not a hand-written copy)
+    assert f"ldadam: betas={method_defaults('ldadam')['betas']}" in proc.stdout
+    assert f"galore: eps={method_defaults('galore')['eps']}" in proc.stdout
+
+
+def test_registry_reads_defaults_without_importing_the_methods():
+    probe = (
+        "import sys\n"
+        "from suites import registry\n"
+        "d = {m: registry.method_defaults(m) for m in registry.ALL_METHODS}\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
+    # one source of truth: what the registry reads is what each module defines
+    import importlib
+
+    from suites import registry
+
+    for name in registry.ALL_METHODS:
+        module_name, pinned = registry._METHODS[name]
+        module = importlib.import_module(f"baselines.{module_name}")
+        assert registry.method_defaults(name) == {**module.DEFAULTS, **pinned}, name
+
+
+def test_non_literal_defaults_are_refused(tmp_path):
+    from suites.registry import read_defaults
+
+    good = tmp_path / "good.py"
+    good.write_text("import torch\nDEFAULTS = {'betas': (0.9, 0.99), 'flag': True, 'n': 3}\n")
+    assert read_defaults(good) == {"betas": (0.9, 0.99), "flag": True, "n": 3}
+    computed = tmp_path / "computed.py"
+    computed.write_text("DEFAULTS = dict(n=3)\n")
+    with pytest.raises(TypeError, match="literal"):
+        read_defaults(computed)
+    (tmp_path / "none.py").write_text("X = 1\n")
+    with pytest.raises(TypeError, match="no top-level"):
+        read_defaults(tmp_path / "none.py")
+
+
+def test_hub_base_errors_other_than_not_cached_surface(tmp_path):
+    """Only "not in the cache, offline" is reported as such; a broken local base is a real error."""
+    broken = tmp_path / "base"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(OSError, match="not a valid JSON"):
+        cli._check_hub_base(str(broken))
+    with pytest.raises(cli.UsageError, match="not available offline"):
+        cli._check_hub_base("meta-llama/Llama-2-7b-hf")
+    with pytest.raises(cli.UsageError, match="neither a local model folder nor a hub id"):
+        cli._check_hub_base(str(tmp_path / "no" / "such" / "folder"))
+
+
+def test_dtype_aliases_resolve_to_the_canonical_name():
+    prof = profiles.apply_overrides(profiles.profile("c4", "smoke"), [("dtype", "bf16")], {})
+    assert prof["dtype"] == "bfloat16"
+    with pytest.raises(profiles.ProfileError, match="not one of"):
+        profiles.apply_overrides(profiles.profile("c4", "smoke"), [("dtype", "int8")], {})
+
+
+def test_every_periodic_profile_key_is_read_by_some_method():
+    from suites.registry import ALL_METHODS, method_defaults
+
+    read = {k for m in ALL_METHODS for k in method_defaults(m)}
+    assert set(profiles.PERIODIC_KEYS) <= read  # a key no method reads is dead (regenerate_every was)
+    for table in profiles.PROFILES.values():
+        for prof in table.values():
+            assert "regenerate_every" not in prof
+
+
+# ------------------------------------------------------------------------------------------- sweeps
+
+
+def _smoke_adam_config() -> dict:
+    from suites.registry import method_defaults
+
+    prof = profiles.profile("c4", "smoke")
+    return profiles.resolve("c4", "smoke", prof, "adam", method_defaults("adam"), "cpu")
+
+
+def test_a_run_locked_by_another_sweep_is_skipped(tmp_path, adam_c4):
+    out = tmp_path / "out"
+    cfg = _smoke_adam_config()
+    assert records.config_hash(cfg) == adam_c4["config_hash"]
+    with records.run_lock(out, cfg) as held:
+        assert held
+        proc = run_cli("c4", "--profile", "smoke", "--methods", "adam", "--device", "cpu", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"skipped {records.run_id(cfg)}: another sweep into {out} is running it" in proc.stderr
+    assert list(out.glob("*.json")) == []
+
+
+def test_the_lock_holder_rechecks_for_an_ok_record(tmp_path, adam_c4):
+    """A sweep that planned a run, then got its lock after another sweep finished it, does not run it."""
+    out = tmp_path / "out"
+    records.write_record(adam_c4, out)
+    assert cli.run_config(_smoke_adam_config(), out) == "done"
+    assert json.loads((out / f"{adam_c4['run_id']}.json").read_text()) == adam_c4
+
+
+def test_two_concurrent_sweeps_run_a_config_once(tmp_path):
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "suites.run", "c4", "--profile", "smoke", "--methods", "adam",
+            "--set", "seed=7", "--out", str(out)]
+    procs = [subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in results]
+    ran = [not ("skipped " in err or "resuming: 1 of 1" in err) for _, err in results]
+    assert sum(ran) == 1, [err for _, err in results]
+    recs = records.load_records(out)
+    assert len(recs) == 1 and recs[0]["status"] == "ok" and recs[0]["config"]["seed"] == 7
+
+
+def _worker_of(pid: int) -> int | None:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"suites.worker" in cmdline and parent == pid:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.parametrize("target", ["process group", "sweep only"])
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, target):
+    """Ctrl-C in a terminal signals every process of the sweep; `kill -INT` only the sweep. Either way:
+    one line, exit 130, no worker traceback, no partial record."""
+    out = tmp_path / "out"
+    args = ["c4", "--profile", "smoke", "--methods", "adam", "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "suites.run", *args],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and _worker_of(proc.pid) is None:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(3.0)  # the run is importing its libraries or training
+    if target == "process group":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert stderr.strip() == cli.INTERRUPTED and "Traceback" not in stderr
+    assert stdout == ""
+    assert not [p for p in out.rglob("*") if p.is_file() and p.parent == out]  # no record, no temp file

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,12 +11,7 @@ from baselines.ldadam import LDAdamW, lift, power_step, project, top_subspace, t
 BETAS = (0.908, 0.99)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()  # tiny matrices: a second thread only adds contention
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _moments(shape, seed=0):
@@ -128,8 +124,12 @@ def test_error_feedback_conserves_gradient(shape, beta1):
         if beta1 == 0.0 or step == 0:
             momentum_term = torch.zeros(shape)
         else:
-            m_transported = (m_new - (1 - beta1) * g_low) / beta1
+            # the old momentum carried into the new basis, from the formula (C = P_tᵀ P_{t-1})
+            C = P.T @ P_old
+            m_transported = C @ m_old if left else m_old @ C.T
             momentum_term = beta1 / (1 - beta1) * (lift(P_old, m_old, left) - lift(P, m_transported, left))
+            expected_m = beta1 * m_transported + (1 - beta1) * g_low
+            torch.testing.assert_close(m_new, expected_m, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(applied + e_new - momentum_term, a, atol=1e-5, rtol=1e-5)
         if beta1 == 0.0:
             torch.testing.assert_close(lift(P, m_new, left) + e_new, a, atol=1e-5, rtol=1e-5)
@@ -183,7 +183,9 @@ def test_update_is_lr_times_lifted_adam_direction():
     w.grad = torch.randn(6, 15, generator=torch.Generator().manual_seed(2))
     a = w.grad.clone()
     opt.step()
-    P = opt.state[w]["proj"]
+    # P = top-2 left singular vectors of a (numpy's SVD; P sign(Pᵀa) does not depend on their signs)
+    u, _, _ = np.linalg.svd(a.double().numpy())
+    P = torch.from_numpy(u[:, :2]).float()
     expected = w0 - 1e-2 * lift(P, torch.sign(project(P, a, True)), True)
     torch.testing.assert_close(w.detach(), expected, atol=1e-6, rtol=1e-5)
 
@@ -201,3 +203,85 @@ def test_subspace_drift_reports_projector_movement():
     cos = torch.linalg.svdvals(opt.state[w]["proj"].T @ P_old).min().clamp(max=1.0)
     assert opt.subspace_drift() == pytest.approx(float(torch.arccos(cos)), abs=1e-6)
     assert opt.subspace_drift() == 0.0  # reset by the query
+
+
+# ---- the whole trajectory against a float64 reference from the update rule (numpy, no project code) ----
+
+def _qr(a):
+    return np.linalg.qr(a)[0]
+
+
+def _ldadam_reference(w0, grads, rank, lr, betas, eps, wd, rho):
+    """LDAdam (DESIGN §4 / module docstring) in numpy float64: returns per-step (P, m, v, e, W)."""
+    b1, b2 = betas
+    w = w0.copy()
+    left = w.shape[0] <= w.shape[1]
+
+    def lift(P, low):
+        return P @ low if left else low @ P.T
+
+    P = m = v = None
+    e = np.zeros_like(w)
+    out = []
+    for t, g in enumerate(grads, start=1):
+        a = g + e
+        if t == 1:
+            u, _, vh = np.linalg.svd(a)
+            P = u[:, :rank] if left else vh[:rank].T
+            m_t = v_t = np.zeros((rank, w.shape[1]) if left else (w.shape[0], rank))
+            P_old = None
+        else:
+            P_old = P
+            B = rho * lift(P_old, m) / (1 - b1 ** (t - 1)) + (1 - rho) * a
+            P = _qr(B @ B.T @ P_old) if left else _qr(B.T @ B @ P_old)
+            C = P.T @ P_old
+            bc1, bc2 = 1 - b1 ** (t - 1), 1 - b2 ** (t - 1)
+            var = v / bc2 - (m / bc1) ** 2
+            if left:
+                m_t = C @ m
+                v_t = np.abs((C * C) @ var + (m_t / bc1) ** 2) * bc2
+            else:
+                m_t = m @ C.T
+                v_t = np.abs(var @ (C * C).T + (m_t / bc1) ** 2) * bc2
+        g_low = P.T @ a if left else a @ P
+        e = a - lift(P, g_low)
+        if P_old is not None:
+            e += b1 / (1 - b1) * (lift(P_old, m) - lift(P, m_t))
+        m = b1 * m_t + (1 - b1) * g_low
+        v = b2 * v_t + (1 - b2) * g_low ** 2
+        d = (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+        w = (1 - lr * wd) * w - lr * lift(P, d)
+        out.append((P, m, v, e, w.copy()))
+    return out
+
+
+@pytest.mark.parametrize("shape", [(6, 15), (15, 6)])
+def test_moments_follow_a_moving_projector_as_a_float64_reference_says(shape):
+    rank, lr, eps, wd, rho = 3, 1e-2, 1e-8, 0.1, 0.908
+    left = shape[0] <= shape[1]
+    gen = np.random.default_rng(0)
+    w0 = gen.standard_normal(shape)
+    grads = [gen.standard_normal(shape) for _ in range(6)]
+    reference = _ldadam_reference(w0, grads, rank, lr, BETAS, eps, wd, rho)
+
+    w = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    opt = LDAdamW([{"params": [w], "rank": rank}], lr=lr, betas=BETAS, eps=eps, weight_decay=wd, rho=rho)
+    angles = []
+    for g, (P_ref, m_ref, v_ref, e_ref, w_ref) in zip(grads, reference, strict=True):
+        if w.grad is None:
+            w.grad = torch.from_numpy(g.copy())
+        else:
+            w.grad.add_(torch.from_numpy(g))  # what autograd does: accumulate into the kept buffer
+        opt.step()
+        opt.zero_grad()
+        st = opt.state[w]
+        P = st["proj"].numpy()
+        signs = np.sign(np.diag(P_ref.T @ P))  # QR/SVD column signs are a convention: align them
+        np.testing.assert_allclose(P, P_ref * signs, atol=1e-10)
+        m_aligned = signs[:, None] * m_ref if left else m_ref * signs
+        np.testing.assert_allclose(st["exp_avg"].numpy(), m_aligned, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(st["exp_avg_sq"].numpy(), v_ref, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(st["error"].numpy(), e_ref, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(w.detach().numpy(), w_ref, rtol=1e-10, atol=1e-12)
+        angles.append(opt.subspace_drift())
+    assert max(angles[1:]) > 0.1  # the projector really moved (radians), so the transport mattered

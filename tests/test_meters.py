@@ -118,11 +118,16 @@ def test_saved_activations_are_counted_and_released():
 
 
 def test_lowrank_grad_counts_as_grads():
-    layer, opt = _linear_adam()
-    meter = make_meter("cpu", layer, opt)
+    from oasis import OasisConfig, prepare
+
+    model = nn.Sequential()
+    model.add_module("q_proj", nn.Linear(64, 32, bias=False))
+    opt = prepare(model, OasisConfig(rank=4, init="random", targets=("q_proj",)))
+    meter = make_meter("cpu", model, opt)
     with meter:
         meter.start_window()
-        layer.lowrank_grad = torch.zeros(32, 4)
+        model(torch.randn(8, 64)).sum().backward()  # the d_out × r gradient on the layer's carrier
+        assert model.q_proj.lowrank_grad.shape == (32, 4)
         assert meter.tracker.classify()["grads"] == 32 * 4 * F32
 
 

@@ -92,3 +92,67 @@ def test_cli_main_exit_codes(capsys):
     p.add_argument("--n", type=int)
     with pytest.raises(cli.UsageError, match="invalid int value"):
         p.parse_args(["--n", "x"])
+
+
+# ------------------------------------------------------------------------------------------- scoped patches
+
+
+def test_patched_restores_on_every_exit_and_refuses_a_missing_target():
+    import types
+
+    from suites.patching import patched
+
+    owner = types.SimpleNamespace(f="original")
+    owner.__name__ = "owner"
+    with patched(owner, "f", "ours", why="a test") as original:
+        assert original == "original" and owner.f == "ours"
+    assert owner.f == "original"
+    with pytest.raises(KeyError), patched(owner, "f", "ours", why="a test"):
+        raise KeyError("inside")
+    assert owner.f == "original"
+    with pytest.raises(AttributeError, match="owner.g: it does not exist.*because a test"):
+        with patched(owner, "g", "ours", why="a test"):
+            pass
+    assert not hasattr(owner, "g")
+    with pytest.raises(RuntimeError, match="patched again"):
+        with patched(owner, "f", "ours", why="a test"):
+            owner.f = "someone else's"
+    assert owner.f == "original"
+
+
+def test_fake_construction_restores_module_apply_and_refuses_a_missing_one(monkeypatch):
+    from torch import nn
+
+    from suites.meters import fake_construction
+    from suites.models import build_model
+
+    original = nn.Module._apply
+    with pytest.raises(ValueError, match="inside"), fake_construction():
+        build_model("llama-tiny")
+        assert nn.Module._apply is not original
+        raise ValueError("inside")
+    assert nn.Module._apply is original
+    monkeypatch.delattr(nn.Module, "_apply")
+    with pytest.raises(AttributeError, match="_apply: it does not exist"):
+        with fake_construction():
+            pass
+
+
+def test_galore8bit_cpu_step_patches_cuda_synchronize_only_during_the_step(monkeypatch):
+    import torch
+
+    from suites.models import build_model
+    from suites.registry import build_method, method_defaults
+
+    model = build_model("llama-tiny")
+    cfg = {**method_defaults("galore8bit"), "lr": 1e-3, "weight_decay": 0.0, "betas": (0.9, 0.999),
+           "eps": 1e-8, "rank": 4, "seed": 0}
+    model, optimizer = build_method("galore8bit", model, cfg)
+    batch = torch.randint(0, 100, (1, 8))
+    original = torch.cuda.synchronize
+    model(input_ids=batch, labels=batch).loss.backward()
+    optimizer.step()  # on CPU-only torch this raises unless synchronize is a no-op during the step
+    assert torch.cuda.synchronize is original
+    monkeypatch.delattr(torch.cuda, "synchronize")
+    with pytest.raises(AttributeError, match="synchronize: it does not exist"):
+        optimizer.step()

@@ -56,11 +56,10 @@ def test_humaneval_canonical_solutions_pass_in_a_subprocess():
     assert not humaneval.run_program(humaneval.program_for(problems[0], "    return None\n"), 10.0)
 
 
-def test_humaneval_programs_never_run_in_the_harness_process(tmp_path):
-    marker = tmp_path / "pid"
-    program = f"import os\nopen({str(marker)!r}, 'w').write(str(os.getpid()))\n"
-    assert humaneval.run_program(program, 10.0)
-    assert int(marker.read_text()) != os.getpid()
+def test_humaneval_programs_never_run_in_the_harness_process():
+    # the sandbox refuses writes outside its scratch directory, so the program checks its pid itself
+    assert humaneval.run_program(f"import os\nassert os.getpid() != {os.getpid()}\n", 10.0)
+    assert not humaneval.run_program(f"import os\nassert os.getpid() == {os.getpid()}\n", 10.0)
     assert not humaneval.run_program("while True:\n    pass\n", 1.0)  # the timeout kills it
 
 

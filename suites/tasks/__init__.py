@@ -5,6 +5,9 @@ Each module exposes
     check_data() -> None                             raises data.DataMissing naming the expected path
     train_batches(tokenizer, cfg) -> list[dict]      deterministic in cfg["seed"]; same for every method
     evaluate(model, tokenizer, cfg, device) -> dict  the suite's metrics (one shared function per suite)
+    before_training(model, tokenizer, cfg, device) -> dict
+                                                     the suite's cheap metrics (NLL / loss) of the model a run
+                                                     starts from, recorded as metrics["step0"]
     HEADLINE: str                                    the metric shown in the summary table
 """
 

@@ -29,6 +29,11 @@ def train_batches(tokenizer, cfg: dict) -> list[dict]:
     )
 
 
+def before_training(model, tokenizer, cfg: dict, device: str) -> dict:
+    """Held-out loss of the model a run starts from (recorded as `metrics.step0`)."""
+    return evaluate(model, tokenizer, cfg, device)
+
+
 def evaluate(model, tokenizer, cfg: dict, device: str) -> dict:
     metrics = {}
     for corpus, prefix in (("wikipedia", ""), ("c4", "c4_")):

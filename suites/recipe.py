@@ -1,0 +1,310 @@
+"""One training run, start to finish. `suites.run` starts it in its own process (`python -m suites.worker
+SPEC.json`), where SPEC is {config, out_dir, base_dir?, save_dir?, position}; read top to bottom:
+
+    session = setup(spec)                  # seeds, data, model, method, LR schedule, memory meter
+    result = train(session)                # warm-up step, memory window, timed steps
+    metrics = evaluate(session)            # the suite's one shared evaluation
+    record(spec, result, metrics, ...)     # one JSON record, written atomically
+
+`run(spec)` chains them; any failure is a result too: divergence, out-of-memory and any other exception
+each end as a record with that status (ok | diverged | oom | error). Nothing here knows a method's name:
+a method is a model plus a `torch.optim.Optimizer` from the registry. The loop only calls forward,
+backward, `optimizer.step()`, the LR scheduler and `optimizer.zero_grad()` (never `model.zero_grad()`,
+which would wipe state that LDAdam keeps in gradient buffers); an optimizer that tracks a basis reports
+its motion through `optimizer.subspace_drift()`, recorded when it exists.
+
+Timeline of `train` (DESIGN §5):
+    step 0                      warm-up, inside the meter (creates lazily allocated optimizer state)
+    steps 1 .. mem_window       the memory window: peak bytes are taken over these steps
+    steps mem_window+1 .. end   timed for tokens/s and median step time (the CPU meter slows the window
+                                down, so it is not timed); when there are none, the window steps are timed
+
+Where later features plug in, each in one function: the model (`build_model`: gradient checkpointing,
+a distributed wrapper), the data (`build_batches`: a rank's shard; `step_batches`: the micro-batches of
+one optimizer step, i.e. gradient accumulation) and the update (`optimizer_step`: forward and backward
+over those micro-batches, then one optimizer step).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import statistics
+import time
+import traceback
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from suites import files, models, records
+from suites.meters import Meter, make_meter
+from suites.registry import build_method
+from suites.tasks import get as get_suite
+
+# ------------------------------------------------------------------------------------------- setup
+
+
+def threads() -> int:
+    """Intra-op threads of a run: $OASIS_THREADS, else half the cores (at least 1).
+
+    On a small shared machine, one busy thread per run beats two threads fighting other processes
+    (a llama-tiny step measured 15x slower with 2 threads under load); the count goes into the record.
+    """
+    return max(1, int(os.environ.get("OASIS_THREADS") or (os.cpu_count() or 2) // 2))
+
+
+@dataclass
+class Session:
+    """Everything one run holds while it trains and is evaluated."""
+
+    cfg: dict
+    suite: ModuleType  # suites.tasks.<suite>: train_batches, evaluate, HEADLINE
+    tokenizer: Any
+    batches: list[dict]  # this process's micro-batches, in training order (cycled)
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    meter: Meter
+    step0: dict = field(default_factory=dict)  # the suite's metrics of the model before the first step
+    position: int = 1  # row of the progress bar (the sweep's bar is row 0)
+
+    @property
+    def device(self) -> str:
+        return self.cfg["device"]
+
+
+def setup(spec: dict) -> Session:
+    """Seed, then build the data, the model and the method, in that order (the order fixes the RNG draws)."""
+    cfg = spec["config"]
+    random.seed(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    torch.set_num_threads(threads())
+    suite = get_suite(cfg["suite"])
+    tokenizer = models.load_tokenizer(cfg)
+    batches = build_batches(suite, tokenizer, cfg)
+    model = build_model(cfg, spec.get("base_dir"))
+    step0 = suite.before_training(model, tokenizer, cfg, cfg["device"])
+    model, optimizer = build_method(cfg["method"], model, cfg)
+    meter = make_meter("cuda" if cfg["device"].startswith("cuda") else "cpu", model, optimizer)
+    schedule = lr_factor(cfg["schedule"], cfg["warmup_steps"], cfg["steps"], cfg["min_lr_ratio"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return Session(cfg, suite, tokenizer, batches, model, optimizer, scheduler, meter, step0=step0,
+                   position=spec.get("position", 1))
+
+
+def build_batches(suite: ModuleType, tokenizer, cfg: dict) -> list[dict]:
+    """The micro-batches this process trains on, in order: the suite's deterministic batches for the seed,
+    the same for every method."""
+    return suite.train_batches(tokenizer, cfg)
+
+
+def build_model(cfg: dict, base_dir: str | None) -> torch.nn.Module:
+    """The model a method is built on: random init (`base: random`), the project's pretrained c4 base
+    (`base: c4`, from `base_dir`) or a model's own weights (`suites.models`); in cfg's dtype, on cfg's
+    device."""
+    model = models.load_model(cfg, base_dir)
+    if cfg.get("lean_activations"):
+        from suites.lean import apply_lean_activations
+
+        if not apply_lean_activations(model):
+            raise ValueError("lean_activations=true but the model has no RMSNorm/SwiGLU modules to patch")
+    return model
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+class Diverged(RuntimeError):
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"loss became {loss} at step {step}")
+        self.step, self.loss = step, loss
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, (RuntimeError, MemoryError)) and (
+        "out of memory" in text or "can't allocate memory" in text or isinstance(exc, MemoryError)
+    )
+
+
+def lr_factor(schedule: str, warmup: int, steps: int, min_ratio: float):
+    """LambdaLR factor: linear warm-up over `warmup` steps, then cosine decay to `min_ratio`."""
+
+    def factor(step: int) -> float:
+        if schedule == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@dataclass
+class TrainResult:
+    status: str = "ok"  # ok | diverged | oom | error
+    error: str | None = None
+    curve: list = field(default_factory=list)  # [step, train_loss, eval_loss|None]
+    drift: list | None = None  # [step, radians] when the optimizer tracks a basis
+    memory: dict | None = None
+    speed: dict | None = None
+    steps_done: int = 0
+    timings: dict = field(default_factory=dict, repr=False)  # step -> (seconds, tokens); not recorded
+
+
+def train(session: Session) -> TrainResult:
+    """Run cfg["steps"] optimizer steps, measuring memory over the window and speed after it.
+
+    Divergence and out-of-memory end the run as results; any other exception propagates.
+    """
+    cfg, meter = session.cfg, session.meter
+    result = TrainResult(drift=[] if callable(getattr(session.optimizer, "subspace_drift", None)) else None)
+    window = cfg["mem_window"]
+    progress = _progress(cfg, session.position)
+    session.model.train()
+    try:
+        try:
+            with meter:
+                _timed_step(session, 0, result, progress)
+                meter.start_window()
+                for step in range(1, window + 1):
+                    _timed_step(session, step, result, progress)
+        finally:
+            if result.steps_done > window:
+                result.memory = meter.result()
+        for step in range(window + 1, cfg["steps"]):
+            _timed_step(session, step, result, progress)
+    except Diverged as exc:
+        result.curve.append([exc.step, exc.loss, None])
+        result.status, result.error = "diverged", str(exc)
+    except Exception as exc:  # noqa: BLE001 - OOM is a result; anything else goes up to the caller
+        if not is_oom(exc):
+            raise
+        result.status, result.error = "oom", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    finally:
+        if progress is not None:
+            progress.close()
+    result.speed = _speed(result.timings, window)
+    return result
+
+
+def step_batches(session: Session, step: int) -> list[dict]:
+    """The micro-batches of optimizer step `step`, on the run's device: one per step today."""
+    batch = session.batches[step % len(session.batches)]
+    return [{k: v.to(session.device, non_blocking=True) for k, v in batch.items()}]
+
+
+def optimizer_step(session: Session, step: int, micro_batches: list[dict]) -> float:
+    """Forward and backward over the step's micro-batches, then one optimizer and LR-schedule step;
+    returns the training loss. Raises Diverged, before any update, when the loss is not finite."""
+    if len(micro_batches) != 1:
+        # gradient accumulation belongs here: backward of loss / len(micro_batches) for each micro-batch
+        raise NotImplementedError("one micro-batch per optimizer step (gradient accumulation is not built)")
+    model, optimizer = session.model, session.optimizer
+    loss = model(**micro_batches[0]).loss
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise Diverged(step, value)
+    loss.backward()
+    optimizer.step()
+    session.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return value
+
+
+def _timed_step(session: Session, step: int, result: TrainResult, progress) -> None:
+    micro_batches = step_batches(session, step)
+    _synchronize(session.device)
+    t0 = time.perf_counter()
+    loss = optimizer_step(session, step, micro_batches)
+    _synchronize(session.device)
+    seconds = time.perf_counter() - t0
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in micro_batches)
+    result.timings[step] = (seconds, tokens)
+    result.curve.append([step, loss, None])
+    if result.drift is not None:
+        result.drift.append([step, float(session.optimizer.subspace_drift())])
+    result.steps_done = step + 1
+    if progress is not None:
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / seconds:.0f}", refresh=False)
+
+
+def _synchronize(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _speed(timings: dict, window: int) -> dict | None:
+    timed = [s for s in timings if s > window] or [s for s in timings if s > 0]
+    if not timed:
+        return None
+    return {
+        "tokens_per_s": sum(timings[s][1] for s in timed) / sum(timings[s][0] for s in timed),
+        "step_time_s": statistics.median(timings[s][0] for s in timed),
+    }
+
+
+def _progress(cfg: dict, position: int):
+    if os.environ.get("OASIS_NO_PROGRESS"):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg["steps"], desc=f"  {cfg['method']}", position=position, leave=False, unit="step",
+                dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------------------- evaluate
+
+
+def evaluate(session: Session) -> dict:
+    """The suite's shared evaluation of the trained model (the same function for every method), with the
+    same suite's metrics before the first step under `step0`, so a record shows what training changed."""
+    metrics = session.suite.evaluate(session.model, session.tokenizer, session.cfg, session.device)
+    return {**metrics, "step0": session.step0}
+
+
+def save_model(session: Session, save_dir: str) -> None:
+    """Save a pretrained base atomically (written next to `save_dir`, then renamed into place)."""
+    files.atomic_dir(save_dir, session.model.save_pretrained)
+
+
+# ------------------------------------------------------------------------------------------- record
+
+
+def record(spec: dict, result: TrainResult, metrics: dict, *, started_at: str, wall_s: float) -> dict:
+    """Write the run's record to spec["out_dir"] and return it."""
+    rec = records.make_record(
+        spec["config"], status=result.status, error=result.error, metrics=metrics, memory=result.memory,
+        speed=result.speed, curve=result.curve, drift=result.drift, started_at=started_at, wall_s=wall_s,
+    )
+    records.write_record(rec, spec["out_dir"])
+    return rec
+
+
+def run(spec: dict) -> dict:
+    """setup -> train -> evaluate (when training ended ok) -> record; returns the record."""
+    started_at, t0 = records.now(), time.perf_counter()
+    result, metrics = TrainResult(), {}
+    try:
+        session = setup(spec)
+        result = train(session)
+        if result.status == "ok":
+            metrics = evaluate(session)
+            if "eval_loss" in metrics and result.curve:
+                result.curve[-1][2] = metrics["eval_loss"]  # the final validation point of the loss curve
+            if spec.get("save_dir"):
+                save_model(session, spec["save_dir"])
+    except Exception as exc:  # noqa: BLE001 - a failed run is a result, recorded with its message
+        result.status = "oom" if is_oom(exc) else "error"
+        first_line = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ""
+        result.error = f"{type(exc).__name__}: {first_line}"
+        if os.environ.get("OASIS_DEBUG"):
+            traceback.print_exc()
+    return record(spec, result, metrics, started_at=started_at, wall_s=round(time.perf_counter() - t0, 3))
