@@ -433,10 +433,12 @@ def test_every_periodic_profile_key_is_read_by_some_method():
 
 
 def _smoke_adam_config() -> dict:
+    from suites.models import run_fields
     from suites.registry import method_defaults
 
     prof = profiles.profile("c4", "smoke")
-    return profiles.resolve("c4", "smoke", prof, "adam", method_defaults("adam"), "cpu")
+    cfg = profiles.resolve("c4", "smoke", prof, "adam", method_defaults("adam"), "cpu")
+    return {**cfg, **run_fields(cfg)}  # as `suites.run` plans it
 
 
 def test_a_run_locked_by_another_sweep_is_skipped(tmp_path, adam_c4):
