@@ -31,6 +31,10 @@ _TRAIN = dict(
     base_lr=3e-3,  # learning rate of that pretraining (AdamW)
     dtype="float32",
     seed=0,  # data order and model init
+    base_seed=0,  # the initial weights (random init or the cached pretrained base), fixed per profile
+    grad_accum=1,  # micro-batches of `batch` sequences per optimizer step
+    checkpointing=False,  # Hugging Face non-reentrant activation checkpointing, for every method alike
+    world_size=1,  # processes of one run (torch.distributed); the global batch is the same for every N
     steps=4,  # optimizer steps (step 0 is the memory warm-up step)
     mem_window=3,  # steps measured after the warm-up step; speed is timed on the steps after it
     batch=2,
@@ -409,7 +413,7 @@ def _apply_pretrained(prof: dict, given: set) -> None:
 
 
 def _check_budget(prof: dict) -> None:
-    for key in ("steps", "batch", "seq_len"):
+    for key in ("steps", "batch", "seq_len", "grad_accum", "world_size"):
         if not isinstance(prof[key], int) or prof[key] < 1:
             raise ProfileError(f"{key} must be a positive integer, got {prof[key]!r}")
     if prof["steps"] < 2:

@@ -79,6 +79,9 @@ class Session:
 def setup(spec: dict) -> Session:
     """Seed, then build the data, the model and the method, in that order (the order fixes the RNG draws)."""
     cfg = spec["config"]
+    for key in ("grad_accum", "world_size"):
+        if cfg[key] != 1:
+            raise ValueError(f"{key}={cfg[key]}: only 1 is built so far")
     random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     torch.set_num_threads(threads())
@@ -106,6 +109,9 @@ def build_model(cfg: dict, base_dir: str | None) -> torch.nn.Module:
     (`base: c4`, from `base_dir`) or a model's own weights (`suites.models`); in cfg's dtype, on cfg's
     device."""
     model = models.load_model(cfg, base_dir)
+    if cfg["checkpointing"]:
+        # non-reentrant: OASIS tells a recompute from a first forward only in this mode (oasis/linear.py)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.get("lean_activations"):
         from suites.lean import apply_lean_activations
 
