@@ -82,12 +82,12 @@ def load_weights(model: str, dtype: torch.dtype, attn: str, checkpointing: bool)
     model; its bytes equal those of a random init of the same config)."""
     from transformers import AutoModelForCausalLM
 
-    from suites.models import resolve, weights_dir
+    from suites.models import enable_checkpointing, resolve, weights_dir
 
     net = AutoModelForCausalLM.from_pretrained(weights_dir(resolve(model)), dtype=dtype,
                                                attn_implementation=attn)
     if checkpointing:
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(net)
     net.train()
     return net
 
@@ -96,12 +96,14 @@ def build_model(config, dtype: torch.dtype, attn: str, checkpointing: bool):
     """The randomly initialised causal LM of `config` in `dtype` (values are irrelevant to memory)."""
     from transformers import AutoModelForCausalLM
 
+    from suites.models import enable_checkpointing
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
     model = model.to(dtype=dtype)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     return model
 

@@ -117,6 +117,13 @@ def build_model(config: LlamaConfig | str, *, dtype: torch.dtype = torch.float32
     return model.to(device=device, dtype=dtype)
 
 
+def enable_checkpointing(model) -> None:
+    """Hugging Face activation checkpointing of every decoder layer, non-reentrant: the one mode in which
+    OASIS tells a recompute from a first forward (oasis/linear.py); the KV cache is off, as training needs."""
+    model.config.use_cache = False
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def linear_shapes(config) -> dict[str, tuple[int, int]]:
     """(d_out, d_in) of the seven Llama projections, for rank validation without building a model."""
     h, i = config.hidden_size, config.intermediate_size

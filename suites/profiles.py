@@ -107,6 +107,10 @@ _LRS_PT = {
 # the fine-tuning profiles keep peft's frozen base (the method's default).
 _PRETRAIN_METHOD_KEYS = {"train_unadapted": True}
 
+# `suites.run --lr-grid`: every method's learning rate times these factors, one run each, so each method is
+# tuned on the same relative grid around its own published rate (the paper profiles)
+PAPER_LR_GRID = (0.5, 1.0, 2.0)
+
 PROFILES: dict[str, dict[str, dict]] = {
     "c4": {
         "smoke": dict(
@@ -141,12 +145,14 @@ PROFILES: dict[str, dict[str, dict]] = {
             model="llama-130m",
             steps=20000,
             mem_window=201,
-            batch=512,
+            batch=64,  # micro-batch; x grad_accum 8 = GaLore's global batch of 512 sequences
+            grad_accum=8,
             seq_len=256,
             warmup_steps=2000,
             rank=256,
             refresh_every=200,
             update_proj_gap=200,
+            lr_grid=PAPER_LR_GRID,
             eval_tokens=10_000_000,
             eval_batch=64,
             lrs=dict(_LRS_PT),
@@ -194,12 +200,14 @@ PROFILES: dict[str, dict[str, dict]] = {
             dtype="bfloat16",
             steps=1000,
             mem_window=201,
-            batch=32,
+            batch=4,  # micro-batch; x grad_accum 8 = a global batch of 32 sequences
+            grad_accum=8,
             seq_len=512,
             warmup_steps=30,
             rank=32,
             refresh_every=200,
             update_proj_gap=200,
+            lr_grid=PAPER_LR_GRID,
             eval_limit=None,
             eval_batch=32,
             max_gen_toks=256,
@@ -259,12 +267,14 @@ PROFILES: dict[str, dict[str, dict]] = {
             dtype="bfloat16",
             steps=1000,
             mem_window=201,
-            batch=32,
+            batch=4,  # micro-batch; x grad_accum 8 = a global batch of 32 sequences
+            grad_accum=8,
             seq_len=1024,
             warmup_steps=30,
             rank=32,
             refresh_every=200,
             update_proj_gap=200,
+            lr_grid=PAPER_LR_GRID,
             eval_limit=None,
             eval_batch=16,
             max_gen_toks=512,
@@ -287,7 +297,7 @@ PROFILES: dict[str, dict[str, dict]] = {
 
 
 # profile entries that are not --set keys
-INTERNAL_KEYS = ("lrs", "lr_override", "per_method", "pretrained")
+INTERNAL_KEYS = ("lrs", "lr_override", "per_method", "pretrained", "lr_grid")
 # shared optimizer keys that `KEY.METHOD=value` may set for one method (budgets stay shared)
 PER_METHOD_KEYS = ("betas", "eps", "weight_decay", "rank")
 

@@ -79,9 +79,8 @@ class Session:
 def setup(spec: dict) -> Session:
     """Seed, then build the data, the model and the method, in that order (the order fixes the RNG draws)."""
     cfg = spec["config"]
-    for key in ("grad_accum", "world_size"):
-        if cfg[key] != 1:
-            raise ValueError(f"{key}={cfg[key]}: only 1 is built so far")
+    if cfg["world_size"] != 1:
+        raise ValueError(f"world_size={cfg['world_size']}: only single-process runs are built so far")
     random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     torch.set_num_threads(threads())
@@ -100,8 +99,8 @@ def setup(spec: dict) -> Session:
 
 def build_batches(suite: ModuleType, tokenizer, cfg: dict) -> list[dict]:
     """The micro-batches this process trains on, in order: the suite's deterministic batches for the seed,
-    the same for every method."""
-    return suite.train_batches(tokenizer, cfg)
+    the same for every method; `grad_accum` of them make one optimizer step."""
+    return suite.train_batches(tokenizer, {**cfg, "steps": cfg["steps"] * cfg["grad_accum"]})
 
 
 def build_model(cfg: dict, base_dir: str | None) -> torch.nn.Module:
@@ -110,8 +109,7 @@ def build_model(cfg: dict, base_dir: str | None) -> torch.nn.Module:
     device."""
     model = models.load_model(cfg, base_dir)
     if cfg["checkpointing"]:
-        # non-reentrant: OASIS tells a recompute from a first forward only in this mode (oasis/linear.py)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        models.enable_checkpointing(model)
     if cfg.get("lean_activations"):
         from suites.lean import apply_lean_activations
 
@@ -201,27 +199,45 @@ def train(session: Session) -> TrainResult:
 
 
 def step_batches(session: Session, step: int) -> list[dict]:
-    """The micro-batches of optimizer step `step`, on the run's device: one per step today."""
-    batch = session.batches[step % len(session.batches)]
-    return [{k: v.to(session.device, non_blocking=True) for k, v in batch.items()}]
+    """The `grad_accum` micro-batches of optimizer step `step`, on the run's device."""
+    k = session.cfg["grad_accum"]
+    picked = [session.batches[(step * k + j) % len(session.batches)] for j in range(k)]
+    return [{key: v.to(session.device, non_blocking=True) for key, v in batch.items()} for batch in picked]
 
 
 def optimizer_step(session: Session, step: int, micro_batches: list[dict]) -> float:
     """Forward and backward over the step's micro-batches, then one optimizer and LR-schedule step;
-    returns the training loss. Raises Diverged, before any update, when the loss is not finite."""
-    if len(micro_batches) != 1:
-        # gradient accumulation belongs here: backward of loss / len(micro_batches) for each micro-batch
-        raise NotImplementedError("one micro-batch per optimizer step (gradient accumulation is not built)")
+    returns the training loss (the step's token-weighted mean). Raises Diverged, before any update, when
+    a micro-batch's loss is not finite.
+
+    Each micro-batch's mean loss is weighted by its share of the step's supervised tokens, so the summed
+    gradient equals the gradient of one batch holding all micro-batches, padding or not (a plain 1/k
+    would weight a short micro-batch's tokens more). OASIS keeps its basis fixed over the micro-batches
+    and moves it in `optimizer.step()` from the statistics of all of them."""
     model, optimizer = session.model, session.optimizer
-    loss = model(**micro_batches[0]).loss
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise Diverged(step, value)
-    loss.backward()
+    counts = [supervised_tokens(batch) for batch in micro_batches]
+    total = sum(counts)
+    value = 0.0
+    for batch, count in zip(micro_batches, counts):
+        loss = model(**batch).loss
+        part = float(loss.detach())
+        if not math.isfinite(part):
+            raise Diverged(step, part)
+        (loss * (count / total)).backward()
+        value += part * count / total
     optimizer.step()
     session.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return value
+
+
+def supervised_tokens(batch: dict) -> int:
+    """Tokens a causal-LM loss averages over: labels after the one-position shift that are not -100."""
+    labels = batch.get("labels", batch["input_ids"])
+    mask = labels[:, 1:] != -100
+    if "labels" not in batch:
+        mask = mask & batch["attention_mask"][:, 1:].bool()
+    return int(mask.sum())
 
 
 def _timed_step(session: Session, step: int, result: TrainResult, progress) -> None:

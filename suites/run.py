@@ -91,6 +91,9 @@ def parser() -> argparse.ArgumentParser:
                    help="override a profile key or method hyper-parameter (repeatable)")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="one run per value (repeatable: the cartesian product)")
+    p.add_argument("--lr-grid", action="store_true",
+                   help="one run per point of the profile's learning-rate grid: each method's rate times "
+                        "the profile's lr_grid factors (paper profiles: 0.5, 1, 2)")
     p.add_argument("--out", default="results", help="folder for the run records (default: results/)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto (CUDA when present) | cpu | cuda")
@@ -130,6 +133,12 @@ def check_arguments(args) -> list[dict]:
     prof = profiles.profile(args.suite, args.profile)
     method_keys = _method_key_witnesses()
     sets = [profiles.parse_assignment(s) for s in args.sets]
+    factors = None
+    if args.lr_grid:
+        factors = prof.get("lr_grid")
+        if not factors:
+            raise UsageError(f"--lr-grid: profile {args.profile} of {args.suite} has no learning-rate grid "
+                             "(the paper profiles have one)")
     configs = []
     for point in itertools.product(*_sweep_axes(args.sweep)):
         p = profiles.apply_overrides(prof, sets + list(point), method_keys)
@@ -139,8 +148,9 @@ def check_arguments(args) -> list[dict]:
                              f"KEY.METHOD; choose from {', '.join(registry.ALL_METHODS)}")
         for method in methods:
             # the device is known once torch is imported (second pass); its key keeps its place
-            configs.append(profiles.resolve(args.suite, args.profile, p, method,
-                                            registry.method_defaults(method), None))
+            defaults = registry.method_defaults(method)
+            cfg = profiles.resolve(args.suite, args.profile, p, method, defaults, None)
+            configs += [{**cfg, "lr": cfg["lr"] * f} for f in factors] if factors else [cfg]
     return configs
 
 
