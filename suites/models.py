@@ -390,7 +390,8 @@ def run_fields(cfg: dict) -> dict:
         record.update(file=source.path.name, sha256=file_sha256(source.path))
     tokenizer = load_tokenizer(cfg)
     fields = {"model_source": record, "tokenizer": data.tokenizer_id(tokenizer),
-              "prompt_format": data.prompt_format_of(tokenizer)}
+              "prompt_format": data.prompt_format_of(tokenizer),
+              "base_seed": None}  # the weights are the model's own: no seed of ours made them
     if carries_weights(cfg["model"]):
         fields["base"] = "pretrained"
     return fields
@@ -407,7 +408,8 @@ def load_model(cfg: dict, base_dir: str | None = None):
     attn = "eager" if device == "cpu" else "sdpa"
     spec = weights_spec(cfg)
     if spec is None and cfg["base"] == "random":
-        return build_model(llama_config(cfg["model"]), dtype=dtype, seed=cfg["seed"], device=device)
+        # the profile's base_seed, not the run's seed: every seed and method starts from the same weights
+        return build_model(llama_config(cfg["model"]), dtype=dtype, seed=cfg["base_seed"], device=device)
     if spec is None:
         if base_dir is None:
             raise ValueError("base: c4 needs the pretrained base's folder")

@@ -27,6 +27,7 @@ over those micro-batches, then one optimizer step).
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import random
@@ -41,6 +42,7 @@ import torch
 
 from suites import files, models, records
 from suites.meters import Meter, make_meter
+from suites.profiles import PERIODIC_KEYS
 from suites.registry import build_method
 from suites.tasks import get as get_suite
 
@@ -69,6 +71,7 @@ class Session:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     meter: Meter
     step0: dict = field(default_factory=dict)  # the suite's metrics of the model before the first step
+    base_checksum: str | None = None  # records.weights_checksum of the weights the run starts from
     position: int = 1  # row of the progress bar (the sweep's bar is row 0)
 
     @property
@@ -88,12 +91,14 @@ def setup(spec: dict) -> Session:
     tokenizer = models.load_tokenizer(cfg)
     batches = build_batches(suite, tokenizer, cfg)
     model = build_model(cfg, spec.get("base_dir"))
+    base_checksum = records.weights_checksum(model)  # before the method wraps or changes the model
     step0 = suite.before_training(model, tokenizer, cfg, cfg["device"])
     model, optimizer = build_method(cfg["method"], model, cfg)
     meter = make_meter("cuda" if cfg["device"].startswith("cuda") else "cpu", model, optimizer)
     schedule = lr_factor(cfg["schedule"], cfg["warmup_steps"], cfg["steps"], cfg["min_lr_ratio"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return Session(cfg, suite, tokenizer, batches, model, optimizer, scheduler, meter, step0=step0,
+                   base_checksum=base_checksum,
                    position=spec.get("position", 1))
 
 
@@ -300,23 +305,56 @@ def save_model(session: Session, save_dir: str) -> None:
 # ------------------------------------------------------------------------------------------- record
 
 
-def record(spec: dict, result: TrainResult, metrics: dict, *, started_at: str, wall_s: float) -> dict:
+def record(spec: dict, result: TrainResult, metrics: dict, *, started_at: str, wall_s: float,
+           base_checksum: str | None = None) -> dict:
     """Write the run's record to spec["out_dir"] and return it."""
     rec = records.make_record(
         spec["config"], status=result.status, error=result.error, metrics=metrics, memory=result.memory,
         speed=result.speed, curve=result.curve, drift=result.drift, started_at=started_at, wall_s=wall_s,
+        base_checksum=base_checksum,
     )
     records.write_record(rec, spec["out_dir"])
     return rec
 
 
-def run(spec: dict) -> dict:
-    """setup -> train -> evaluate (when training ended ok) -> record; returns the record."""
-    started_at, t0 = records.now(), time.perf_counter()
-    result, metrics = TrainResult(), {}
+def memory_pass_config(cfg: dict) -> dict | None:
+    """The config of a separate memory pass when the run's own refresh period puts no basis refresh inside
+    the memory window (DESIGN §5): the same run with every period set to 1, only warm-up and window long.
+    None when the run's own window already contains a refresh (or the method has no period)."""
+    forced = {k: 1 for k in PERIODIC_KEYS if k in cfg and not 1 <= cfg[k] <= cfg["mem_window"]}
+    if not forced:
+        return None
+    return {**cfg, **forced, "steps": cfg["mem_window"] + 1}
+
+
+def measure_memory_pass(spec: dict, pass_cfg: dict) -> TrainResult:
+    """Warm-up and window of `pass_cfg` under the meter, on a model and method built for the pass alone and
+    dropped after it: the run that follows re-seeds and rebuilds everything, so its trajectory is the one it
+    would have had without the pass."""
+    session = setup({**spec, "config": pass_cfg})
     try:
+        return train(session)
+    finally:
+        del session
+        gc.collect()
+
+
+def run(spec: dict) -> dict:
+    """[memory pass ->] setup -> train -> evaluate (when training ended ok) -> record; returns the record."""
+    started_at, t0 = records.now(), time.perf_counter()
+    result, metrics, session = TrainResult(), {}, None
+    try:
+        pass_cfg = memory_pass_config(spec["config"])
+        forced = measure_memory_pass(spec, pass_cfg) if pass_cfg else None
+        if forced is not None and forced.status != "ok":
+            raise RuntimeError(f"the memory pass ended {forced.status}: {forced.error}")
         session = setup(spec)
         result = train(session)
+        if forced is not None and result.memory is not None:
+            # the window's peak with a refresh in it; what the trajectory's own window kept is kept beside it
+            result.memory = {**forced.memory, "refresh_forced": {k: pass_cfg[k] for k in PERIODIC_KEYS
+                                                                if k in pass_cfg},
+                             "trajectory_peak_bytes": result.memory["peak_bytes"]}
         if result.status == "ok":
             metrics = evaluate(session)
             if "eval_loss" in metrics and result.curve:
@@ -329,4 +367,5 @@ def run(spec: dict) -> dict:
         result.error = f"{type(exc).__name__}: {first_line}"
         if os.environ.get("OASIS_DEBUG"):
             traceback.print_exc()
-    return record(spec, result, metrics, started_at=started_at, wall_s=round(time.perf_counter() - t0, 3))
+    return record(spec, result, metrics, started_at=started_at, wall_s=round(time.perf_counter() - t0, 3),
+                  base_checksum=session.base_checksum if session is not None else None)

@@ -7,6 +7,7 @@ skipping every config that already has an `ok` record.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import json
@@ -72,10 +73,58 @@ def git_commit() -> str | None:
         return None
 
 
+def weights_checksum(model) -> str:
+    """16 hex digits of sha256 over a model's floating-point weights (state_dict in name order, raw bytes):
+    the identity of the weights a run starts from (`env.base_checksum`)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if tensor.is_floating_point():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def machine(device: str) -> tuple[str, str]:
+    """(`env.machine`, `env.machine_desc`): 12 hex digits of sha256 over the description of the machine a
+    speed was measured on (CPU model, logical cores, torch version, GPU name on CUDA), and the description."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):  # Linux names the CPU model here; elsewhere the platform's name
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    desc = f"{cpu}; {os.cpu_count()} logical cores; torch {torch.__version__}"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        desc += f"; {torch.cuda.get_device_name(0)}"
+    return hashlib.sha256(desc.encode()).hexdigest()[:12], desc
+
+
+def code_digest(paths) -> str:
+    """16 hex digits of sha256 over the syntax trees of Python sources, docstrings dropped: what the code
+    does, not how it is commented or laid out (a key for caches of what that code produces)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        tree = ast.parse(Path(path).read_text())
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                    and isinstance(getattr(body[0], "value", None), ast.Constant)
+                    and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        digest.update(Path(path).name.encode())
+        digest.update(ast.dump(tree).encode())
+    return digest.hexdigest()[:16]
+
+
 def environment(device: str, dtype: str) -> dict:
     import torch
     import transformers
 
+    machine_id, machine_desc = machine(device)
     env = {
         "git_commit": git_commit(),
         "python": platform.python_version(),
@@ -85,6 +134,8 @@ def environment(device: str, dtype: str) -> dict:
         "dtype": dtype,
         "host_cpu": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
+        "machine": machine_id,
+        "machine_desc": machine_desc,
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
@@ -98,7 +149,8 @@ def now() -> str:
 
 def make_record(config: dict, *, status: str, error: str | None = None, metrics: dict | None = None,
                 memory: dict | None = None, speed: dict | None = None, curve: list | None = None,
-                drift: list | None = None, started_at: str, wall_s: float) -> dict:
+                drift: list | None = None, started_at: str, wall_s: float,
+                base_checksum: str | None = None) -> dict:
     """A run record (DESIGN §3.4) in the schema's key order; the one place a record is assembled."""
     return {
         "schema": SCHEMA,
@@ -115,7 +167,7 @@ def make_record(config: dict, *, status: str, error: str | None = None, metrics:
         "speed": speed,
         "curve": curve if curve is not None else [],
         "subspace": {"drift": drift} if drift is not None else None,
-        "env": environment(config["device"], config["dtype"]),
+        "env": {**environment(config["device"], config["dtype"]), "base_checksum": base_checksum},
         "started_at": started_at,
         "wall_s": wall_s,
     }

@@ -205,10 +205,19 @@ def _check_hub_base(base: str) -> None:
         raise
 
 
+# the sources that determine a pretrained base's weights: the loop, data, model, c4 task and AdamW adapter
+BASE_CODE = tuple(Path(__file__).resolve().parent.parent / p for p in (
+    "suites/recipe.py", "suites/data.py", "suites/models.py", "suites/tasks/c4.py", "baselines/adam.py",
+    "baselines/_common.py"))
+
+
 def base_config(cfg: dict) -> dict:
-    """The c4 pretraining run that makes the base of a fine-tuning config (same model, device, seed)."""
+    """The c4 pretraining run that makes the base of a fine-tuning config: same model, device and dtype, the
+    profile's `base_seed` (so every run seed fine-tunes one base), and a digest of the code that trains it,
+    so that the cached base (keyed by this config's hash) is rebuilt when that code changes."""
     prof = profiles.profile("c4", cfg["profile"])
-    prof.update(model=cfg["model"], steps=cfg["base_steps"], seed=cfg["seed"], dtype=cfg["dtype"])
+    prof.update(model=cfg["model"], steps=cfg["base_steps"], seed=cfg["base_seed"],
+                base_seed=cfg["base_seed"], dtype=cfg["dtype"])
     prof["lrs"] = {"default": cfg["base_lr"]}
     prof["mem_window"] = min(prof["mem_window"], prof["steps"] - 1)
     prof["warmup_steps"] = max(1, prof["steps"] // 10)
@@ -218,6 +227,7 @@ def base_config(cfg: dict) -> dict:
     base = profiles.resolve("c4", cfg["profile"], prof, "adam", adam, cfg["device"])
     base.update(run_fields(base))
     base["purpose"] = "base"
+    base["base_code"] = records.code_digest(BASE_CODE)
     return base
 
 
@@ -251,7 +261,7 @@ def check_environment(args, configs: list[dict]) -> None:
 
 
 def plan(args) -> tuple[list[dict], str]:
-    """Validate everything; the resolved configs and the suite's headline metric (nothing is written)."""
+    """Validate everything; the resolved configs and the suite's summary metrics (nothing is written)."""
     try:
         configs = check_arguments(args)
     except ValueError as exc:  # OutputError, ProfileError, an unknown method: the input, nothing else ran
@@ -259,7 +269,7 @@ def plan(args) -> tuple[list[dict], str]:
     check_environment(args, configs)
     from suites.tasks import get as get_suite
 
-    return configs, get_suite(args.suite).HEADLINE
+    return configs, get_suite(args.suite).SUMMARY
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -369,27 +379,30 @@ def run_config(cfg: dict, out: Path) -> str:
     return "ran"
 
 
-def summary(rows: list[dict], headline: str) -> str:
-    lines = [
-        f"{'method':<18} {'status':<9} {'peak MiB':>9} {headline:>14} {'tokens/s':>9} {'wall s':>7}  run_id"
-    ]
+def summary(rows: list[dict], columns: tuple[str, ...]) -> str:
+    """The table printed after a sweep: peak memory, the suite's summary metrics, speed, wall time."""
+    width = max(14, *(len(c) for c in columns))
+    heads = " ".join(f"{c:>{width}}" for c in columns)
+    lines = [f"{'method':<18} {'status':<9} {'peak MiB':>9} {heads} {'tokens/s':>9} {'wall s':>7}  run_id"]
     for rec in rows:
         mem = rec.get("memory") or {}
         peak = f"{mem['peak_bytes'] / 2**20:.1f}" if mem.get("peak_bytes") is not None else "-"
-        metric = (rec.get("metrics") or {}).get(headline)
-        metric = f"{metric:.4f}" if isinstance(metric, (int, float)) else "-"
+        values = []
+        for column in columns:
+            metric = (rec.get("metrics") or {}).get(column)
+            values.append(f"{metric:.4f}" if isinstance(metric, (int, float)) else "-")
         speed = rec.get("speed") or {}
         tps = f"{speed['tokens_per_s']:.0f}" if speed.get("tokens_per_s") else "-"
         lines.append(
-            f"{rec['method']:<18} {rec['status']:<9} {peak:>9} {metric:>14} {tps:>9} "
-            f"{rec.get('wall_s') or 0:>7.1f}  {rec['run_id']}"
+            f"{rec['method']:<18} {rec['status']:<9} {peak:>9} {' '.join(f'{v:>{width}}' for v in values)} "
+            f"{tps:>9} {rec.get('wall_s') or 0:>7.1f}  {rec['run_id']}"
         )
         if rec.get("error"):
             lines.append(f"{'':<18} {rec['error'][:100]}")
     return "\n".join(lines)
 
 
-def sweep(configs: list[dict], headline: str, out: Path, desc: str) -> int:
+def sweep(configs: list[dict], columns: tuple[str, ...], out: Path, desc: str) -> int:
     """Run every config that has no ok record yet, then print the summary; the exit status."""
     from tqdm import tqdm
 
@@ -421,15 +434,15 @@ def sweep(configs: list[dict], headline: str, out: Path, desc: str) -> int:
         if rec["config_hash"] in wanted:
             latest[rec["config_hash"]] = rec
     rows = [latest[records.config_hash(c)] for c in configs if records.config_hash(c) in latest]
-    print(summary(rows, headline))
+    print(summary(rows, columns))
     print(f"records: {out}/ ({len(rows)} runs)")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
 def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
-    configs, headline = plan(args)
-    return sweep(configs, headline, Path(args.out), desc=f"{args.suite}/{args.profile}")
+    configs, columns = plan(args)
+    return sweep(configs, columns, Path(args.out), desc=f"{args.suite}/{args.profile}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,7 +69,7 @@ def test_record_follows_schema(adam_c4):
     cfg = rec["config"]
     for key in ("model", "dtype", "seed", "steps", "batch", "seq_len", "lr", "rank", "device"):
         assert key in cfg
-    assert set(rec["metrics"]) >= {"eval_loss", "eval_ppl", "c4_eval_loss", "c4_eval_ppl"}
+    assert set(rec["metrics"]) >= {"eval_loss", "eval_ppl", "c4_sample_loss", "c4_sample_ppl"}
     assert rec["metrics"]["eval_loss"] > 0
     mem = rec["memory"]
     assert mem["peak_bytes"] > 0 and mem["source"] == "cpu-tracked"
@@ -179,15 +179,8 @@ BAD_INPUTS = {
     "unknown method in KEY.METHOD": ["c4", "--set", "lr.sgd=0.1"],
     "malformed betas": ["c4", "--set", "betas=0.9"],
     "rank above a layer": ["c4", "--profile", "smoke", "--set", "rank=65"],
-    "refresh outside window": [
-        "c4",
-        "--profile",
-        "smoke",
-        "--methods",
-        "adam,galore",
-        "--set",
-        "mem_window=1",
-    ],
+    "no learning-rate grid": ["c4", "--profile", "smoke", "--lr-grid"],
+    "zero accumulation": ["c4", "--set", "grad_accum=0"],
     "unknown sweep key": ["c4", "--sweep", "nosuchkey=1,2"],
     "bad device": ["c4", "--device", "tpu"],
 }
@@ -253,11 +246,19 @@ def test_profiles_share_budgets_and_differ_only_in_lr():
     assert overridden["betas"] == (0.9, 0.95)
 
 
-def test_every_profile_puts_a_refresh_inside_the_memory_window():
+def test_quality_runs_keep_the_published_refresh_periods():
+    """No profile pins a period (the memory pass puts the refresh in the window: tests/test_memory_pass.py);
+    every periodic method trains with the period its paper publishes."""
+    from suites.registry import method_defaults
+
+    published = {("galore", "update_proj_gap"): 200, ("pca", "refresh_every"): 200,
+                 ("compact", "refresh_every"): 50, ("apollo", "update_proj_gap"): 200}
     for suite, table in profiles.PROFILES.items():
         for name, prof in table.items():
-            for key in profiles.PERIODIC_KEYS:
-                assert 1 <= prof[key] <= prof["mem_window"] < prof["steps"], (suite, name, key)
+            assert not set(profiles.PERIODIC_KEYS) & set(prof), (suite, name)
+            for (method, key), period in published.items():
+                cfg = profiles.resolve(suite, name, prof, method, method_defaults(method), "cpu")
+                assert cfg[key] == period, (suite, name, method)
 
 
 def test_lr_schedule_warms_up_then_decays():

@@ -12,8 +12,8 @@ from suites.registry import build_method, method_defaults
 
 
 def test_recipe_builds_a_checkpointed_model_when_asked():
-    cfg = {"model": "llama-tiny", "base": "random", "seed": 0, "dtype": "float32", "device": "cpu",
-           "lean_activations": False}
+    cfg = {"model": "llama-tiny", "base": "random", "seed": 0, "base_seed": 0, "dtype": "float32",
+           "device": "cpu", "lean_activations": False}
     assert recipe.build_model({**cfg, "checkpointing": True}, None).is_gradient_checkpointing
     assert not recipe.build_model({**cfg, "checkpointing": False}, None).is_gradient_checkpointing
 

@@ -8,7 +8,8 @@ Each module exposes
     before_training(model, tokenizer, cfg, device) -> dict
                                                      the suite's cheap metrics (NLL / loss) of the model a run
                                                      starts from, recorded as metrics["step0"]
-    HEADLINE: str                                    the metric shown in the summary table
+    HEADLINE: str                                    the suite's headline metric (reports)
+    SUMMARY: tuple[str, ...]                         the metrics printed in the sweep's summary table
 """
 
 from __future__ import annotations

@@ -11,13 +11,21 @@ from suites.data import IGNORE
 
 
 @torch.no_grad()
+def scored_batches(model, batches, device):
+    """Each batch with its logits, the model in eval mode meanwhile (train mode restored after)."""
+    model.eval()
+    try:
+        for batch in batches:
+            ids = batch["input_ids"].to(device)
+            yield batch, model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
+    finally:
+        model.train()
+
+
 def token_nll(model, batches, device) -> tuple[float, int]:
     """(sum of next-token NLL over labelled tokens, number of those tokens); labels follow HF (unshifted)."""
-    model.eval()
     total, count = 0.0, 0
-    for batch in batches:
-        ids = batch["input_ids"].to(device)
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
+    for batch, logits in scored_batches(model, batches, device):
         labels = batch["labels"].to(device)[:, 1:]
         nll = F.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.size(-1)),
@@ -27,7 +35,6 @@ def token_nll(model, batches, device) -> tuple[float, int]:
         )
         total += float(nll)
         count += int((labels != IGNORE).sum())
-    model.train()
     return total, count
 
 

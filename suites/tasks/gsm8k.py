@@ -2,8 +2,9 @@
 
 Accuracy is lm-eval's own `gsm8k` definition (exact match on the final number after the "#### "
 regex; the flexible-extract filter is reported too), run offline through `gsm8k_local.yaml`, whose
-dataset points at the local jsonl copy. `answer_nll` is the token-weighted NLL of the reference
-answers given the prompt, on the same test problems.
+dataset points at the local jsonl copy, with `max_gen_toks` new tokens. On the same test problems, from
+the reference solutions (`answer_scores`): `answer_nll`, the teacher-forced `final_answer_acc_tf` and
+`gen_ceiling`, the share of solutions that fit in the generation budget.
 
 Prompt format (`cfg["prompt_format"]`, from `suites.models.run_fields`): `plain` trains and evaluates on
 "Question: ...\nAnswer: ..."; `chat` (instruct models) puts the question in the user turn and the
@@ -21,11 +22,15 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 from suites import data
-from suites.tasks._eval import mean_nll, ppl
+from suites.tasks._eval import ppl, scored_batches
 
 FINETUNE = True
 HEADLINE = "accuracy"
+# the summary table: generated accuracy, and the teacher-forced scores that move at CPU scale
+SUMMARY = ("accuracy", "final_answer_acc_tf", "answer_nll")
 TASK_YAML = Path(__file__).with_name("gsm8k_local.yaml")
 CHAT_TASK_YAML = Path(__file__).with_name("gsm8k_local_chat.yaml")
 TASK_NAMES = {"plain": "gsm8k_local", "chat": "gsm8k_local_chat"}
@@ -47,13 +52,55 @@ def prompt_format(cfg: dict) -> str:
     return cfg.get("prompt_format", "plain")
 
 
-def answer_nll(model, tokenizer, cfg: dict, device: str) -> float:
-    pairs = data.gsm8k_eval_pairs(tokenizer, cfg["eval_limit"], prompt_format(cfg))
-    batches = [
-        data.supervised_batch(pairs[i : i + cfg["eval_batch"]], tokenizer)
-        for i in range(0, len(pairs), cfg["eval_batch"])
-    ]
-    return mean_nll(model, batches, device)
+def final_number_span(tokenizer, answer: str, answer_ids: list[int]) -> tuple[int, int]:
+    """(start, end) of the tokens that spell a GSM8K solution's final number (the text after "#### ") in
+    its answer tokens: the shortest run ending at the last non-special token whose text ends with it."""
+    number = answer[answer.rindex("#### ") + len("#### "):].strip()
+    special = set(tokenizer.all_special_ids)
+    end = len(answer_ids)
+    while end > 0 and answer_ids[end - 1] in special:
+        end -= 1
+    for start in range(end - 1, -1, -1):
+        text = tokenizer.decode(answer_ids[start:end]).strip()
+        if text.endswith(number) and len(text) >= len(number):
+            return start, end
+    raise ValueError(f"the answer tokens do not spell the final number {number!r}")
+
+
+def answer_scores(model, tokenizer, cfg: dict, device: str) -> dict:
+    """Teacher-forced scores of the reference solutions of the first `eval_limit` test problems, from one
+    forward pass each:
+
+    - `answer_nll` / `answer_ppl`: token-weighted NLL of the whole solution given the prompt;
+    - `final_answer_acc_tf`: share of problems whose greedy (argmax) next-token predictions, given the
+      prompt and the gold solution up to its final number, reproduce every token of that number;
+      continuous enough to move at CPU scale, where generated accuracy sits at 0;
+    - `gen_ceiling`: share of the solutions whose tokens up to the final number fit in `max_gen_toks`,
+      the most that generated accuracy can reach with that budget.
+    """
+    fmt = prompt_format(cfg)
+    examples = data.gsm8k_examples("test")[: cfg["eval_limit"] or None]
+    pairs = [data.encode_pair(tokenizer, fmt, ex["question"], ex["answer"]) for ex in examples]
+    spans = [final_number_span(tokenizer, ex["answer"], a) for ex, (_, a) in zip(examples, pairs)]
+    size = cfg["eval_batch"]
+    batches = [data.supervised_batch(pairs[i : i + size], tokenizer) for i in range(0, len(pairs), size)]
+    total, count, correct = 0.0, 0, 0
+    for b, (batch, logits) in enumerate(scored_batches(model, batches, device)):
+        labels = batch["labels"].to(device)[:, 1:]
+        total += float(torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=data.IGNORE,
+            reduction="sum"))
+        count += int((labels != data.IGNORE).sum())
+        predicted = logits.argmax(-1)
+        for row in range(logits.size(0)):
+            prompt, answer = pairs[b * size + row]
+            start, end = spans[b * size + row]
+            # the token at position t is predicted by the logits at t - 1
+            at = torch.arange(len(prompt) + start, len(prompt) + end, device=predicted.device)
+            correct += bool((predicted[row, at - 1] == batch["input_ids"][row, at.cpu()].to(device)).all())
+    nll = total / max(1, count)
+    return {"answer_nll": nll, "answer_ppl": ppl(nll), "final_answer_acc_tf": correct / len(pairs),
+            "gen_ceiling": sum(end <= cfg["max_gen_toks"] for _, end in spans) / len(pairs)}
 
 
 def lm_eval_accuracy(model, tokenizer, cfg: dict, device: str) -> dict:
@@ -116,14 +163,12 @@ def _simple_evaluate(lm_eval, lm, include: str, cfg: dict) -> dict:
 
 
 def before_training(model, tokenizer, cfg: dict, device: str) -> dict:
-    """The answer NLL of the model a run starts from, with the evaluation's own function and problems
-    (recorded as `metrics.step0`, so every record shows what training changed)."""
-    nll = answer_nll(model, tokenizer, cfg, device)
-    return {"answer_nll": nll, "answer_ppl": ppl(nll)}
+    """The teacher-forced scores of the model a run starts from, with the evaluation's own function and
+    problems (recorded as `metrics.step0`, so every record shows what training changed)."""
+    return answer_scores(model, tokenizer, cfg, device)
 
 
 def evaluate(model, tokenizer, cfg: dict, device: str) -> dict:
     metrics = lm_eval_accuracy(model, tokenizer, cfg, device)
-    nll = answer_nll(model, tokenizer, cfg, device)
-    metrics.update(answer_nll=nll, answer_ppl=ppl(nll))
+    metrics.update(answer_scores(model, tokenizer, cfg, device))
     return metrics

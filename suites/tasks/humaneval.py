@@ -21,6 +21,7 @@ from suites.tasks._eval import mean_nll, ppl
 
 FINETUNE = True
 HEADLINE = "pass@1"
+SUMMARY = ("pass@1", "canonical_nll")  # the summary table: pass@1 and the NLL that moves
 STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", "```")
 
 

@@ -1,0 +1,69 @@
+"""Provenance in records: the starting weights are fixed by `base_seed` (not the run's `seed`) and named by a
+checksum; the machine a speed comes from is named too; the pretrained base is keyed by the code that makes
+it."""
+
+import hashlib
+
+import torch
+
+from suites import profiles, recipe, records
+from suites import run as cli
+from suites.models import run_fields
+from suites.registry import method_defaults
+
+
+def _config(suite: str, profile: str = "smoke", **overrides) -> dict:
+    prof = profiles.profile(suite, profile)
+    prof.update(overrides)
+    cfg = profiles.resolve(suite, profile, prof, "adam", method_defaults("adam"), "cpu")
+    return {**cfg, **run_fields(cfg)}
+
+
+def _sha256_of_weights(model) -> str:
+    """Written from the contract (CONTRACTS.md), not from records.weights_checksum."""
+    h = hashlib.sha256()
+    for name in sorted(model.state_dict()):
+        t = model.state_dict()[name]
+        if t.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            h.update(name.encode())
+            h.update(bytes(t.contiguous().view(torch.uint8).flatten().tolist()))
+    return h.hexdigest()[:16]
+
+
+def test_run_seeds_share_the_starting_weights_that_base_seed_fixes(one_thread):
+    a = recipe.setup({"config": _config("c4", seed=0)})
+    b = recipe.setup({"config": _config("c4", seed=1)})
+    c = recipe.setup({"config": _config("c4", seed=0, base_seed=1)})
+    assert a.base_checksum == b.base_checksum != c.base_checksum
+    fresh = recipe.build_model(_config("c4", seed=5), None)
+    assert a.base_checksum == _sha256_of_weights(fresh)
+    # the run's seed still orders the data
+    assert not torch.equal(a.batches[0]["input_ids"], b.batches[0]["input_ids"])
+
+
+def test_records_name_the_machine_and_the_base():
+    env = records.make_record(_config("c4"), status="ok", started_at="t", wall_s=0.0,
+                              base_checksum="0123456789abcdef")["env"]
+    assert env["base_checksum"] == "0123456789abcdef"
+    assert env["machine"] == hashlib.sha256(env["machine_desc"].encode()).hexdigest()[:12]
+    assert "torch" in env["machine_desc"] and "cores" in env["machine_desc"]
+
+
+def test_the_base_is_keyed_by_its_seed_and_code_not_by_the_run_seed(tmp_path, monkeypatch):
+    cfg = _config("gsm8k", "cpu")
+    assert cfg["base"] == "c4"
+    key = records.config_hash(cli.base_config(cfg))
+    assert records.config_hash(cli.base_config({**cfg, "seed": 7})) == key
+    assert records.config_hash(cli.base_config({**cfg, "base_seed": 7})) != key
+    # a change to what the code does changes the key; a comment does not
+    copies = []
+    for path in cli.BASE_CODE:
+        copy = tmp_path / path.name
+        copy.write_text(path.read_text())
+        copies.append(copy)
+    monkeypatch.setattr(cli, "BASE_CODE", tuple(copies))
+    assert records.config_hash(cli.base_config(cfg)) == key
+    copies[0].write_text(copies[0].read_text() + "\n# a comment\n")
+    assert records.config_hash(cli.base_config(cfg)) == key
+    copies[0].write_text(copies[0].read_text() + "\nEXTRA = 1\n")
+    assert records.config_hash(cli.base_config(cfg)) != key
