@@ -77,7 +77,9 @@ def _worker(point: dict) -> dict:
 
 def build(json_path: Path, batches, jobs: int, log=print) -> dict:
     done = json.loads(json_path.read_text()) if json_path.exists() else {}
-    todo = [p for p in points(batches) if key(p) not in done]
+    # micro-batch 8 first (the targets are stated there), then the sweep outwards from it
+    todo = sorted((p for p in points(batches) if key(p) not in done),
+                  key=lambda p: (abs(p["batch"].bit_length() - 4), p["batch"], p["checkpointing"]))
     log(f"{len(done)} points measured before, {len(todo)} to measure ({jobs} processes)")
     t0 = time.perf_counter()
     with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
