@@ -391,18 +391,25 @@ class CudaMeter(Meter):
         super().start_window()
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
+        self._retries_before = int(torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0))
 
     def result(self) -> dict:
         self._check()
         torch.cuda.synchronize(self.device)
+        stats = torch.cuda.memory_stats(self.device)
         peak = int(torch.cuda.max_memory_allocated(self.device))
         breakdown = self.tracker.result_breakdown()
         known = sum(v for k, v in breakdown.items() if k != "other")
         # allocator rounding and library workspaces are real bytes the tracker cannot see: "other"
         breakdown["other"] = max(peak - known, 0)
         return {"peak_bytes": max(peak, known), "source": self.source,
-                "reserved_bytes": int(torch.cuda.max_memory_reserved(self.device)), "breakdown": breakdown,
-                "kernel_policy": self.kernel_policy}
+                # the allocator's own peaks over the window (reset at its start)
+                "allocated_peak_bytes": peak,
+                "active_peak_bytes": int(stats.get("active_bytes.all.peak", 0)),
+                "reserved_bytes": int(torch.cuda.max_memory_reserved(self.device)),
+                # cudaMalloc retries after freeing the cache: > 0 means the run was at the edge of memory
+                "alloc_retries": int(stats.get("num_alloc_retries", 0)) - self._retries_before,
+                "breakdown": breakdown, "kernel_policy": self.kernel_policy}
 
 
 def make_meter(kind: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

@@ -514,3 +514,14 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, target):
     assert stderr.strip() == cli.INTERRUPTED and "Traceback" not in stderr
     assert stdout == ""
     assert not [p for p in out.rglob("*") if p.is_file() and p.parent == out]  # no record, no temp file
+
+
+def test_gpu_profile_is_one_epoch_of_gsm8k_and_the_whole_test_set():
+    from suites import data
+
+    prof = profiles.profile("gsm8k", "gpu")
+    train = len(data.gsm8k_examples("train"))
+    assert prof["model"] == "smollm2-135m" and prof["dtype"] == "bfloat16"
+    assert prof["steps"] * prof["batch"] * prof["grad_accum"] >= train  # at least one epoch
+    assert prof["eval_limit"] is None and prof["max_gen_toks"] >= 256
+    assert profiles.profile("humaneval", "gpu")["eval_limit"] is None
