@@ -56,7 +56,6 @@ from contextlib import ExitStack
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -287,20 +286,30 @@ class TensorTracker(TorchDispatchMode):
         return out
 
 
-class CudaDropout(TorchFunctionMode):
+class CudaDropout:
     """Kernel policy "cuda-dropout": `F.dropout` (training, 0 < p < 1, not in place) runs as
     `torch.native_dropout`, which keeps a bool mask for backward, as CUDA's fused dropout does. The CPU path
     of `F.dropout` multiplies by a noise tensor of the input's dtype and keeps that instead. Values are
-    drawn the same way (Bernoulli(1 - p), scaled by 1 / (1 - p)); only what is stored differs."""
+    drawn the same way (Bernoulli(1 - p), scaled by 1 / (1 - p)); only what is stored differs.
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.dropout:
-            bound = dict(zip(("input", "p", "training", "inplace"), args), **kwargs)
-            x, p = bound["input"], bound.get("p", 0.5)
-            if bound.get("training", True) and not bound.get("inplace", False) and 0 < p < 1:
-                return torch.native_dropout(x, p, True)[0]
-        return func(*args, **kwargs)
+    A scoped patch of `torch.nn.functional.dropout` rather than a (thread-local) TorchFunctionMode: the
+    forward that activation checkpointing recomputes inside backward must store the same kind of mask as
+    the first forward, or torch.utils.checkpoint refuses the recomputed tensors."""
+
+    why = "dropout must keep CUDA's 1-byte mask in forward and in checkpointing's recompute alike"
+
+    def __enter__(self):
+        self._patch = patched(torch.nn.functional, "dropout", self._dropout, why=self.why)
+        self._original = self._patch.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._patch.__exit__(*exc)
+
+    def _dropout(self, input, p=0.5, training=True, inplace=False):
+        if training and not inplace and 0 < p < 1:
+            return torch.native_dropout(input, p, True)[0]
+        return self._original(input, p, training, inplace)
 
 
 class Meter:

@@ -308,3 +308,12 @@ def test_mask_patch_refuses_to_measure_without_its_target(monkeypatch):
     monkeypatch.setattr(suites.memory, "MASK_TRACING_CHECK", "is_tracing_renamed")
     with pytest.raises(AttributeError, match="is_tracing_renamed: it does not exist"):
         measure("llama-tiny", "adam", kind="estimate", **TINY)
+
+
+def test_checkpointed_lora_under_the_cuda_dropout_policy_matches_a_real_run():
+    """Checkpointing recomputes dropout inside backward: the policy must hold there too (a thread-local mode
+    did not, and torch.utils.checkpoint refused the recomputed bf16 noise tensor as different metadata)."""
+    kwargs = dict(batch=2, seq=32, rank=8, dtype="bfloat16", checkpointing=True, kernel_policy="cuda-dropout")
+    estimate = measure("llama-tiny", "lora", kind="estimate", **kwargs)
+    real = measure("llama-tiny", "lora", kind="cpu", **kwargs)
+    assert estimate["peak_bytes"] == real["peak_bytes"] and estimate["breakdown"] == real["breakdown"]
