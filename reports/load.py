@@ -219,7 +219,7 @@ def load(results: Path) -> Loaded:
             skipped.append((rel, f"not valid JSON ({e})"))
             continue
         if _is_companion(data):
-            continue  # memcheck's baseline or suites.memory's before/after summary: inputs of other tools
+            continue  # memcheck's baseline, suites.memtable's points: files of other tools
         est = _as_estimate(data)
         if est is not None:
             est["path"] = rel
@@ -240,7 +240,8 @@ def _is_companion(data) -> bool:
     """Files that live under results/ but are not run records or plain estimates."""
     if not isinstance(data, dict):
         return False
-    return {"peaks", "claims"} <= data.keys() or {"before", "after"} <= data.keys()
+    return ({"peaks", "claims"} <= data.keys() or {"before", "after"} <= data.keys()
+            or data.get("tool") == "suites.memtable")
 
 
 def _check_record(data) -> str | None:

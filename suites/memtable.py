@@ -75,8 +75,20 @@ def _worker(point: dict) -> dict:
         return {**point, "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"}
 
 
+def read_points(json_path: Path) -> dict:
+    """The points measured so far ({} when none); files of the first version held the points bare."""
+    if not json_path.exists():
+        return {}
+    data = json.loads(json_path.read_text())
+    return data["points"] if "points" in data else data
+
+
+def write_points(json_path: Path, done: dict) -> None:
+    files.write_json(json_path, {"tool": "suites.memtable", "model": MODEL, "points": done})
+
+
 def build(json_path: Path, batches, jobs: int, log=print) -> dict:
-    done = json.loads(json_path.read_text()) if json_path.exists() else {}
+    done = read_points(json_path)
     # micro-batch 8 first (the issue's targets are stated there), then the sweep outwards from it
     todo = sorted((p for p in points(batches) if key(p) not in done),
                   key=lambda p: (abs(p["batch"].bit_length() - 4), p["batch"], p["checkpointing"]))
@@ -85,7 +97,7 @@ def build(json_path: Path, batches, jobs: int, log=print) -> dict:
     with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
         for i, result in enumerate(pool.map(_worker, todo), 1):
             done[key(result)] = result
-            files.write_json(json_path, done)  # every point is kept as soon as it lands
+            write_points(json_path, done)  # every point is kept as soon as it lands
             peak = f"{result['peak_bytes'] / GIB:.2f} GiB" if "peak_bytes" in result else result["error"]
             log(f"  [{i}/{len(todo)}] {key(result)}: {peak} ({time.perf_counter() - t0:.0f} s)")
     return done
@@ -181,7 +193,7 @@ def _main(argv) -> int:
     files.check_output_dir(args.out)
     json_path, md_path = args.out / "llama-2-7b-field.json", args.out / "llama-2-7b-field.md"
     if args.render_only:
-        done = json.loads(json_path.read_text()) if json_path.exists() else {}
+        done = read_points(json_path)
     else:
         done = build(json_path, batches, args.jobs, log=lambda m: print(m, file=sys.stderr))
     files.atomic_write(md_path, render(done, batches))
