@@ -113,6 +113,11 @@ def render(done: dict, batches) -> str:
              "1-byte dropout mask; periodic methods refresh inside the measured step). GiB = 2^30 bytes. "
              "`tricks` = chunked loss and lean RMSNorm/SwiGLU, offered to every method alike. Full-parameter "
              "methods train every weight; lora and qlora train adapters (qlora over a 4-bit base).", ""]
+    missing = [p for p in points(batches) if key(p) not in done]
+    if missing:
+        where = ", ".join(str(b) for b in sorted({p["batch"] for p in missing}))
+        lines += [f"**Incomplete:** {len(missing)} of {len(points(batches))} points are not measured yet "
+                  f"(micro-batches {where}), shown as '-'; `{PROG}` measures them and keeps the rest.", ""]
 
     def peak(row, regime, ckpt, batch):
         p = done.get(key({"row": row, "regime": regime, "checkpointing": ckpt, "batch": batch}))
