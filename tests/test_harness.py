@@ -495,7 +495,8 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, target):
     """Ctrl-C in a terminal signals every process of the sweep; `kill -INT` only the sweep. Either way:
     one line, exit 130, no worker traceback, no partial record."""
     out = tmp_path / "out"
-    args = ["c4", "--profile", "smoke", "--methods", "adam", "--out", str(out)]
+    # long enough that the signal always lands mid-run (a warm 4-step smoke run can end within the 3 s wait)
+    args = ["c4", "--profile", "smoke", "--methods", "adam", "--set", "steps=2000", "--out", str(out)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "suites.run", *args],
         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
