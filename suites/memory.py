@@ -9,7 +9,11 @@ optimizer state exists, then the measured window. With `--kind estimate` (the de
 the method and every step live under FakeTensorMode: shapes are computed, nothing is allocated, so a
 7B model is measured on a laptop in seconds. `--kind cpu` runs the same steps on real tensors (for
 small models); both count live tensor storages with the same tracker (`suites.meters`), so a small
-config gives the same bytes both ways.
+config gives the same bytes both ways. `--kind cuda` runs them on the GPU and reads the allocator
+(`max_memory_allocated`, active and reserved peaks, allocation retries over the window); each row then also
+carries the estimate of the same configuration and its error against the allocator's peak, and the median
+wall time of `--timed-steps` further steps run without any meter (`torch.cuda.synchronize` around each), so one
+run validates the estimator and compares step times.
 
 Policy (the published setups): pure low precision (`--dtype bfloat16`, or `bf16`: weights, gradients,
 optimizer state and activations all bf16, no fp32 master copy; parameters a method builder creates in
@@ -56,7 +60,7 @@ from suites.patching import patched
 
 PROG = "python -m suites.memory"
 MASK_TRACING_CHECK = "is_tracing"  # the transformers.masking_utils function `_masks_as_in_real_runs` wraps
-KINDS = ("estimate", "cpu")
+KINDS = ("estimate", "cpu", "cuda")
 # hyper-parameters that set how often a basis is recomputed: 1 puts a refresh inside the window
 REFRESH_KEYS = {"update_proj_gap": 1, "refresh_every": 1, "update_every": 1}
 COMMON = {"lr": 1e-4, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "seed": 0}
@@ -139,15 +143,21 @@ def method_config(name: str, rank: int, overrides: dict) -> dict:
 def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: str = "bfloat16",
             checkpointing: bool = False, kind: str = "estimate", attn: str = "sdpa", loss: str = "full",
             loss_chunk: int = 256, lean_blocks: bool = False, window: int = 1,
-            overrides: dict | None = None, kernel_policy: str | None = None) -> dict:
+            overrides: dict | None = None, kernel_policy: str | None = None, timed_steps: int = 0) -> dict:
     """Peak memory of `window` training steps of `method` after one warm-up step; one result row.
 
     `dtype` is any name of `suites.dtypes` (`bf16` or `bfloat16`). `kernel_policy` (see `suites.meters`):
-    None means "cuda-dropout" for estimates and "cpu" for real runs.
+    None means "cuda-dropout" for estimates and "cpu" for real runs; `kind="cuda"` runs the CUDA kernels.
+    `timed_steps` (cuda only): further steps after the window, outside any meter, each timed alone.
     """
     from suites.registry import build_method
 
     torch_dtype = dtypes.torch_dtype(dtype)
+    if kind == "cuda":
+        return _measure_cuda(model, method, batch=batch, seq=seq, rank=rank, dtype=dtype,
+                             checkpointing=checkpointing, attn=attn, loss=loss, loss_chunk=loss_chunk,
+                             lean_blocks=lean_blocks, window=window, overrides=overrides,
+                             kernel_policy=kernel_policy, timed_steps=timed_steps)
     if kernel_policy is None:
         kernel_policy = "cuda-dropout" if kind == "estimate" else "cpu"
     if kernel_policy not in KERNEL_POLICIES:
@@ -191,6 +201,72 @@ def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: 
             "wall_s": round(time.perf_counter() - t0, 2)}
 
 
+def _measure_cuda(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: str, checkpointing: bool,
+                  attn: str, loss: str, loss_chunk: int, lean_blocks: bool, window: int, overrides: dict | None,
+                  kernel_policy: str | None, timed_steps: int) -> dict:
+    """`measure` on the GPU: the allocator's peaks over the window, then `timed_steps` unmetered steps."""
+    import statistics
+
+    from suites.registry import build_method
+
+    if not torch.cuda.is_available():
+        raise ValueError("--kind cuda needs a CUDA device")
+    if kernel_policy not in (None, "cuda"):
+        raise ValueError(f"--kind cuda runs the CUDA kernels; kernel policy {kernel_policy!r} does not apply")
+    torch_dtype = dtypes.torch_dtype(dtype)
+    device = torch.device("cuda", torch.cuda.current_device())
+    config = load_config(model)
+    cfg = method_config(method, rank, dict(overrides or {}))
+    t0 = time.perf_counter()
+    # factory calls without a device (in the model and in method builders) land on the GPU
+    with torch.device(device):
+        if _has_weights(model):
+            net = load_weights(model, torch_dtype, attn, checkpointing)
+        else:
+            net = build_model(config, torch_dtype, attn, checkpointing)
+        net.to(device)
+        if lean_blocks:
+            lean.apply_lean_activations(net)
+        net, optimizer = build_method(method, net, cfg)
+        cast_params(net, torch_dtype)
+    batch_ = {k: v.to(device) for k, v in make_batch(config.vocab_size, batch, seq).items()}
+    loss_fn = lean.causal_lm_loss if loss == "chunked" else lean.model_loss
+
+    def step():
+        value = loss_fn(net, batch_, chunk_tokens=loss_chunk)
+        value.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    meter = make_meter("cuda", net, optimizer)
+    with meter:
+        step()
+        meter.start_window()
+        for _ in range(window):
+            step()
+    rec = meter.result()
+    times = []
+    for _ in range(timed_steps):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    row = {"method": method, "peak_bytes": rec["peak_bytes"], "breakdown": rec["breakdown"],
+           "source": rec["source"], "kernel_policy": rec["kernel_policy"],
+           "allocated_peak_bytes": rec["allocated_peak_bytes"], "active_peak_bytes": rec["active_peak_bytes"],
+           "reserved_bytes": rec["reserved_bytes"], "alloc_retries": rec["alloc_retries"],
+           "step_s_median": round(statistics.median(times), 5) if times else None,
+           "step_s_all": [round(t, 5) for t in times], "gpu": torch.cuda.get_device_name(device),
+           "tricks": {"loss": loss, "lean_blocks": lean_blocks,
+                      "layerwise": bool(cfg.get("layerwise", False)), "checkpointing": checkpointing},
+           "method_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}}
+    del net, optimizer, batch_, meter
+    torch.cuda.empty_cache()
+    row["wall_s"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
 def _has_weights(model: str) -> bool:
     from suites.models import carries_weights
 
@@ -231,7 +307,14 @@ def run(args) -> dict:
             row = measure(args.model, name, batch=args.batch, seq=args.seq, rank=args.rank, dtype=args.dtype,
                           checkpointing=args.checkpointing, kind=args.kind, attn=args.attn, loss=args.loss,
                           loss_chunk=args.loss_chunk, lean_blocks=args.lean_blocks, overrides=overrides,
-                          kernel_policy=args.kernels)
+                          kernel_policy=args.kernels, timed_steps=args.timed_steps if args.kind == "cuda" else 0)
+            if args.kind == "cuda":  # the estimate of the same configuration, beside the allocator's peak
+                est = measure(args.model, name, batch=args.batch, seq=args.seq, rank=args.rank,
+                              dtype=args.dtype, checkpointing=args.checkpointing, kind="estimate",
+                              attn=args.attn, loss=args.loss, loss_chunk=args.loss_chunk,
+                              lean_blocks=args.lean_blocks, overrides=overrides, kernel_policy="cuda-dropout")
+                row["estimate_bytes"] = est["peak_bytes"]
+                row["estimate_error"] = round(est["peak_bytes"] / row["allocated_peak_bytes"] - 1, 4)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
         except (RuntimeError, TypeError, AttributeError) as exc:  # NotImplementedError is a RuntimeError
@@ -244,9 +327,11 @@ def run(args) -> dict:
         rows.append(row)
         if not args.quiet:
             print(f"  {name}: {row['peak_bytes'] / GIB:.3f} GiB ({row['wall_s']} s)", file=sys.stderr)
-    adam = next((r["peak_bytes"] for r in rows if r["method"] == "adam"), None)
+    adam = next((r for r in rows if r["method"] == "adam"), None)
     for r in rows:
-        r["ratio_to_adam"] = None if adam is None else round(r["peak_bytes"] / adam, 4)
+        r["ratio_to_adam"] = None if adam is None else round(r["peak_bytes"] / adam["peak_bytes"], 4)
+        if adam is not None and r.get("step_s_median") and adam.get("step_s_median"):
+            r["step_time_to_adam"] = round(r["step_s_median"] / adam["step_s_median"], 4)
     config = {"model": args.model, "batch": args.batch, "seq": args.seq, "rank": args.rank,
               "dtype": dtypes.canonical(args.dtype), "checkpointing": args.checkpointing, "attn": args.attn,
               "loss": args.loss,
@@ -254,22 +339,35 @@ def run(args) -> dict:
               "lean_blocks": args.lean_blocks,
               "kind": args.kind, "kernel_policy": rows[0]["kernel_policy"], "set": overrides,
               "torch": torch.__version__}
+    if args.kind == "cuda":
+        config.update(gpu=rows[0]["gpu"], timed_steps=args.timed_steps, estimate_kernel_policy="cuda-dropout")
     return {"config": config, "results": rows}
 
 
 def format_table(report: dict, markdown: bool = False) -> str:
     big = max(r["peak_bytes"] for r in report["results"]) >= GIB
     unit, scale = ("GiB", GIB) if big else ("MiB", 2**20)
+    cuda = report["config"]["kind"] == "cuda"
     cols = ("method", f"peak {unit}", *CATEGORY_COLS, "/adam", "tricks")
+    if cuda:
+        cols += (f"allocated {unit}", f"reserved {unit}", "retries", f"estimate {unit}", "estimate error",
+                 "step ms", "step /adam")
     lines = []
     for r in report["results"]:
         b = r["breakdown"]
         tricks = [k if k != "loss" else f"loss={v}" for k, v in r["tricks"].items()
                   if (v if k != "loss" else v != "full")]
-        lines.append((r["method"], f"{r['peak_bytes'] / scale:.2f}",
-                      *(f"{b[k] / scale:.2f}" for k in CATEGORY_COLS),
-                      "-" if r["ratio_to_adam"] is None else f"{r['ratio_to_adam']:.3f}",
-                      ",".join(tricks) or "-"))
+        line = (r["method"], f"{r['peak_bytes'] / scale:.2f}",
+                *(f"{b[k] / scale:.2f}" for k in CATEGORY_COLS),
+                "-" if r["ratio_to_adam"] is None else f"{r['ratio_to_adam']:.3f}",
+                ",".join(tricks) or "-")
+        if cuda:
+            step = r.get("step_s_median")
+            line += (f"{r['allocated_peak_bytes'] / scale:.2f}", f"{r['reserved_bytes'] / scale:.2f}",
+                     str(r["alloc_retries"]), f"{r['estimate_bytes'] / scale:.2f}",
+                     f"{100 * r['estimate_error']:+.1f}%", "-" if step is None else f"{1000 * step:.1f}",
+                     f"{r['step_time_to_adam']:.3f}" if r.get("step_time_to_adam") else "-")
+        lines.append(line)
     if markdown:
         out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         out += ["| " + " | ".join(line) + " |" for line in lines]
@@ -298,6 +396,10 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _nonnegative(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive(text)
 
 
 def _dtype(text: str) -> str:
@@ -329,7 +431,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layerwise", action="store_true",
                    help="optimizer steps inside backward (sets layerwise=true for methods that have it)")
     p.add_argument("--kind", choices=KINDS, default="estimate",
-                   help="estimate: FakeTensorMode, nothing allocated; cpu: real tensors (small models)")
+                   help="estimate: FakeTensorMode, nothing allocated; cpu: real tensors (small models); "
+                        "cuda: real steps on the GPU, the allocator's peaks beside the estimate")
+    p.add_argument("--timed-steps", type=_nonnegative, default=10,
+                   help="--kind cuda: steps timed after the window, without any meter (median reported)")
     p.add_argument("--kernels", choices=KERNEL_POLICIES, default=None,
                    help="kernel policy (recorded as kernel_policy): cuda-dropout keeps dropout's 1-byte mask "
                         "as CUDA does (default for estimates); cpu keeps the CPU kernels' choice (default "
@@ -356,7 +461,11 @@ def _main(argv) -> int:
         raise cli.UsageError(str(exc)) from None
     print(format_table(report, markdown=args.markdown))
     policy = report["config"]["kernel_policy"]
-    print(f"kernel policy: {policy} ({POLICY_NOTES[policy]})")
+    if policy == "cuda":
+        print("kernel policy: cuda (the CUDA kernels; estimates beside it use cuda-dropout); estimate error = "
+              "estimate / max_memory_allocated - 1; step ms = median of --timed-steps unmetered steps")
+    else:
+        print(f"kernel policy: {policy} ({POLICY_NOTES[policy]})")
     if args.json:
         files.write_json(args.json, report)
     return 0
