@@ -216,9 +216,14 @@ def _cache_root() -> Path:
     return CACHE_DIR / "models"
 
 
+# bumped when the conversion changes what it writes, so that a stale converted copy is never reused
+CONVERSION = 2  # 2: the tokenizer's eos and pad tokens are the model config's (see ensure_converted)
+
+
 def converted_dir(path: Path, sha256: str) -> Path:
-    """Where the converted copy of a GGUF file lives: named by the file and its content digest."""
-    return _cache_root() / f"{path.stem.lower()}-{sha256[:12]}"
+    """Where the converted copy of a GGUF file lives: named by the file, its content digest and the
+    conversion's version."""
+    return _cache_root() / f"{path.stem.lower()}-{sha256[:12]}-c{CONVERSION}"
 
 
 def require_packages(names, why: str) -> None:
@@ -246,6 +251,12 @@ def ensure_converted(path: Path) -> Path:
 
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        # transformers before 5.2x read the GGUF's special tokens wrongly (SmolLM2: eos "<|im_start|>",
+        # no pad), which ends every chat turn with the wrong token; the model config has the GGUF's own ids
+        for role in ("eos", "pad"):
+            token_id = getattr(model.config, f"{role}_token_id", None)
+            if isinstance(token_id, int) and getattr(tokenizer, f"{role}_token_id") != token_id:
+                setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
         # the weights are plain float32 tensors now; what stays is the GGUF marker that blocks saving
         del model.config.quantization_config
         model.hf_quantizer = None
@@ -253,7 +264,7 @@ def ensure_converted(path: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "SOURCE.json", {"gguf_file": path.name, "sha256": sha, "bytes": path.stat().st_size,
-                                         "transformers": transformers.__version__,
+                                         "transformers": transformers.__version__, "conversion": CONVERSION,
                                          "gguf": _version("gguf"), "dtype": "float32"})
 
     from suites.files import atomic_dir
