@@ -90,7 +90,7 @@ def test_gguf_is_converted_once_into_a_cache_named_by_its_digest_and_is_pretrain
     path = data.data_dir() / models.WEIGHTS[SMOL]
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert smol["model_source"] == {"kind": "gguf", "spec": SMOL, "file": path.name, "sha256": digest}
-    cached = ROOT / ".cache" / "models" / f"{path.stem.lower()}-{digest[:12]}"
+    cached = ROOT / ".cache" / "models" / f"{path.stem.lower()}-{digest[:12]}-c{models.CONVERSION}"
     assert (cached / "model.safetensors").is_file() and (cached / "tokenizer.json").is_file()
     assert json.loads((cached / "SOURCE.json").read_text())["sha256"] == digest
     assert "quantization_config" not in json.loads((cached / "config.json").read_text())
@@ -103,8 +103,16 @@ def test_gguf_is_converted_once_into_a_cache_named_by_its_digest_and_is_pretrain
     assert smol["base"] == "pretrained" and smol["prompt_format"] == "chat"
     # the same file by path is the same model (and the same cache)
     assert models.run_fields(cfg_for(str(path)))["model_source"]["sha256"] == digest
-    # pretrained: its answer NLL on a GSM8K test problem is far below a random model's (ln 49152 = 10.8)
     tok = models.load_tokenizer(smol)
+    # the chat turn's end is the GGUF's own eos token (read here with the gguf package itself), special to the
+    # tokenizer: transformers 5.17 converted it as <|im_start|>, and every answer span then failed
+    import gguf
+
+    field = gguf.GGUFReader(path).fields["tokenizer.ggml.eos_token_id"]
+    eos = int(field.parts[field.data[0]][0])
+    assert tok.eos_token_id == eos == c.eos_token_id and eos in tok.all_special_ids
+    assert tok.convert_ids_to_tokens(eos) == "<|im_end|>"
+    # pretrained: its answer NLL on a GSM8K test problem is far below a random model's (ln 49152 = 10.8)
     nll = gsm8k.before_training(model, tok, {**smol, "eval_limit": 1, "eval_batch": 1, "max_gen_toks": 256},
                                 "cpu")["answer_nll"]
     assert nll < 3.0
