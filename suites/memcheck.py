@@ -35,7 +35,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -287,15 +286,10 @@ def format_claims(checks: list[ClaimCheck]) -> str:
 # -- updating ----------------------------------------------------------------------------------------------
 
 def _git_commit() -> str | None:
-    """HEAD of the checkout being measured, '+dirty' when it has uncommitted changes; None outside git."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (FileNotFoundError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
+    """The measured checkout's commit, as every record names it (`suites.records.git_commit`)."""
+    from suites import records
+
+    return records.git_commit()
 
 
 def updated_baseline(baseline: dict, peaks: dict, reason: str) -> dict:

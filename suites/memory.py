@@ -12,8 +12,8 @@ small models); both count live tensor storages with the same tracker (`suites.me
 config gives the same bytes both ways. `--kind cuda` runs them on the GPU and reads the allocator
 (`max_memory_allocated`, active and reserved peaks, allocation retries over the window); each row then also
 carries the estimate of the same configuration and its error against the allocator's peak, and the median
-wall time of `--timed-steps` further steps run without any meter (`torch.cuda.synchronize` around each), so one
-run validates the estimator and compares step times.
+wall time of `--timed-steps` further steps run without any meter (`torch.cuda.synchronize` around each),
+so one run validates the estimator and compares step times.
 
 Policy (the published setups): pure low precision (`--dtype bfloat16`, or `bf16`: weights, gradients,
 optimizer state and activations all bf16, no fp32 master copy; parameters a method builder creates in
@@ -201,9 +201,9 @@ def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: 
             "wall_s": round(time.perf_counter() - t0, 2)}
 
 
-def _measure_cuda(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: str, checkpointing: bool,
-                  attn: str, loss: str, loss_chunk: int, lean_blocks: bool, window: int, overrides: dict | None,
-                  kernel_policy: str | None, timed_steps: int) -> dict:
+def _measure_cuda(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: str,
+                  checkpointing: bool, attn: str, loss: str, loss_chunk: int, lean_blocks: bool, window: int,
+                  overrides: dict | None, kernel_policy: str | None, timed_steps: int) -> dict:
     """`measure` on the GPU: the allocator's peaks over the window, then `timed_steps` unmetered steps."""
     import statistics
 
@@ -261,7 +261,7 @@ def _measure_cuda(model: str, method: str, *, batch: int, seq: int, rank: int, d
            "tricks": {"loss": loss, "lean_blocks": lean_blocks,
                       "layerwise": bool(cfg.get("layerwise", False)), "checkpointing": checkpointing},
            "method_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}}
-    del net, optimizer, batch_, meter
+    net = optimizer = batch_ = meter = None  # the next method starts from an empty allocator
     torch.cuda.empty_cache()
     row["wall_s"] = round(time.perf_counter() - t0, 2)
     return row
@@ -307,7 +307,8 @@ def run(args) -> dict:
             row = measure(args.model, name, batch=args.batch, seq=args.seq, rank=args.rank, dtype=args.dtype,
                           checkpointing=args.checkpointing, kind=args.kind, attn=args.attn, loss=args.loss,
                           loss_chunk=args.loss_chunk, lean_blocks=args.lean_blocks, overrides=overrides,
-                          kernel_policy=args.kernels, timed_steps=args.timed_steps if args.kind == "cuda" else 0)
+                          kernel_policy=args.kernels,
+                          timed_steps=args.timed_steps if args.kind == "cuda" else 0)
             if args.kind == "cuda":  # the estimate of the same configuration, beside the allocator's peak
                 est = measure(args.model, name, batch=args.batch, seq=args.seq, rank=args.rank,
                               dtype=args.dtype, checkpointing=args.checkpointing, kind="estimate",
@@ -462,8 +463,9 @@ def _main(argv) -> int:
     print(format_table(report, markdown=args.markdown))
     policy = report["config"]["kernel_policy"]
     if policy == "cuda":
-        print("kernel policy: cuda (the CUDA kernels; estimates beside it use cuda-dropout); estimate error = "
-              "estimate / max_memory_allocated - 1; step ms = median of --timed-steps unmetered steps")
+        print("kernel policy: cuda (the CUDA kernels; estimates beside it use cuda-dropout); estimate "
+              "error = estimate / max_memory_allocated - 1; step ms = median of --timed-steps unmetered "
+              "steps")
     else:
         print(f"kernel policy: {policy} ({POLICY_NOTES[policy]})")
     if args.json:

@@ -53,8 +53,14 @@ def run_id(config: dict) -> str:
     return f"{config['suite']}-{config['profile']}-{config['method']}-{config_hash(config)[:10]}"
 
 
+# what the tools write into the repository: their own outputs do not change the code that produced them (a
+# memtable or a study writing its results would otherwise mark every later result of the same checkout dirty)
+OUTPUT_PATHS = ("results", "reports/out")
+
+
 def git_commit() -> str | None:
-    """HEAD of the repository the harness runs from, with '+dirty' when tracked files differ."""
+    """HEAD of the repository the harness runs from, with '+dirty' when tracked files other than the
+    tools' outputs (`OUTPUT_PATHS`) differ."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
@@ -62,7 +68,8 @@ def git_commit() -> str | None:
         if not head:
             return None
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+             *(f":(exclude){path}" for path in OUTPUT_PATHS)],
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,

@@ -23,8 +23,8 @@ from suites import cli, run
 PROG = "python -m suites.study"
 SEEDS = "seed=0,1,2"
 # (name, suite, methods, sweeps): each entry is `python -m suites.run SUITE --profile cpu --methods METHODS
-# --sweep SEEDS --sweep ...`. The reference points (rank 32, subspace_lr 0.1, the profile's values) are the main
-# rows' runs, so listing them costs nothing.
+# --sweep SEEDS --sweep ...`. The reference points (rank 32, subspace_lr 0.1, the profile's values) are the
+# main rows' runs, so listing them costs nothing.
 STUDY = [
     (f"{suite}-{name}", suite, methods, sweeps)
     for suite in ("c4", "gsm8k")

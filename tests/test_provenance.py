@@ -67,3 +67,33 @@ def test_the_base_is_keyed_by_its_seed_and_code_not_by_the_run_seed(tmp_path, mo
     assert records.config_hash(cli.base_config(cfg)) == key
     copies[0].write_text(copies[0].read_text() + "\nEXTRA = 1\n")
     assert records.config_hash(cli.base_config(cfg)) != key
+
+
+def test_git_commit_is_dirty_for_code_but_not_for_the_tools_outputs(tmp_path, monkeypatch):
+    import subprocess
+
+    from suites import records
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "reports" / "out").mkdir(parents=True)
+    for name in ("code.py", "results/run.json", "reports/out/table.md", "reports/build.py"):
+        (tmp_path / name).write_text("0")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "c")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True).stdout.strip()
+    monkeypatch.setattr(records, "REPO_ROOT", tmp_path)
+    assert records.git_commit() == head
+    (tmp_path / "results" / "run.json").write_text("1")
+    (tmp_path / "reports" / "out" / "table.md").write_text("1")
+    assert records.git_commit() == head  # outputs written by the tools
+    (tmp_path / "reports" / "build.py").write_text("1")
+    assert records.git_commit() == head + "+dirty"  # code beside the outputs
+    (tmp_path / "reports" / "build.py").write_text("0")
+    (tmp_path / "code.py").write_text("1")
+    assert records.git_commit() == head + "+dirty"

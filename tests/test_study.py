@@ -1,5 +1,6 @@
-"""The study command (`suites.study`): its sweeps are valid suites.run input, every point has the same seeds,
-and an ablation's reference point is the main row's run (same config hash), so the study never runs it twice."""
+"""The study command (`suites.study`): its sweeps are valid suites.run input, every point has the same
+seeds, and an ablation's reference point is the main row's run (same config hash), so the study never runs
+it twice."""
 
 from collections import Counter
 
@@ -26,7 +27,8 @@ def test_every_point_has_the_same_three_seeds(suite):
 @pytest.mark.parametrize("suite", ["c4", "gsm8k"])
 def test_ablation_reference_points_are_the_main_runs(suite):
     main = {records.config_hash(c) for c in _configs(f"{suite}-main")}
-    for kind, ref in (("rank", lambda c: c["rank"] == 32), ("subspace-lr", lambda c: c["subspace_lr"] == 0.1)):
+    references = (("rank", lambda c: c["rank"] == 32), ("subspace-lr", lambda c: c["subspace_lr"] == 0.1))
+    for kind, ref in references:
         configs = _configs(f"{suite}-{kind}")
         refs = [c for c in configs if ref(c)]
         assert refs and {records.config_hash(c) for c in refs} <= main, kind
