@@ -41,6 +41,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from suites import records
 from suites.cli import Parser, UsageError, cli_main
 from suites.files import OutputError, check_output_file, write_json
 
@@ -285,19 +286,12 @@ def format_claims(checks: list[ClaimCheck]) -> str:
 
 # -- updating ----------------------------------------------------------------------------------------------
 
-def _git_commit() -> str | None:
-    """The measured checkout's commit, as every record names it (`suites.records.git_commit`)."""
-    from suites import records
-
-    return records.git_commit()
-
-
 def updated_baseline(baseline: dict, peaks: dict, reason: str) -> dict:
     changed = {f"{name}/{method}": [baseline["peaks"].get(name, {}).get(method), new]
                for name, methods in peaks.items() for method, new in methods.items()
                if baseline["peaks"].get(name, {}).get(method) != new}
     entry = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-             "commit": _git_commit(), "reason": reason, "changed": changed}
+             "commit": records.git_commit(), "reason": reason, "changed": changed}
     return {**baseline, "peaks": peaks, "history": [*baseline["history"], entry]}
 
 

@@ -48,6 +48,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -153,31 +154,40 @@ def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: 
     from suites.registry import build_method
 
     torch_dtype = dtypes.torch_dtype(dtype)
-    if kind == "cuda":
-        return _measure_cuda(model, method, batch=batch, seq=seq, rank=rank, dtype=dtype,
-                             checkpointing=checkpointing, attn=attn, loss=loss, loss_chunk=loss_chunk,
-                             lean_blocks=lean_blocks, window=window, overrides=overrides,
-                             kernel_policy=kernel_policy, timed_steps=timed_steps)
-    if kernel_policy is None:
-        kernel_policy = "cuda-dropout" if kind == "estimate" else "cpu"
-    if kernel_policy not in KERNEL_POLICIES:
-        raise ValueError(f"unknown kernel policy {kernel_policy!r}; choose from {', '.join(KERNEL_POLICIES)}")
+    cuda = kind == "cuda"
+    if cuda:
+        if not torch.cuda.is_available():
+            raise ValueError("--kind cuda needs a CUDA device")
+        if kernel_policy not in (None, "cuda"):
+            raise ValueError(f"--kind cuda runs the CUDA kernels; kernel policy {kernel_policy!r} "
+                             "does not apply")
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        if kernel_policy is None:
+            kernel_policy = "cuda-dropout" if kind == "estimate" else "cpu"
+        if kernel_policy not in KERNEL_POLICIES:
+            raise ValueError(f"unknown kernel policy {kernel_policy!r}; "
+                             f"choose from {', '.join(KERNEL_POLICIES)}")
+        device = torch.device("cpu")
 
     config = load_config(model)
     cfg = method_config(method, rank, dict(overrides or {}))
     fake = kind == "estimate"
     vocab = config.vocab_size
     t0 = time.perf_counter()
-    with fake_construction() if fake else contextlib.nullcontext():
+    # fake tensors for an estimate; on the GPU, factory calls without a device (in the model and in method
+    # builders) land on it
+    with fake_construction() if fake else torch.device(device):
         if not fake and _has_weights(model):
             net = load_weights(model, torch_dtype, attn, checkpointing)
         else:
             net = build_model(config, torch_dtype, attn, checkpointing)
+        net.to(device)
         if lean_blocks:
             lean.apply_lean_activations(net)
         net, optimizer = build_method(method, net, cfg)
         cast_params(net, torch_dtype)
-        batch_ = make_batch(vocab, batch, seq)
+        batch_ = {k: v.to(device) for k, v in make_batch(vocab, batch, seq).items()}
     meter = make_meter(kind, net, optimizer, kernel_policy)
     loss_fn = lean.causal_lm_loss if loss == "chunked" else lean.model_loss
 
@@ -193,78 +203,33 @@ def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: 
         for _ in range(window):
             step()
     rec = meter.result()
-    return {"method": method, "peak_bytes": rec["peak_bytes"], "breakdown": rec["breakdown"],
-            "source": rec["source"], "kernel_policy": rec["kernel_policy"],
-            "tricks": {"loss": loss, "lean_blocks": lean_blocks,
-                       "layerwise": bool(cfg.get("layerwise", False)), "checkpointing": checkpointing},
-            "method_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
-            "wall_s": round(time.perf_counter() - t0, 2)}
+    row = {"method": method, "peak_bytes": rec["peak_bytes"], "breakdown": rec["breakdown"],
+           "source": rec["source"], "kernel_policy": rec["kernel_policy"],
+           "tricks": {"loss": loss, "lean_blocks": lean_blocks,
+                      "layerwise": bool(cfg.get("layerwise", False)), "checkpointing": checkpointing},
+           "method_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}}
+    if cuda:
+        times = _time_steps(step, timed_steps, device)
+        row.update({k: rec[k] for k in ("allocated_peak_bytes", "active_peak_bytes", "reserved_bytes",
+                                        "alloc_retries")},
+                   step_s_median=round(statistics.median(times), 5) if times else None,
+                   step_s_all=[round(t, 5) for t in times], gpu=torch.cuda.get_device_name(device))
+        net = optimizer = batch_ = meter = None  # the next method starts from an empty allocator
+        torch.cuda.empty_cache()
+    row["wall_s"] = round(time.perf_counter() - t0, 2)
+    return row
 
 
-def _measure_cuda(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: str,
-                  checkpointing: bool, attn: str, loss: str, loss_chunk: int, lean_blocks: bool, window: int,
-                  overrides: dict | None, kernel_policy: str | None, timed_steps: int) -> dict:
-    """`measure` on the GPU: the allocator's peaks over the window, then `timed_steps` unmetered steps."""
-    import statistics
-
-    from suites.registry import build_method
-
-    if not torch.cuda.is_available():
-        raise ValueError("--kind cuda needs a CUDA device")
-    if kernel_policy not in (None, "cuda"):
-        raise ValueError(f"--kind cuda runs the CUDA kernels; kernel policy {kernel_policy!r} does not apply")
-    torch_dtype = dtypes.torch_dtype(dtype)
-    device = torch.device("cuda", torch.cuda.current_device())
-    config = load_config(model)
-    cfg = method_config(method, rank, dict(overrides or {}))
-    t0 = time.perf_counter()
-    # factory calls without a device (in the model and in method builders) land on the GPU
-    with torch.device(device):
-        if _has_weights(model):
-            net = load_weights(model, torch_dtype, attn, checkpointing)
-        else:
-            net = build_model(config, torch_dtype, attn, checkpointing)
-        net.to(device)
-        if lean_blocks:
-            lean.apply_lean_activations(net)
-        net, optimizer = build_method(method, net, cfg)
-        cast_params(net, torch_dtype)
-    batch_ = {k: v.to(device) for k, v in make_batch(config.vocab_size, batch, seq).items()}
-    loss_fn = lean.causal_lm_loss if loss == "chunked" else lean.model_loss
-
-    def step():
-        value = loss_fn(net, batch_, chunk_tokens=loss_chunk)
-        value.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    meter = make_meter("cuda", net, optimizer)
-    with meter:
-        step()
-        meter.start_window()
-        for _ in range(window):
-            step()
-    rec = meter.result()
+def _time_steps(step, count: int, device) -> list[float]:
+    """Wall seconds of `count` further steps, each alone (the GPU synchronised before and after)."""
     times = []
-    for _ in range(timed_steps):
+    for _ in range(count):
         torch.cuda.synchronize(device)
         start = time.perf_counter()
         step()
         torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    row = {"method": method, "peak_bytes": rec["peak_bytes"], "breakdown": rec["breakdown"],
-           "source": rec["source"], "kernel_policy": rec["kernel_policy"],
-           "allocated_peak_bytes": rec["allocated_peak_bytes"], "active_peak_bytes": rec["active_peak_bytes"],
-           "reserved_bytes": rec["reserved_bytes"], "alloc_retries": rec["alloc_retries"],
-           "step_s_median": round(statistics.median(times), 5) if times else None,
-           "step_s_all": [round(t, 5) for t in times], "gpu": torch.cuda.get_device_name(device),
-           "tricks": {"loss": loss, "lean_blocks": lean_blocks,
-                      "layerwise": bool(cfg.get("layerwise", False)), "checkpointing": checkpointing},
-           "method_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}}
-    net = optimizer = batch_ = meter = None  # the next method starts from an empty allocator
-    torch.cuda.empty_cache()
-    row["wall_s"] = round(time.perf_counter() - t0, 2)
-    return row
+    return times
 
 
 def _has_weights(model: str) -> bool:
@@ -400,7 +365,13 @@ def _positive(text: str) -> int:
 
 
 def _nonnegative(text: str) -> int:
-    return 0 if text.strip() == "0" else _positive(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
 
 
 def _dtype(text: str) -> str:
