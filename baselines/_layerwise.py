@@ -33,6 +33,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     """Wraps one `make_optimizer([group])` per parameter; `step()` is a no-op because the work happened in
     backward. `param_groups` are the inner optimizers' own group dicts, so LR schedulers reach them."""
 
+    # every parameter is updated inside backward: data-parallel wrappers refuse it (`suites.distributed`)
+    steps_in_backward = True
+
     def __init__(self, param_groups: list[dict], make_optimizer):
         self._owner: dict[torch.Tensor, torch.optim.Optimizer] = {}
         inner: list[torch.optim.Optimizer] = []

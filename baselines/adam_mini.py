@@ -14,15 +14,19 @@ Optimizer state per weight, counted from the real state tensors in tests/test_ba
 in the parameter dtype, plus Python numbers (`step`, block counts). No method hyper-parameters of its own:
 lr, betas, eps and weight decay are the profile's, as for AdamW.
 
-What this adapter adds: the package takes `torch.cuda.device_count()` as the data-parallel world size, so a
-single-process run on a host with several GPUs would wait on collectives nobody joins; the world size is
-set from `torch.distributed` instead (1 when it is not initialised). Its progress printing is off.
+What this adapter adds: the package takes `torch.cuda.device_count()` as the world size over which its
+parameters are *sharded* (ZeRO / FSDP: it sums each block's squared gradient across ranks, over CUDA), so a
+single-process run on a host with several GPUs would wait on collectives nobody joins. The world size is
+set from the parameters instead: the process group's size when they are sharded DTensors (FSDP2), else 1
+(one process, or DDP, whose every rank holds whole parameters and already-averaged gradients: nothing is
+left to sum). Its progress printing is off.
 """
 
 from __future__ import annotations
 
 import torch.distributed as dist
 from adam_mini import Adam_mini
+from torch.distributed.tensor import DTensor
 
 from baselines._common import adam_kwargs
 
@@ -38,5 +42,6 @@ def build(model, cfg):
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     opt = Adam_mini(model.named_parameters(), dim=config.hidden_size, n_heads=heads, n_kv_heads=kv_heads,
                     verbose=False, **adam_kwargs(cfg))
-    opt.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    opt.world_size = dist.get_world_size() if sharded and dist.is_initialized() else 1
     return model, opt

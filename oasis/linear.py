@@ -13,6 +13,9 @@ tensors. The weight itself does not require grad (DDP would otherwise bucket a d
 never comes); the optimizer updates it in place. The carriers of one `compress()` call are views of one
 shared zero buffer (as long as the largest carrier), so they cost no d_out × r storage each; they are left
 out of the module's state_dict.
+FSDP2 (`fully_shard`) is fine with that: it copies each carrier into sharded storage of its own, a
+Shard(0) DTensor of (d_out / world) × r per rank (the sharing is then gone), all-gathers it with the weight
+in forward (its value unused; small next to the weight) and reduce-scatters Ĝ by rows.
 
 Layers that read one input (q/k/v, gate/up) can share a tracker: the first of them computes Z, the others
 reuse that very tensor, so autograd stores it once.

@@ -13,6 +13,19 @@ One `step()`: (1) moments of layers whose basis was refreshed in forward (period
 (2) the Adam update of every parameter, in the current bases; (3) the statistics of the bases due to move
 at this step go through `stats_reduce` (one call, all trackers), each such basis moves, and the moments of
 its layers are transported at once. See `oasis.subspace` for the timing.
+
+FSDP2 (`torch.distributed.fsdp.fully_shard`): parameters become DTensors sharded by rows (Shard(0)), the
+gradient carriers and their Ĝ included, while the bases (tracker tensors, not parameters) stay plain and
+identical on every rank through `stats_reduce`. Each rank then works on its own rows only: its moments are
+the (d_out / world) × r shards of m, v (kept as DTensors, like `torch.optim.AdamW`'s, so distributed
+checkpointing sees them sharded), its update is its rows of W minus (rows of Δ) Uᵀ, and the transport
+(rows × r times r × r) and weight decay are row-local; no collective beyond FSDP's own and `stats_reduce`.
+Build the optimizer after `fully_shard`, which replaces the Parameter objects:
+
+    layers = oasis.compress(model, targets, rank, make_tracker)   # or prepare(model, cfg, shard=...)
+    for block in model.layers: fully_shard(block)
+    fully_shard(model)
+    optimizer = OasisAdamW(model, layers, lr=..., stats_reduce=oasis.all_reduce_sum())
 """
 
 from __future__ import annotations
@@ -24,6 +37,11 @@ from torch import Tensor, nn
 
 from .linear import CompressedLinear
 from .subspace import StatsReduce
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support
+    DTensor = ()
 
 TRANSPORTS = ("ldadam", "none")
 EMBEDDING_UPDATES = ("step", "backward")
@@ -72,6 +90,12 @@ def transport_moments(exp_avg: Tensor, exp_avg_sq: Tensor, rotation: Tensor, ste
         new_m = exp_avg @ rotation.T
         v_hat = (variance @ squared.T).add_((m_hat @ rotation.T).square_())
     return new_m, v_hat.abs_().mul_(bc2)
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (FSDP2), else `t` itself. Under no_grad the shard is an alias of the
+    DTensor's storage: in-place operations on it update the DTensor."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def all_reduce_sum(group=None) -> StatsReduce:
@@ -150,6 +174,12 @@ class OasisAdamW(torch.optim.Optimizer):
         return self._trackers
 
     @property
+    def steps_in_backward(self) -> bool:
+        """True when a parameter is updated inside backward (embedding_update="backward"): a data-parallel
+        wrapper cannot average its gradient before the update."""
+        return any(g.get("in_backward") for g in self.param_groups)
+
+    @property
     def stats_reduce(self) -> StatsReduce | None:
         return self._stats_reduce
 
@@ -177,6 +207,10 @@ class OasisAdamW(torch.optim.Optimizer):
             if group.get("in_backward"):
                 continue
             for p in group["params"]:
+                if group["compressed"] and self._layer_of[id(p)].grad_carrier is not p:
+                    raise RuntimeError("a compressed layer's gradient carrier is not the Parameter this "
+                                       "optimizer was built with: build the optimizer after fully_shard (or "
+                                       "anything else that replaces the model's Parameters)")
                 if p.grad is None:
                     continue
                 if group["compressed"]:
@@ -200,12 +234,18 @@ class OasisAdamW(torch.optim.Optimizer):
             state = self.state[layer.grad_carrier]
             if state.get("step", 0) > 0:
                 group = self.param_groups[0]
-                state["exp_avg"], state["exp_avg_sq"] = transport_moments(
-                    state["exp_avg"], state["exp_avg_sq"], rotation, int(state["step"]), group["betas"])
+                exp_avg, exp_avg_sq = local(state["exp_avg"]), local(state["exp_avg_sq"])
+                new_m, new_v = transport_moments(exp_avg, exp_avg_sq, rotation, int(state["step"]),
+                                                 group["betas"])
+                if isinstance(state["exp_avg"], DTensor):  # rows × r @ r × r: each rank its own rows
+                    exp_avg.copy_(new_m)
+                    exp_avg_sq.copy_(new_v)
+                else:
+                    state["exp_avg"], state["exp_avg_sq"] = new_m, new_v
 
     def _compressed_step(self, layer: CompressedLinear, group) -> None:
         direction, step_size = self._adam(self.state[layer.grad_carrier], layer.grad_carrier.grad, group)
-        weight = layer.weight
+        weight = local(layer.weight)  # under FSDP2 this rank's rows, as the direction is
         if group["weight_decay"] != 0:
             weight.mul_(1 - group["lr"] * group["weight_decay"])
         # in-place GEMM: the lifted d_out × d_in update is never materialised
@@ -214,6 +254,7 @@ class OasisAdamW(torch.optim.Optimizer):
 
     def _adamw_step(self, p: Tensor, grad: Tensor, group, out: Tensor | None = None) -> None:
         direction, step_size = self._adam(self.state[p], grad, group, out)
+        p = local(p)
         if group["weight_decay"] != 0:
             p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(direction, alpha=-step_size)
@@ -222,11 +263,13 @@ class OasisAdamW(torch.optim.Optimizer):
     def _adam(state: dict, grad: Tensor, group, out: Tensor | None = None) -> tuple[Tensor, float]:
         if "step" not in state:  # lazily, shaped like the gradient: d_out × r for compressed layers
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(grad)
+            state["exp_avg"] = torch.zeros_like(grad)  # a DTensor like the gradient under FSDP2
             state["exp_avg_sq"] = torch.zeros_like(grad)
         state["step"] += 1
-        return adam_direction(state["exp_avg"], state["exp_avg_sq"], grad, state["step"], group["betas"],
-                              group["eps"], group["lr"], out=out)
+        # elementwise: under FSDP2 each rank updates its shard, in place (no DTensor dispatch)
+        return adam_direction(local(state["exp_avg"]), local(state["exp_avg_sq"]), local(grad), state["step"],
+                              group["betas"], group["eps"], group["lr"],
+                              out=None if out is None else local(out))
 
     @torch.no_grad()
     def _update_in_backward(self, p: Tensor) -> None:

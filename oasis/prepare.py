@@ -1,4 +1,9 @@
-"""`prepare(model, cfg)`: swap target linears for compressed ones and return the optimizer."""
+"""`prepare(model, cfg)`: swap target linears for compressed ones and return the optimizer.
+
+FSDP2: compress first, then `fully_shard`, then build the optimizer (fully_shard replaces the Parameters):
+`prepare(model, cfg, shard=apply_fully_shard, stats_reduce=all_reduce_sum())` does the three in this order,
+`apply_fully_shard(model)` being whatever `fully_shard` calls the model needs (per block, then the root).
+"""
 
 from __future__ import annotations
 
@@ -109,10 +114,13 @@ def compress(model: nn.Module, targets: Iterable[str], rank: int, make_tracker: 
 
 def prepare(model: nn.Module, cfg: OasisConfig | None = None, *, lr: float = 1e-4, weight_decay: float = 0.0,
             betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-            stats_reduce: StatsReduce | None = None) -> OasisAdamW:
+            stats_reduce: StatsReduce | None = None,
+            shard: Callable[[nn.Module], object] | None = None) -> OasisAdamW:
     """Compress `cfg.targets` (and lm_head with `cfg.compress_lm_head`) in `model`, in place, and return an
     optimizer over all trainable parameters. Cast and move the model before: the compressed layers' float32
-    gradient carriers are made here. `stats_reduce`: see `OasisAdamW` (data-parallel runs)."""
+    gradient carriers are made here. `stats_reduce`: see `OasisAdamW` (data-parallel runs). `shard`: called
+    as `shard(model)` after compression and before the optimizer is built, e.g. to apply FSDP2's
+    `fully_shard` (see `oasis.optim`)."""
     cfg = cfg or OasisConfig()
 
     def make_tracker(name: str, d_in: int, rank: int) -> OjaTracker:
@@ -125,6 +133,8 @@ def prepare(model: nn.Module, cfg: OasisConfig | None = None, *, lr: float = 1e-
             raise ValueError("compress_lm_head: the model has no nn.Linear named lm_head")
         targets += (LM_HEAD,)
     layers = compress(model, targets, cfg.rank, make_tracker, share_inputs=cfg.share_inputs)
+    if shard is not None:
+        shard(model)
     return OasisAdamW(model, layers, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                       transport=cfg.transport, stats_reduce=stats_reduce,
                       embedding_update=cfg.embedding_update)

@@ -64,3 +64,14 @@ def cli_main(prog: str, main: Callable[[list[str] | None], int], argv: list[str]
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, with its own one-line message."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value

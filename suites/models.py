@@ -28,9 +28,11 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+if TYPE_CHECKING:  # torch and transformers load where they are used: `suites.profiles` reads PRESETS while a
+    import torch  # command line is checked, which must answer in well under a second
+    from transformers import LlamaConfig, LlamaForCausalLM
 
 VOCAB_SP32K = 32000  # the offline LLaMA-format tokenizer (shared/data/tokenizers/mistral-v1-sp32k)
 VOCAB_BPE8K = 8192  # the project's byte-level BPE trained from Wikipedia (suites.data.PROJECT_BPE)
@@ -82,6 +84,8 @@ class ModelUnavailable(ValueError):
 
 def llama_config(name: str, **overrides) -> LlamaConfig:
     """A `LlamaConfig` for a preset name; `overrides` go straight to LlamaConfig."""
+    from transformers import LlamaConfig
+
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
     s = PRESETS[name]
@@ -105,16 +109,19 @@ def llama_config(name: str, **overrides) -> LlamaConfig:
     return LlamaConfig(**kwargs)
 
 
-def build_model(config: LlamaConfig | str, *, dtype: torch.dtype = torch.float32, seed: int = 0,
+def build_model(config: LlamaConfig | str, *, dtype: torch.dtype | None = None, seed: int = 0,
                 device: str | torch.device = "cpu") -> LlamaForCausalLM:
-    """Random-init Llama from a preset name or a config, deterministic in `seed`."""
+    """Random-init Llama from a preset name or a config, deterministic in `seed` (float32 by default)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
     if isinstance(config, str):
         config = llama_config(config)
     config._attn_implementation = "eager" if str(device) == "cpu" else "sdpa"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    return model.to(device=device, dtype=dtype)
+    return model.to(device=device, dtype=dtype or torch.float32)
 
 
 def enable_checkpointing(model) -> None:
@@ -244,6 +251,7 @@ def ensure_converted(path: Path) -> Path:
     print(f"converting {path.name} once (dequantizing GGUF weights); cached in {final}", file=sys.stderr)
 
     def fill(tmp: Path) -> None:
+        import torch
         import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

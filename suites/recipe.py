@@ -34,13 +34,14 @@ import random
 import statistics
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
 import torch
 
-from suites import files, models, records
+from suites import distributed, files, models, records
 from suites.meters import Meter, make_meter
 from suites.profiles import PERIODIC_KEYS
 from suites.registry import build_method
@@ -54,8 +55,10 @@ def threads() -> int:
 
     On a small shared machine, one busy thread per run beats two threads fighting other processes
     (a llama-tiny step measured 15x slower with 2 threads under load); the count goes into the record.
+    The N ranks of a data-parallel run on one machine share the default: half the cores divided by N.
     """
-    return max(1, int(os.environ.get("OASIS_THREADS") or (os.cpu_count() or 2) // 2))
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, int(os.environ.get("OASIS_THREADS") or (os.cpu_count() or 2) // 2 // ranks_here))
 
 
 @dataclass
@@ -73,6 +76,12 @@ class Session:
     step0: dict = field(default_factory=dict)  # the suite's metrics of the model before the first step
     base_checksum: str | None = None  # records.weights_checksum of the weights the run starts from
     position: int = 1  # row of the progress bar (the sweep's bar is row 0)
+    data_parallel: distributed.DataParallel | None = None  # the DDP wrapper when world_size > 1
+
+    @property
+    def train_model(self) -> torch.nn.Module:
+        """What the training step calls: the DDP wrapper in a data-parallel run, else the model."""
+        return self.data_parallel.model if self.data_parallel is not None else self.model
 
     @property
     def device(self) -> str:
@@ -82,8 +91,8 @@ class Session:
 def setup(spec: dict) -> Session:
     """Seed, then build the data, the model and the method, in that order (the order fixes the RNG draws)."""
     cfg = spec["config"]
-    if cfg["world_size"] != 1:
-        raise ValueError(f"world_size={cfg['world_size']}: only single-process runs are built so far")
+    if cfg["world_size"] > 1:
+        distributed.init(cfg)  # before anything touches the device: a CUDA rank takes its own GPU
     random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     torch.set_num_threads(threads())
@@ -92,20 +101,28 @@ def setup(spec: dict) -> Session:
     batches = build_batches(suite, tokenizer, cfg)
     model = build_model(cfg, spec.get("base_dir"))
     base_checksum = records.weights_checksum(model)  # before the method wraps or changes the model
-    step0 = suite.before_training(model, tokenizer, cfg, cfg["device"])
+    # rank 0 evaluates, before training as after it
+    step0 = suite.before_training(model, tokenizer, cfg, cfg["device"]) if distributed.is_main() else {}
     model, optimizer = build_method(cfg["method"], model, cfg)
+    data_parallel = None
+    if cfg["world_size"] > 1:
+        data_parallel = distributed.DataParallel(model, optimizer, cfg["device"])
     meter = make_meter("cuda" if cfg["device"].startswith("cuda") else "cpu", model, optimizer)
     schedule = lr_factor(cfg["schedule"], cfg["warmup_steps"], cfg["steps"], cfg["min_lr_ratio"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return Session(cfg, suite, tokenizer, batches, model, optimizer, scheduler, meter, step0=step0,
-                   base_checksum=base_checksum,
-                   position=spec.get("position", 1))
+                   base_checksum=base_checksum, position=spec.get("position", 1),
+                   data_parallel=data_parallel)
 
 
 def build_batches(suite: ModuleType, tokenizer, cfg: dict) -> list[dict]:
     """The micro-batches this process trains on, in order: the suite's deterministic batches for the seed,
-    the same for every method; `grad_accum` of them make one optimizer step."""
-    return suite.train_batches(tokenizer, {**cfg, "steps": cfg["steps"] * cfg["grad_accum"]})
+    the same for every method; `grad_accum` of them make one optimizer step. One of N ranks takes its rows
+    of each (`distributed.shard`), so the N ranks together train on the single process's batches."""
+    batches = suite.train_batches(tokenizer, {**cfg, "steps": cfg["steps"] * cfg["grad_accum"]})
+    if cfg["world_size"] > 1:
+        batches = [distributed.shard(b, distributed.rank(), distributed.world()) for b in batches]
+    return batches
 
 
 def build_model(cfg: dict, base_dir: str | None) -> torch.nn.Module:
@@ -163,6 +180,7 @@ class TrainResult:
     drift: list | None = None  # [step, radians] when the optimizer tracks a basis
     memory: dict | None = None
     speed: dict | None = None
+    comm: dict | None = None  # bytes all-reduced per optimizer step (data-parallel runs)
     steps_done: int = 0
     timings: dict = field(default_factory=dict, repr=False)  # step -> (seconds, tokens); not recorded
 
@@ -200,7 +218,21 @@ def train(session: Session) -> TrainResult:
         if progress is not None:
             progress.close()
     result.speed = _speed(result.timings, window)
+    if session.data_parallel is not None:
+        _merge_ranks(session, result)
     return result
+
+
+def _merge_ranks(session: Session, result: TrainResult) -> None:
+    """A data-parallel run's memory is its largest rank's (every rank's peak kept beside it); `comm` is
+    what the counter saw (the same on every rank: DDP and the statistics send the same tensors)."""
+    memories = distributed.gather(result.memory)
+    if all(m is not None for m in memories):
+        peaks = [m["peak_bytes"] for m in memories]
+        largest = max(range(len(peaks)), key=peaks.__getitem__)
+        result.memory = {**memories[largest], "per_rank_peak_bytes": peaks, "peak_rank": largest}
+    dp = session.data_parallel
+    result.comm = dp.counter.result(dp.backend)
 
 
 def step_batches(session: Session, step: int) -> list[dict]:
@@ -218,21 +250,32 @@ def optimizer_step(session: Session, step: int, micro_batches: list[dict]) -> fl
     Each micro-batch's mean loss is weighted by its share of the step's supervised tokens, so the summed
     gradient equals the gradient of one batch holding all micro-batches, padding or not (a plain 1/k
     would weight a short micro-batch's tokens more). OASIS keeps its basis fixed over the micro-batches
-    and moves it in `optimizer.step()` from the statistics of all of them."""
-    model, optimizer = session.model, session.optimizer
+    and moves it in `optimizer.step()` from the statistics of all of them.
+
+    One of N data-parallel ranks weights its part by its share of the global step's tokens times N (DDP
+    averages over ranks), checks and returns the global loss (summed over ranks: every rank raises
+    Diverged together), and all-reduces gradients after the last micro-batch only."""
+    model, optimizer, ranks = session.train_model, session.optimizer, distributed.world()
     counts = [supervised_tokens(batch) for batch in micro_batches]
-    total = sum(counts)
+    totals = distributed.sum_over_ranks(counts) if ranks > 1 else counts  # per micro-batch, all ranks
+    total = sum(totals)
     value = 0.0
-    for batch, count in zip(micro_batches, counts):
-        loss = model(**batch).loss
-        part = float(loss.detach())
-        if not math.isfinite(part):
-            raise Diverged(step, part)
-        (loss * (count / total)).backward()
-        value += part * count / total
+    for j, (batch, count) in enumerate(zip(micro_batches, counts)):
+        sync = session.data_parallel.no_sync(last=j == len(counts) - 1) if ranks > 1 else nullcontext()
+        with sync:
+            loss = model(**batch).loss
+            part = float(loss.detach())
+            if ranks > 1:
+                part = distributed.sum_over_ranks([part * count])[0] / totals[j]
+            if not math.isfinite(part):
+                raise Diverged(step, part)
+            (loss * (count * ranks / total)).backward()
+        value += part * totals[j] / total
     optimizer.step()
     session.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    if session.data_parallel is not None:
+        session.data_parallel.counter.end_step()
     return value
 
 
@@ -253,6 +296,8 @@ def _timed_step(session: Session, step: int, result: TrainResult, progress) -> N
     _synchronize(session.device)
     seconds = time.perf_counter() - t0
     tokens = sum(int(batch["attention_mask"].sum()) for batch in micro_batches)
+    if distributed.world() > 1:  # tokens/s of the run: every rank's tokens per second of the step
+        tokens = int(distributed.sum_over_ranks([tokens])[0])
     result.timings[step] = (seconds, tokens)
     result.curve.append([step, loss, None])
     if result.drift is not None:
@@ -279,7 +324,7 @@ def _speed(timings: dict, window: int) -> dict | None:
 
 
 def _progress(cfg: dict, position: int):
-    if os.environ.get("OASIS_NO_PROGRESS"):
+    if os.environ.get("OASIS_NO_PROGRESS") or not distributed.is_main():
         return None
     from tqdm import tqdm
 
@@ -307,13 +352,14 @@ def save_model(session: Session, save_dir: str) -> None:
 
 def record(spec: dict, result: TrainResult, metrics: dict, *, started_at: str, wall_s: float,
            base_checksum: str | None = None) -> dict:
-    """Write the run's record to spec["out_dir"] and return it."""
+    """Write the run's record to spec["out_dir"] (rank 0 of a data-parallel run) and return it."""
     rec = records.make_record(
         spec["config"], status=result.status, error=result.error, metrics=metrics, memory=result.memory,
         speed=result.speed, curve=result.curve, drift=result.drift, started_at=started_at, wall_s=wall_s,
-        base_checksum=base_checksum,
+        base_checksum=base_checksum, comm=result.comm,
     )
-    records.write_record(rec, spec["out_dir"])
+    if distributed.is_main():
+        records.write_record(rec, spec["out_dir"])
     return rec
 
 
@@ -375,7 +421,7 @@ def run(spec: dict) -> dict:
                              "trajectory_peak_bytes": result.memory["peak_bytes"]}
         if result.memory is not None and result.memory.get("source") == "cuda":
             result.memory.update(estimate_for(session.cfg))
-        if result.status == "ok":
+        if result.status == "ok" and distributed.is_main():
             metrics = evaluate(session)
             if "eval_loss" in metrics and result.curve:
                 result.curve[-1][2] = metrics["eval_loss"]  # the final validation point of the loss curve
@@ -387,5 +433,9 @@ def run(spec: dict) -> dict:
         result.error = f"{type(exc).__name__}: {first_line}"
         if os.environ.get("OASIS_DEBUG"):
             traceback.print_exc()
-    return record(spec, result, metrics, started_at=started_at, wall_s=round(time.perf_counter() - t0, 3),
-                  base_checksum=session.base_checksum if session is not None else None)
+    try:
+        return record(spec, result, metrics, started_at=started_at,
+                      wall_s=round(time.perf_counter() - t0, 3),
+                      base_checksum=session.base_checksum if session is not None else None)
+    finally:
+        distributed.close()

@@ -157,9 +157,10 @@ def now() -> str:
 def make_record(config: dict, *, status: str, error: str | None = None, metrics: dict | None = None,
                 memory: dict | None = None, speed: dict | None = None, curve: list | None = None,
                 drift: list | None = None, started_at: str, wall_s: float,
-                base_checksum: str | None = None) -> dict:
-    """A run record (DESIGN §3.4) in the schema's key order; the one place a record is assembled."""
-    return {
+                base_checksum: str | None = None, comm: dict | None = None) -> dict:
+    """A run record (DESIGN §3.4) in the schema's key order; the one place a record is assembled.
+    `comm` (bytes all-reduced per step) exists in data-parallel records only."""
+    rec = {
         "schema": SCHEMA,
         "run_id": run_id(config),
         "suite": config["suite"],
@@ -178,6 +179,11 @@ def make_record(config: dict, *, status: str, error: str | None = None, metrics:
         "started_at": started_at,
         "wall_s": wall_s,
     }
+    if comm is None:
+        return rec
+    keys = list(rec)
+    keys.insert(keys.index("memory") + 1, "comm")  # DESIGN §3.4's order
+    return {k: comm if k == "comm" else rec[k] for k in keys}
 
 
 def validate_record(record: dict) -> None:

@@ -98,6 +98,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results", help="folder for the run records (default: results/)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto (CUDA when present) | cpu | cuda")
+    p.add_argument("--nproc", type=cli.positive_int, default=None, metavar="N",
+                   help="run each run as N data-parallel processes (torchrun, DDP; gloo on CPU, NCCL on "
+                        "CUDA, one GPU per process). The global batch stays the profile's: each process "
+                        "takes batch/N rows of every micro-batch (batch must divide by N). Same as "
+                        "--set world_size=N")
     return p
 
 
@@ -151,8 +156,30 @@ def check_arguments(args) -> list[dict]:
             # the device is known once torch is imported (second pass); its key keeps its place
             defaults = registry.method_defaults(method)
             cfg = profiles.resolve(args.suite, args.profile, p, method, defaults, None)
+            if args.nproc is not None:
+                cfg["world_size"] = args.nproc
+            if cfg["world_size"] > 1:
+                _check_data_parallel(cfg)
             configs += [{**cfg, "lr": cfg["lr"] * f} for f in factors] if factors else [cfg]
     return configs
+
+
+# settings whose optimizer updates parameters inside backward: DDP would average after the update
+STEPS_IN_BACKWARD = {"layerwise": True, "embedding_update": "backward"}
+
+
+def _check_data_parallel(cfg: dict) -> None:
+    """A data-parallel config (world_size > 1): the batch splits evenly, nothing steps inside backward;
+    the record names the strategy."""
+    n = cfg["world_size"]
+    if cfg["batch"] % n:
+        raise UsageError(f"batch {cfg['batch']} does not split over {n} processes (each takes batch/N rows "
+                         f"of every micro-batch); choose a batch divisible by {n} (--set batch=...)")
+    for key, value in STEPS_IN_BACKWARD.items():
+        if cfg.get(key) == value:
+            raise UsageError(f"{cfg['method']} with {key}={value} updates parameters inside backward, before "
+                             f"DDP has averaged their gradients: it cannot run with {n} processes")
+    cfg["strategy"] = "ddp"
 
 
 def _device(choice: str) -> str:
@@ -238,6 +265,13 @@ def check_environment(args, configs: list[dict]) -> None:
     from suites.tasks import get as get_suite
 
     device = _device(args.device)
+    world = max(cfg["world_size"] for cfg in configs) if configs else 1
+    if device == "cuda" and world > 1:
+        import torch
+
+        if world > torch.cuda.device_count():
+            raise UsageError(f"{world} processes need {world} GPUs (one each); "
+                             f"{torch.cuda.device_count()} visible")
     from suites.models import run_fields
 
     for cfg in configs:
@@ -297,14 +331,28 @@ def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
             proc.wait()
 
 
+def worker_command(spec_path: str, world_size: int) -> list[str]:
+    """The command of one run: the worker, or torchrun starting N of them (PyTorch's own launcher: one
+    machine, a rendezvous on a free local port, the ranks' environment, and a failed rank stops the rest)."""
+    if world_size == 1:
+        return [sys.executable, "-m", "suites.worker", spec_path]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
+            "-m", "suites.worker", spec_path]
+
+
 def launch(spec: dict) -> int:
-    """Run one spec in its own process; returns its exit status. KeyboardInterrupt when it was interrupted."""
+    """Run one spec in its own process (N under torchrun); returns its exit status. KeyboardInterrupt when
+    it was interrupted."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="oasis-run-", delete=False) as f:
         json.dump(spec, f)
+    world_size = spec["config"].get("world_size", 1)
+    env = os.environ.copy()
+    if world_size > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its warning (threads: recipe)
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "suites.worker", f.name],
-            cwd=records.REPO_ROOT,
+            worker_command(f.name, world_size),
+            cwd=records.REPO_ROOT, env=env,
             preexec_fn=_die_with_parent if os.name == "posix" else None,
         )
         try:

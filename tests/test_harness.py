@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from suites import profiles, records
+from suites import profiles, records, registry
 from suites import run as cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -297,6 +297,11 @@ FAST_USAGE_ERRORS = {
     "bad device": ["c4", "--device", "tpu"],
     "--out is a file": ["c4", "--out", "{file}"],
     "--out below a file": ["c4", "--out", "{file}/below"],
+    "--nproc 0": ["c4", "--nproc", "0"],
+    "batch not divisible by --nproc": ["c4", "--profile", "smoke", "--set", "batch=3", "--nproc", "2"],
+    "layer-wise steps under DDP": ["c4", "--methods", "adam", "--set", "layerwise=true", "--nproc", "2"],
+    "in-backward embedding under DDP": ["c4", "--methods", "oasis", "--set", "embedding_update=backward",
+                                        "--nproc", "2"],
 }
 
 
@@ -526,3 +531,25 @@ def test_gpu_profile_is_one_epoch_of_gsm8k_and_the_whole_test_set():
     assert prof["steps"] * prof["batch"] * prof["grad_accum"] >= train  # at least one epoch
     assert prof["eval_limit"] is None and prof["max_gen_toks"] >= 256
     assert profiles.profile("humaneval", "gpu")["eval_limit"] is None
+
+
+def test_nproc_2_runs_every_method_data_parallel(tmp_path):
+    """`--nproc 2`: each run is two torchrun ranks (gloo) on the global batch; ok records with world_size 2,
+    the peak of the larger rank, and the bytes all-reduced per step (OASIS's far below adam's)."""
+    out = tmp_path / "out"
+    proc = run_cli("c4", "--profile", "smoke", "--methods", "all", "--nproc", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = {r["method"]: r for r in records.load_records(out)}
+    assert sorted(recs) == sorted(registry.MISSION_METHODS)
+    for method, rec in recs.items():
+        assert rec["status"] == "ok", (method, rec["error"])
+        assert rec["config"]["world_size"] == 2 and rec["config"]["strategy"] == "ddp"
+        assert list(rec).index("comm") == list(rec).index("memory") + 1  # DESIGN §3.4's order
+        peaks = rec["memory"]["per_rank_peak_bytes"]
+        assert len(peaks) == 2 and rec["memory"]["peak_bytes"] == max(peaks) > 0
+        assert rec["comm"]["world_size"] == 2 and rec["comm"]["backend"] == "gloo"
+        assert rec["comm"]["steps_counted"] == rec["config"]["steps"]
+        assert rec["metrics"]["eval_loss"] > 0
+    adam, oasis = recs["adam"]["comm"], recs["oasis"]["comm"]
+    assert oasis["stats_allreduce_bytes_per_step"] > 0 == adam["stats_allreduce_bytes_per_step"]
+    assert oasis["grad_allreduce_bytes_per_step"] < adam["grad_allreduce_bytes_per_step"]
