@@ -72,6 +72,15 @@ def one_of(cfg: dict, key: str, choices) -> str:
     return value
 
 
+def shard(cfg: dict, model: nn.Module) -> None:
+    """Call the caller's `cfg["shard"](model)` when it passed one: after a builder has changed the model
+    (replaced or added modules) and before it builds its optimizer, as FSDP2's `fully_shard` requires (it
+    replaces the Parameter objects). Builders that only make an optimizer need not call it."""
+    hook = cfg.get("shard")
+    if hook is not None:
+        hook(model)
+
+
 def adam_kwargs(cfg: dict) -> dict:
     """lr, betas, eps, weight_decay from `cfg`, checked; betas may arrive as a list (JSON/YAML)."""
     lr, eps, wd = cfg["lr"], cfg["eps"], cfg["weight_decay"]

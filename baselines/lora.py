@@ -21,7 +21,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from baselines._common import LLAMA_PROJECTIONS, adam_kwargs, check_rank, one_of, unit_interval
+from baselines._common import LLAMA_PROJECTIONS, adam_kwargs, check_rank, one_of, shard, unit_interval
 
 DEFAULTS = {"lora_dropout": 0.05, "alpha_over_rank": 2.0, "train_unadapted": False}
 
@@ -44,6 +44,7 @@ def attach_adapters(model, cfg, rank: int):
         peft_model = get_peft_model(model, lora)
     if train_unadapted:
         unfreeze_unadapted(peft_model)
+    shard(cfg, peft_model)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     return peft_model, torch.optim.AdamW(params, **kwargs)
 

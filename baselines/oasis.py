@@ -33,7 +33,7 @@ def build(model, cfg):
                             share_inputs=bool(cfg["share_inputs"]), seed=int(cfg["seed"]),
                             compress_lm_head=_flag(cfg, "compress_lm_head"),
                             embedding_update=one_of(cfg, "embedding_update", EMBEDDING_UPDATES))
-    return model, prepare(model, oasis_cfg, **adam_kwargs(cfg))
+    return model, prepare(model, oasis_cfg, shard=cfg.get("shard"), **adam_kwargs(cfg))
 
 
 def _flag(cfg, key: str) -> bool:

@@ -16,7 +16,7 @@ computes the same basis from the global micro-batch).
 
 from __future__ import annotations
 
-from baselines._common import LLAMA_PROJECTIONS, adam_kwargs, check_rank, one_of, positive_int
+from baselines._common import LLAMA_PROJECTIONS, adam_kwargs, check_rank, one_of, positive_int, shard
 from oasis import OasisAdamW, compress
 from oasis.optim import TRANSPORTS
 from oasis.subspace import SubspaceTracker, lean_gram, top_eigvecs
@@ -49,4 +49,5 @@ def build(model, cfg):
         return PeriodicPCATracker(name, d_in, r, update_every=refresh_every, seed=int(cfg["seed"]))
 
     layers = compress(model, LLAMA_PROJECTIONS, rank, make_tracker, share_inputs=bool(cfg["share_inputs"]))
+    shard(cfg, model)
     return model, OasisAdamW(model, layers, transport=transport, **kwargs)

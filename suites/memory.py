@@ -1,6 +1,7 @@
 """Peak training memory of every method at any model scale, measured by running real training steps.
 
     python -m suites.memory --model llama-2-7b --methods all --batch 8 --seq 512 --rank 32
+    python -m suites.memory --model llama-2-7b --methods all --batch 64 --nproc 8 --strategy fsdp
 
 For each method: build the model from its config (a preset of `suites.models` or a transformers
 config.json), wrap it with the method's builder from the registry, and run real training steps
@@ -36,6 +37,36 @@ fake implementations, and its code tables are computed for real (`suites.meters.
 tests/test_memory.py checks the estimate against a real CPU-tracked run byte for byte. A method that cannot
 be measured here stops the run with one line naming it and the reason.
 
+Distributed (`--nproc N --strategy ddp|fsdp`, estimates only): the per-rank peak of rank 0 of N data-parallel
+ranks, measured like everything else (a real training step under FakeTensorMode), with PyTorch's fake
+process group (`torch.testing._internal.distributed.fake_pg`: collectives take their shapes and move no data)
+as torchtitan's memory estimator does. `--batch` is the GLOBAL micro-batch: each rank runs batch / N rows
+(refused unless N divides it). Rows carry `world_size`, `strategy` and `rank_batch`; every byte is rank 0's.
+  ddp   `DistributedDataParallel` with its defaults (25 MiB buckets, gradient_as_bucket_view=False: the
+        reducer keeps its own flat copy of every trainable gradient, counted as "grads"; `ddp_bucket_bytes` in
+        the row), wrapped around the model after the method's builder (the estimate equals a real two-process
+        gloo run byte for byte: tests/test_memory_distributed.py). Two things of DDP cannot run on fake
+        tensors and are replaced by memory-equivalent ones: the default C++ all-reduce hook (the fake group's
+        future holds no tensor) by a Python hook that divides the bucket in place and completes with the same
+        tensor, as the in-place all-reduce does; and the one-time bucket rebuild before the second step (it
+        broadcasts bucket indices by reading their values) is skipped, so the buckets keep their construction-
+        time grouping of the same gradient bytes. Construction-time sync (shape check, rank-0 broadcast) is
+        off (`init_sync=False`): it reads values and ends before any step.
+  fsdp  FSDP2 `fully_shard` on each decoder layer, then on the root (torchtitan's recipe; reshard after
+        forward), then the method's builder on the sharded model, so the optimizer is built over the
+        DTensor shards. "params" are this rank's shards (padded to ceil(dim0 / N) rows, as FSDP2 stores them)
+        and the buffers; the gathered full weights of the layers being computed and the reduce-scatter
+        inputs are temporaries ("other"); "grads" are the sharded gradients and the full gradients a layer
+        holds until its reduce-scatter. FSDP2 frees gathered weights by `UntypedStorage.resize_`, which the
+        dispatcher does not see; the tracker follows those resizes. A builder that changes the model (lora,
+        oasis) is tried again on a fresh model with `cfg["shard"]`, a callable to call between changing the
+        model and building the optimizer (`_build_sharded`; no builder calls it yet).
+A method that cannot run under a strategy (its builder replaces modules that FSDP already sharded, a
+library refusing DTensors) gets a row saying so in one line (`error`), and the table goes on. Not with
+`--loss chunked` (it calls the decoder and head around the wrapper's forward) or `--layerwise` (optimizer
+steps inside backward race DDP's reducer and FSDP's reduce-scatter). Not modelled: NCCL's own buffers,
+collectives' temporaries inside the communication library, and tensor, pipeline or context parallelism.
+
 Generic memory tricks, offered to every method alike and recorded in the output:
   --loss chunked     the causal-LM loss over token chunks, never the whole batch's logits (suites.lean)
   --lean-blocks      RMSNorm and SwiGLU keep only their inputs for backward (suites.lean)
@@ -51,12 +82,21 @@ import os
 import statistics
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
 
 from suites import cli, dtypes, files, lean
-from suites.meters import KERNEL_POLICIES, fake_construction, make_meter
+from suites.meters import (
+    KERNEL_POLICIES,
+    EstimateMeter,
+    Meter,
+    TensorTracker,
+    _storage,
+    fake_construction,
+    make_meter,
+)
 from suites.patching import patched
 
 PROG = "python -m suites.memory"
@@ -66,6 +106,7 @@ KINDS = ("estimate", "cpu", "cuda")
 REFRESH_KEYS = {"update_proj_gap": 1, "refresh_every": 1, "update_every": 1}
 COMMON = {"lr": 1e-4, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "seed": 0}
 GIB = 2**30
+STRATEGIES = ("ddp", "fsdp")
 CATEGORY_COLS = ("params", "grads", "optimizer", "activations", "other")
 POLICY_NOTES = {"cpu": "every op as the CPU kernel keeps it",
                 "cuda-dropout": "dropout keeps a 1-byte mask as on CUDA; other ops as the CPU kernels"}
@@ -144,14 +185,20 @@ def method_config(name: str, rank: int, overrides: dict) -> dict:
 def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: str = "bfloat16",
             checkpointing: bool = False, kind: str = "estimate", attn: str = "sdpa", loss: str = "full",
             loss_chunk: int = 256, lean_blocks: bool = False, window: int = 1,
-            overrides: dict | None = None, kernel_policy: str | None = None, timed_steps: int = 0) -> dict:
+            overrides: dict | None = None, kernel_policy: str | None = None, timed_steps: int = 0,
+            world_size: int = 1, strategy: str | None = None) -> dict:
     """Peak memory of `window` training steps of `method` after one warm-up step; one result row.
 
     `dtype` is any name of `suites.dtypes` (`bf16` or `bfloat16`). `kernel_policy` (see `suites.meters`):
     None means "cuda-dropout" for estimates and "cpu" for real runs; `kind="cuda"` runs the CUDA kernels.
     `timed_steps` (cuda only): further steps after the window, outside any meter, each timed alone.
+    `strategy` ("ddp" | "fsdp", see the module docstring): rank 0 of `world_size` ranks, `batch` global. An
+    estimate makes its own fake process group; `kind="cpu"` runs inside one its caller initialised (a real
+    gloo group of `world_size` processes). A method the strategy cannot run raises `Unsupported`.
     """
     from suites.registry import build_method
+
+    rank_batch = _check_distributed(batch, world_size, strategy, kind, loss, overrides)
 
     torch_dtype = dtypes.torch_dtype(dtype)
     cuda = kind == "cuda"
@@ -175,39 +222,66 @@ def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: 
     fake = kind == "estimate"
     vocab = config.vocab_size
     t0 = time.perf_counter()
-    # fake tensors for an estimate; on the GPU, factory calls without a device (in the model and in method
-    # builders) land on it
-    with fake_construction() if fake else torch.device(device):
-        if not fake and _has_weights(model):
-            net = load_weights(model, torch_dtype, attn, checkpointing)
+    with _process_group(world_size, fake) if strategy else contextlib.nullcontext() as mesh:
+        # fake tensors for an estimate; on the GPU, factory calls without a device (in the model and in method
+        # builders) land on it
+        with fake_construction() if fake else torch.device(device) as fake_mode:
+            def make_net():
+                if not fake and _has_weights(model):
+                    net = load_weights(model, torch_dtype, attn, checkpointing)
+                else:
+                    net = build_model(config, torch_dtype, attn, checkpointing)
+                net.to(device)
+                if lean_blocks:
+                    lean.apply_lean_activations(net)
+                return net
+
+            shards = None
+            if strategy == "fsdp":
+                net, optimizer, shards = _build_sharded(method, make_net, cfg, mesh, torch_dtype)
+            else:
+                net, optimizer = build_method(method, make_net(), cfg)
+                cast_params(net, torch_dtype)
+            tracker = _DistributedTracker(net, optimizer, shards, fake) if strategy else None
+            model_call = _wrap_ddp(net, tracker, world_size, fake) if strategy == "ddp" else net
+            batch_ = {k: v.to(device) for k, v in make_batch(vocab, rank_batch, seq).items()}
+        if tracker is None:
+            meter = make_meter(kind, net, optimizer, kernel_policy)
         else:
-            net = build_model(config, torch_dtype, attn, checkpointing)
-        net.to(device)
-        if lean_blocks:
-            lean.apply_lean_activations(net)
-        net, optimizer = build_method(method, net, cfg)
-        cast_params(net, torch_dtype)
-        batch_ = {k: v.to(device) for k, v in make_batch(vocab, batch, seq).items()}
-    meter = make_meter(kind, net, optimizer, kernel_policy)
-    loss_fn = lean.causal_lm_loss if loss == "chunked" else lean.model_loss
+            meter = (_DistributedEstimateMeter(net, optimizer, kernel_policy, fake_mode) if fake
+                     else Meter(net, optimizer, kernel_policy))
+            meter.tracker = tracker
+        loss_fn = lean.causal_lm_loss if loss == "chunked" else lean.model_loss
+        after_backward = {}
 
-    def step():  # what the harness does (suites.recipe.optimizer_step), minus timing and logging
-        value = loss_fn(net, batch_, chunk_tokens=loss_chunk)
-        value.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        def step():  # what the harness does (suites.recipe.optimizer_step), minus timing and logging
+            value = loss_fn(model_call, batch_, chunk_tokens=loss_chunk)
+            value.backward()
+            if tracker is not None and tracker.windowed:  # the whole gradient exists: state at its largest
+                after_backward.update(tracker.classify())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-    with meter, _masks_as_in_real_runs() if fake else contextlib.nullcontext():
-        step()
-        meter.start_window()
-        for _ in range(window):
+        with meter, _masks_as_in_real_runs() if fake else contextlib.nullcontext():
             step()
-    rec = meter.result()
+            meter.start_window()
+            for _ in range(window):
+                step()
+        rec = meter.result()
     row = {"method": method, "peak_bytes": rec["peak_bytes"], "breakdown": rec["breakdown"],
            "source": rec["source"], "kernel_policy": rec["kernel_policy"],
+           "world_size": world_size, "strategy": strategy, "rank_batch": rank_batch,
            "tricks": {"loss": loss, "lean_blocks": lean_blocks,
                       "layerwise": bool(cfg.get("layerwise", False)), "checkpointing": checkpointing},
            "method_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}}
+    if strategy:
+        # params, grads and optimizer state right after the window's backward (the gradient complete; for
+        # fsdp the rank's shards, for ddp the gradients and their bucket copy)
+        row["after_backward"] = {k: after_backward[k] for k in ("params", "grads", "optimizer")}
+        if strategy == "ddp":
+            row["ddp_bucket_bytes"] = tracker.bucket_bytes()
+            row["ddp"] = {"gradient_as_bucket_view": False, "bucket_cap_mb": 25, "init_sync": not fake,
+                          "bucket_rebuild": not fake}
     if cuda:
         times = _time_steps(step, timed_steps, device)
         row.update({k: rec[k] for k in ("allocated_peak_bytes", "active_peak_bytes", "reserved_bytes",
@@ -218,6 +292,281 @@ def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: 
         torch.cuda.empty_cache()
     row["wall_s"] = round(time.perf_counter() - t0, 2)
     return row
+
+
+class Unsupported(RuntimeError):
+    """A method that cannot run under a distributed strategy (its row says why)."""
+
+
+def _check_distributed(batch: int, world_size: int, strategy: str | None, kind: str, loss: str,
+                       overrides: dict | None) -> int:
+    """The per-rank micro-batch; ValueError (one line) for a combination that cannot be measured."""
+    if strategy is None:
+        if world_size != 1:
+            raise ValueError(f"--nproc {world_size} needs --strategy ({' or '.join(STRATEGIES)})")
+        return batch
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    if kind == "cuda":
+        raise ValueError("--strategy is measured as an estimate (a fake process group); --kind cuda runs one "
+                         "process on one GPU")
+    if batch % world_size:
+        raise ValueError(f"--batch {batch} is the global micro-batch and must be a multiple of --nproc "
+                         f"{world_size} (each rank runs batch / nproc rows)")
+    if loss == "chunked":
+        raise ValueError("--loss chunked calls the decoder and head around the DDP/FSDP wrapper's forward; "
+                         "use --loss full with --strategy")
+    if (overrides or {}).get("layerwise"):
+        raise ValueError("--layerwise steps the optimizer inside backward, racing DDP's reducer and FSDP's "
+                         "reduce-scatter; not with --strategy")
+    return batch // world_size
+
+
+@contextlib.contextmanager
+def _process_group(world_size: int, fake: bool):
+    """The process group of a distributed measurement; yields the 1-D device mesh FSDP2 shards over.
+
+    An estimate initialises PyTorch's fake group (rank 0 of `world_size`; collectives move nothing) and
+    destroys it afterwards; a real run (`kind="cpu"`) uses the group its caller initialised."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    own = not dist.is_initialized()
+    if own:
+        if not fake:
+            raise ValueError("a real distributed measurement runs inside an initialised process group "
+                             "(one process per rank); estimates make their own fake one")
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        if dist.get_world_size() != world_size:
+            raise ValueError(f"the process group has {dist.get_world_size()} ranks, not {world_size}")
+        yield init_device_mesh("cpu", (world_size,))  # outside FakeTensorMode, as torchtitan builds it
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
+def _fully_shard(net, mesh) -> list:
+    """FSDP2 as torchtitan applies it: each decoder layer, then the root. Returns the sharded parameters
+    (DTensors; FSDP2 keeps these objects and swaps gathered full ones in and out of the modules).
+
+    FSDP2 wants one dtype among the trainable parameters of each `fully_shard` group; a module whose own
+    trainable parameters have another dtype than the rest of its layer (OASIS's float32 gradient carriers in
+    a bf16 model: the weight beside it is frozen) becomes a group of its own first."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in net.get_decoder().layers:
+        main = _trainable_dtypes(layer, recurse=True)
+        for module in layer.modules():
+            own = _trainable_dtypes(module, recurse=False)
+            if module is not layer and len(main) > 1 and own and own != {_majority(layer)}:
+                fully_shard(module, mesh=mesh)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    return list(net.parameters())
+
+
+def _trainable_dtypes(module, recurse: bool) -> set:
+    return {p.dtype for p in module.parameters(recurse=recurse) if p.requires_grad}
+
+
+def _majority(module) -> torch.dtype:
+    """The dtype holding most trainable elements of `module`."""
+    counts: dict = {}
+    for p in module.parameters():
+        if p.requires_grad:
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get)
+
+
+def _build_sharded(method: str, make_net, cfg: dict, mesh, dtype: torch.dtype):
+    """(model, optimizer, shards) of `method` under FSDP2, the optimizer built over the sharded parameters.
+
+    First the method's builder on the sharded model (a builder that only makes an optimizer: adam, galore,
+    ...). If that leaves trainable parameters outside the shards (a builder that replaces modules or adds
+    parameters: oasis, lora), a fresh model goes through the builder with `cfg["shard"]`: a callable a
+    builder may call as `shard(model)` after changing the model and before building its optimizer (as
+    `oasis.prepare(..., shard=...)` does); it casts the model to `dtype` and applies `fully_shard`. A
+    builder that does not call it cannot run under fsdp (`Unsupported`)."""
+    from suites.registry import build_method
+
+    net = make_net()
+    shards = _fully_shard(net, mesh)
+    net, optimizer = build_method(method, net, cfg)
+    try:
+        _check_sharded(net, shards)
+        return net, optimizer, shards
+    except Unsupported as exc:
+        outside = exc
+    hooked: list = []
+
+    def shard(model):
+        cast_params(model, dtype)
+        hooked.append(_fully_shard(model, mesh))
+
+    net, optimizer = build_method(method, make_net(), {**cfg, "shard": shard})
+    if not hooked:
+        raise Unsupported(f"{outside} and does not call cfg['shard'](model) between changing the model and "
+                          "building its optimizer") from None
+    shards = hooked[0]
+    _check_sharded(net, shards)
+    return net, optimizer, shards
+
+
+def _check_sharded(net, shards: list) -> None:
+    """After the method's builder: every trainable parameter must still be one FSDP2 sharded (a builder
+    that replaces modules or adds parameters after sharding leaves them outside FSDP)."""
+    ids = {id(p) for p in shards}
+    outside = [name for name, p in net.named_parameters() if p.requires_grad and id(p) not in ids]
+    if outside:
+        raise Unsupported(f"its builder leaves {len(outside)} trainable parameters outside FSDP2's shards "
+                          f"(e.g. {outside[0]})")
+
+
+def _wrap_ddp(net, tracker, world_size: int, fake: bool):
+    """`DistributedDataParallel` with its defaults around `net`, its gradient buckets reported to `tracker`.
+
+    The communication hook does what DDP's default one does (divide the bucket by the world size, all-reduce
+    it in place) and tells the tracker which storages are buckets. Under the fake group the all-reduce's
+    future holds no tensor, so the hook completes with the bucket itself; and the bucket rebuild before the
+    second step, which reads bucket indices' values, is skipped (module docstring)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(net, init_sync=not fake)
+
+    def hook(_state, bucket):
+        tensor = bucket.buffer()
+        tracker.add_bucket(tensor)
+        tensor.div_(world_size)
+        if fake:
+            future = torch.futures.Future()
+            future.set_result(tensor)
+            return future
+        return dist.all_reduce(tensor, async_op=True).get_future().then(lambda _fut: tensor)
+
+    ddp.register_comm_hook(None, hook)
+    if fake:
+        ddp.reducer = _NoRebuild(ddp.reducer)
+    return ddp
+
+
+class _NoRebuild:
+    """DDP's reducer as DDP's Python code calls it, except that the one-time bucket rebuild is skipped."""
+
+    def __init__(self, reducer):
+        self._reducer = reducer
+
+    def __getattr__(self, name):
+        return getattr(self._reducer, name)
+
+    def _rebuild_buckets(self) -> bool:
+        return False
+
+
+def _local(t):
+    """The local tensor of a DTensor (what this rank stores), else `t`."""
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+class _DistributedTracker(TensorTracker):
+    """`suites.meters.TensorTracker` for one rank of a DDP or FSDP2 run.
+
+    DTensors (FSDP2's shards, their gradients and optimizer state) count as their local tensors, and ops on
+    them are left to DTensor, which runs them as local ops this tracker then sees (as torch's
+    FSDPMemTracker does). `UntypedStorage.resize_` (FSDP2 frees and re-allocates gathered weights with it;
+    the dispatcher never sees it) updates the tracked size. With `shards` (fsdp) "params" are the rank's
+    shards and the buffers; DDP's buckets are gradient copies, "grads"."""
+
+    def __init__(self, model, optimizer, shards: list | None, fake: bool):
+        super().__init__(model, optimizer)
+        self.shards, self.fake = shards, fake
+        self.buckets: dict[int, weakref.ref] = {}
+
+    def track(self, t):
+        return super().track(_local(t))
+
+    def add_bucket(self, tensor) -> None:
+        st = tensor.untyped_storage()
+        self.buckets[id(st)] = weakref.ref(st)
+
+    def bucket_bytes(self) -> int:
+        return sum(st.nbytes() for st in (ref() for ref in self.buckets.values()) if st is not None)
+
+    def _param_tensors(self):
+        if self.shards is None:
+            return [_local(t) for t in super()._param_tensors()]
+        return [*(_local(p) for p in self.shards), *self.model.buffers()]
+
+    def _grad_tensors(self):
+        params = self.shards if self.shards is not None else self.model.parameters()
+        grads = [_local(p.grad) for p in params if p.grad is not None]
+        if self.shards is not None:  # a layer's full gradients until its reduce-scatter
+            grads += [_local(p.grad) for p in self.model.parameters() if p.grad is not None]
+        return grads
+
+    def _optimizer_tensors(self):
+        return [_local(t) for t in super()._optimizer_tensors()]
+
+    def classify(self):
+        out = super().classify()
+        claimed = {id(st) for t in (*self._param_tensors(), *self._grad_tensors(), *self._optimizer_tensors())
+                   if (st := _storage(t)) is not None}
+        for key, ref in list(self.buckets.items()):
+            entry = self.live.get(key)
+            if ref() is None or entry is None or key in claimed:
+                continue
+            out["activations" if entry[2] else "other"] -= entry[0]
+            out["grads"] += entry[0]
+        return out
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.distributed.tensor import DTensor
+
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented  # DTensor runs it as local ops, which come back here
+        if self.fake and func is torch.ops._c10d_functional.wait_tensor.default:
+            return args[0]  # eager returns its input; the fake kernel would make a new tensor
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def _resized(self, storage) -> None:
+        entry = self.live.get(id(storage))
+        if entry is not None and entry[0] != storage.nbytes():
+            if storage.nbytes() < entry[0]:
+                self._before_free()
+            self._grow(storage.nbytes() - entry[0])
+            entry[0] = storage.nbytes()
+
+    def __enter__(self):
+        tracker = self
+
+        def resize_(storage, size):
+            out = original(storage, size)
+            tracker._resized(storage)
+            return out
+
+        self._resize = patched(torch.UntypedStorage, "resize_", resize_,
+                               why="FSDP2 frees gathered weights with UntypedStorage.resize_, which the "
+                                   "dispatcher does not see")
+        original = self._resize.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        out = super().__exit__(*exc)
+        self._resize.__exit__(*exc)
+        return out
+
+
+class _DistributedEstimateMeter(EstimateMeter):
+    """The estimate meter for a model of DTensors (its fake mode is given, not found on the parameters)."""
+
+    def __init__(self, model, optimizer, kernel_policy, fake_mode):
+        Meter.__init__(self, model, optimizer, kernel_policy or "cuda-dropout")
+        self.fake_mode = fake_mode
 
 
 def _time_steps(step, count: int, device) -> list[float]:
@@ -273,7 +622,8 @@ def run(args) -> dict:
                           checkpointing=args.checkpointing, kind=args.kind, attn=args.attn, loss=args.loss,
                           loss_chunk=args.loss_chunk, lean_blocks=args.lean_blocks, overrides=overrides,
                           kernel_policy=args.kernels,
-                          timed_steps=args.timed_steps if args.kind == "cuda" else 0)
+                          timed_steps=args.timed_steps if args.kind == "cuda" else 0,
+                          world_size=args.nproc, strategy=args.strategy)
             if args.kind == "cuda":  # the estimate of the same configuration, beside the allocator's peak
                 est = measure(args.model, name, batch=args.batch, seq=args.seq, rank=args.rank,
                               dtype=args.dtype, checkpointing=args.checkpointing, kind="estimate",
@@ -283,19 +633,32 @@ def run(args) -> dict:
                 row["estimate_error"] = round(est["peak_bytes"] / row["allocated_peak_bytes"] - 1, 4)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
-        except (RuntimeError, TypeError, AttributeError) as exc:  # NotImplementedError is a RuntimeError
-            # a library that cannot run this way (a kernel or fake implementation missing): one line
-            # naming the method, never a traceback; OASIS_DEBUG=1 shows where it failed
-            if os.environ.get("OASIS_DEBUG"):
+        except (RuntimeError, TypeError, AttributeError, AssertionError) as exc:  # NotImplementedError too
+            # a library that cannot run this way (a kernel or fake implementation missing; FSDP2 asserts on
+            # models it cannot shard): one line naming the method, never a traceback; OASIS_DEBUG=1 shows
+            # where it failed
+            if os.environ.get("OASIS_DEBUG") or (isinstance(exc, AssertionError) and not args.strategy):
                 raise
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-            raise ValueError(f"{name} cannot be measured here: {type(exc).__name__}: {first}") from None
+            if not args.strategy:
+                raise ValueError(f"{name} cannot be measured here: {type(exc).__name__}: {first}") from None
+            # under a strategy the table goes on: the row says why this method cannot run that way
+            why = first if isinstance(exc, Unsupported) else f"{type(exc).__name__}: {first}"
+            row = {"method": name, "peak_bytes": None, "world_size": args.nproc, "strategy": args.strategy,
+                   "error": f"cannot run under {args.strategy}: {why}"}
         rows.append(row)
         if not args.quiet:
-            print(f"  {name}: {row['peak_bytes'] / GIB:.3f} GiB ({row['wall_s']} s)", file=sys.stderr)
-    adam = next((r for r in rows if r["method"] == "adam"), None)
+            done = (f"{row['peak_bytes'] / GIB:.3f} GiB ({row['wall_s']} s)" if row["peak_bytes"] is not None
+                    else row["error"])
+            print(f"  {name}: {done}", file=sys.stderr)
+    measured = [r for r in rows if r["peak_bytes"] is not None]
+    if not measured:
+        raise ValueError(f"no method can run under {args.strategy}: " + "; ".join(
+            f"{r['method']}: {r['error']}" for r in rows))
+    adam = next((r for r in measured if r["method"] == "adam"), None)
     for r in rows:
-        r["ratio_to_adam"] = None if adam is None else round(r["peak_bytes"] / adam["peak_bytes"], 4)
+        r["ratio_to_adam"] = (None if adam is None or r["peak_bytes"] is None
+                              else round(r["peak_bytes"] / adam["peak_bytes"], 4))
         if adam is not None and r.get("step_s_median") and adam.get("step_s_median"):
             r["step_time_to_adam"] = round(r["step_s_median"] / adam["step_s_median"], 4)
     config = {"model": args.model, "batch": args.batch, "seq": args.seq, "rank": args.rank,
@@ -303,23 +666,33 @@ def run(args) -> dict:
               "loss": args.loss,
               "loss_chunk": args.loss_chunk if args.loss == "chunked" else None, "layerwise": args.layerwise,
               "lean_blocks": args.lean_blocks,
-              "kind": args.kind, "kernel_policy": rows[0]["kernel_policy"], "set": overrides,
+              "kind": args.kind, "kernel_policy": measured[0]["kernel_policy"], "set": overrides,
+              "world_size": args.nproc, "strategy": args.strategy,
+              "peak": "per rank (rank 0)" if args.strategy else "one process",
               "torch": torch.__version__}
+    if args.strategy:
+        config["rank_batch"] = args.batch // args.nproc
     if args.kind == "cuda":
         config.update(gpu=rows[0]["gpu"], timed_steps=args.timed_steps, estimate_kernel_policy="cuda-dropout")
     return {"config": config, "results": rows}
 
 
 def format_table(report: dict, markdown: bool = False) -> str:
-    big = max(r["peak_bytes"] for r in report["results"]) >= GIB
+    """The results as a table; under a strategy the peak column is per rank and a method that cannot run
+    that way is one row saying why."""
+    big = max(r["peak_bytes"] for r in report["results"] if r["peak_bytes"] is not None) >= GIB
     unit, scale = ("GiB", GIB) if big else ("MiB", 2**20)
     cuda = report["config"]["kind"] == "cuda"
-    cols = ("method", f"peak {unit}", *CATEGORY_COLS, "/adam", "tricks")
+    per_rank = bool(report["config"].get("strategy"))
+    cols = ("method", f"peak/rank {unit}" if per_rank else f"peak {unit}", *CATEGORY_COLS, "/adam", "tricks")
     if cuda:
         cols += (f"allocated {unit}", f"reserved {unit}", "retries", f"estimate {unit}", "estimate error",
                  "step ms", "step /adam")
     lines = []
     for r in report["results"]:
+        if r["peak_bytes"] is None:
+            lines.append((r["method"], "-", *("-" for _ in CATEGORY_COLS), "-", r["error"]))
+            continue
         b = r["breakdown"]
         tricks = [k if k != "loss" else f"loss={v}" for k, v in r["tricks"].items()
                   if (v if k != "loss" else v != "full")]
@@ -339,6 +712,8 @@ def format_table(report: dict, markdown: bool = False) -> str:
         out += ["| " + " | ".join(line) + " |" for line in lines]
         return "\n".join(out)
     widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(cols)]
+    if per_rank:  # the last column: an error row's reason runs on without widening the others' column
+        widths[-1] = max([len(cols[-1])] + [len(line[-1]) for line in lines if line[1] != "-"])
     fmt = "  ".join(f"{{:{'<' if i in (0, 8) else '>'}{w}}}" for i, w in enumerate(widths))
     return "\n".join([fmt.format(*cols)] + [fmt.format(*line) for line in lines])
 
@@ -387,7 +762,8 @@ def parser() -> argparse.ArgumentParser:
                    help="a preset or named model of suites.models (llama-cpu, smollm2-135m, ...), a GGUF "
                         "file, a Hugging Face model folder, a hub id, or a config.json")
     p.add_argument("--methods", default="all", help="'all' (the six mission methods) or a,b,...")
-    p.add_argument("--batch", type=_positive, default=8, help="micro-batch size (sequences)")
+    p.add_argument("--batch", type=_positive, default=8,
+                   help="micro-batch size (sequences); with --nproc the global one, batch / nproc per rank")
     p.add_argument("--seq", type=_positive, default=512, help="sequence length (tokens)")
     p.add_argument("--rank", type=_positive, default=32, help="rank of the low-rank methods")
     p.add_argument("--dtype", type=_dtype, default="bfloat16", metavar="{" + ",".join(dtypes.CANONICAL) + "}",
@@ -413,6 +789,12 @@ def parser() -> argparse.ArgumentParser:
                         "for --kind cpu)")
     p.add_argument("--set", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="a method hyper-parameter (JSON value), e.g. --set subspace_lr=0.1")
+    p.add_argument("--nproc", type=_positive, default=1,
+                   help="data-parallel ranks (with --strategy): the peak of one rank, estimated with a fake "
+                        "process group")
+    p.add_argument("--strategy", choices=STRATEGIES, default=None,
+                   help="ddp: DistributedDataParallel (default buckets); fsdp: FSDP2 fully_shard per decoder "
+                        "layer and root")
     p.add_argument("--json", type=Path, help="also write the results as JSON here (checked before measuring)")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--quiet", action="store_true", help="no per-method progress on stderr")
@@ -427,6 +809,8 @@ def _main(argv) -> int:
         from suites.registry import resolve_methods
 
         resolve_methods(args.methods)
+        _check_distributed(args.batch, args.nproc, args.strategy, args.kind, args.loss,
+                           {"layerwise": args.layerwise, **dict(args.set)})
         load_config(args.model)
         report = run(args)
     except ValueError as exc:  # OutputError, unknown method or model, a method's bad hyper-parameter
@@ -439,6 +823,9 @@ def _main(argv) -> int:
               "steps")
     else:
         print(f"kernel policy: {policy} ({POLICY_NOTES[policy]})")
+    if args.strategy:
+        print(f"{args.strategy}, {args.nproc} ranks: peak and categories are one rank's (rank 0), "
+              f"micro-batch {args.batch // args.nproc} per rank ({args.batch} global); fake process group")
     if args.json:
         files.write_json(args.json, report)
     return 0

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from suites import cli, files, profiles, records, registry
+from suites import cli, files, launchers, profiles, records, registry
 from suites.cli import UsageError
 
 PROG = "python -m suites.run"
@@ -103,6 +103,18 @@ def parser() -> argparse.ArgumentParser:
                         "CUDA, one GPU per process). The global batch stays the profile's: each process "
                         "takes batch/N rows of every micro-batch (batch must divide by N). Same as "
                         "--set world_size=N")
+    p.add_argument("--parallel", type=cli.positive_int, default=1, metavar="K",
+                   help="K runs at once on this machine; on GPUs each run gets its own devices "
+                        "(world_size of them; K x world_size must be visible)")
+    p.add_argument("--launcher", default="local", choices=launchers.LAUNCHERS,
+                   help="local: runs on this machine (default) | slurm: one Slurm job per run through "
+                        "submitit, records into the same --out (run the same command again to resume) | "
+                        "submitit-local: submitit's local executor, the cluster code path on this machine")
+    p.add_argument("--partition", default=None, help="Slurm partition (--launcher slurm)")
+    p.add_argument("--time-min", type=cli.positive_int, default=240, metavar="MIN",
+                   help="time limit of each job in minutes (--launcher slurm / submitit-local; default 240)")
+    p.add_argument("--cpus-per-task", type=cli.positive_int, default=None, metavar="C",
+                   help="CPU cores of each job (--launcher slurm / submitit-local; default: the cluster's)")
     return p
 
 
@@ -182,7 +194,10 @@ def _check_data_parallel(cfg: dict) -> None:
     cfg["strategy"] = "ddp"
 
 
-def _device(choice: str) -> str:
+def _device(choice: str, remote: bool = False) -> str:
+    """The runs' device. `remote` (Slurm jobs): the jobs' nodes decide, not this one; auto means CUDA."""
+    if remote:
+        return "cpu" if choice == "cpu" else "cuda"
     import torch
 
     if choice == "auto":
@@ -264,9 +279,9 @@ def check_environment(args, configs: list[dict]) -> None:
     from suites.data import DataMissing
     from suites.tasks import get as get_suite
 
-    device = _device(args.device)
+    device = _device(args.device, remote=args.launcher == "slurm")
     world = max(cfg["world_size"] for cfg in configs) if configs else 1
-    if device == "cuda" and world > 1:
+    if device == "cuda" and world > 1 and args.launcher != "slurm":
         import torch
 
         if world > torch.cuda.device_count():
@@ -340,13 +355,13 @@ def worker_command(spec_path: str, world_size: int) -> list[str]:
             "-m", "suites.worker", spec_path]
 
 
-def launch(spec: dict) -> int:
+def launch(spec: dict, extra_env: dict | None = None) -> int:
     """Run one spec in its own process (N under torchrun); returns its exit status. KeyboardInterrupt when
     it was interrupted."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="oasis-run-", delete=False) as f:
         json.dump(spec, f)
     world_size = spec["config"].get("world_size", 1)
-    env = os.environ.copy()
+    env = {**os.environ, **(extra_env or {})}
     if world_size > 1:
         env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its warning (threads: recipe)
     try:
@@ -405,9 +420,10 @@ def failure_record(cfg: dict, why: str) -> dict:
     return records.make_record(cfg, status="error", error=why, started_at=records.now(), wall_s=0.0)
 
 
-def run_config(cfg: dict, out: Path) -> str:
-    """Run one config under its lock. Returns 'ran', 'locked' (another sweep is running it now) or
-    'done' (another sweep finished it after this one planned)."""
+def run_config(cfg: dict, out: Path, env: dict | None = None) -> str:
+    """Run one config under its lock (`env`: extra environment of its processes, e.g. its GPUs). Returns
+    'ran', 'locked' (another sweep is running it now) or 'done' (another sweep finished it after this one
+    planned)."""
     with records.run_lock(out, cfg) as held:
         if not held:
             return "locked"
@@ -419,7 +435,7 @@ def run_config(cfg: dict, out: Path) -> str:
         try:
             if cfg.get("base_hash"):
                 spec["base_dir"] = ensure_base(cfg)
-            code = launch(spec)
+            code = launch(spec, env)
             if not path.exists() or path.stat().st_mtime_ns == before:
                 why = f"run process exited with code {code} before writing its record"
                 records.write_record(failure_record(cfg, why), out)
@@ -451,10 +467,12 @@ def summary(rows: list[dict], columns: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def sweep(configs: list[dict], columns: tuple[str, ...], out: Path, desc: str) -> int:
-    """Run every config that has no ok record yet, then print the summary; the exit status."""
+def sweep(configs: list[dict], columns: tuple[str, ...], out: Path, desc: str, launcher=None) -> int:
+    """Run every config that has no ok record yet (through `launcher`, default one after another here),
+    then print the summary; the exit status."""
     from tqdm import tqdm
 
+    launcher = launcher or launchers.Sequential()
     done = records.completed_hashes(out)
     todo = [c for c in configs if records.config_hash(c) not in done]
     if len(todo) < len(configs):
@@ -465,9 +483,8 @@ def sweep(configs: list[dict], columns: tuple[str, ...], out: Path, desc: str) -
     bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc=desc, unit="run", position=0,
                dynamic_ncols=True, disable=bool(os.environ.get("OASIS_NO_PROGRESS")))
     try:
-        for cfg in todo:
+        for cfg, outcome in launcher.run(todo, out):
             bar.set_postfix(method=cfg["method"], refresh=True)
-            outcome = run_config(cfg, out)
             if outcome != "ran":
                 why = "is running it" if outcome == "locked" else "finished it"
                 bar.write(f"skipped {records.run_id(cfg)}: another sweep into {out} {why}", sys.stderr)
@@ -488,10 +505,40 @@ def sweep(configs: list[dict], columns: tuple[str, ...], out: Path, desc: str) -
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
+def check_launcher(args) -> None:
+    """Options that belong to another launcher are a usage error, not silently ignored."""
+    if args.launcher != "local" and args.parallel > 1:
+        raise UsageError(f"--parallel runs on this machine; with --launcher {args.launcher} every run is its "
+                         "own job already")
+    if args.launcher != "slurm" and args.partition:
+        raise UsageError("--partition is a Slurm option (--launcher slurm)")
+
+
+def make_launcher(args, configs: list[dict]):
+    """The launcher of the command line (`suites.launchers`); checks that --parallel fits the GPUs."""
+    if args.launcher == "local":
+        if args.parallel == 1:
+            return launchers.Sequential()
+        devices = None
+        if configs and configs[0]["device"] == "cuda":
+            devices = launchers.visible_devices()
+            need = args.parallel * max(cfg["world_size"] for cfg in configs)
+            if need > len(devices):
+                raise UsageError(f"--parallel {args.parallel} runs of {need // args.parallel} GPU(s) each "
+                                 f"need {need} GPUs; {len(devices)} visible")
+        return launchers.Parallel(args.parallel, devices)
+    cluster = "slurm" if args.launcher == "slurm" else "local"
+    return launchers.Submitit(cluster, Path(args.out) / ".submitit", timeout_min=args.time_min,
+                              partition=args.partition, gpus=bool(configs) and configs[0]["device"] == "cuda",
+                              cpus_per_task=args.cpus_per_task)
+
+
 def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
+    check_launcher(args)
     configs, columns = plan(args)
-    return sweep(configs, columns, Path(args.out), desc=f"{args.suite}/{args.profile}")
+    launcher = make_launcher(args, configs)
+    return sweep(configs, columns, Path(args.out), desc=f"{args.suite}/{args.profile}", launcher=launcher)
 
 
 def main(argv: list[str] | None = None) -> int:

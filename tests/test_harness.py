@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -302,6 +303,9 @@ FAST_USAGE_ERRORS = {
     "layer-wise steps under DDP": ["c4", "--methods", "adam", "--set", "layerwise=true", "--nproc", "2"],
     "in-backward embedding under DDP": ["c4", "--methods", "oasis", "--set", "embedding_update=backward",
                                         "--nproc", "2"],
+    "--parallel with Slurm": ["c4", "--launcher", "slurm", "--parallel", "2"],
+    "--partition without Slurm": ["c4", "--partition", "gpu"],
+    "unknown launcher": ["c4", "--launcher", "mpi"],
 }
 
 
@@ -553,3 +557,32 @@ def test_nproc_2_runs_every_method_data_parallel(tmp_path):
     adam, oasis = recs["adam"]["comm"], recs["oasis"]["comm"]
     assert oasis["stats_allreduce_bytes_per_step"] > 0 == adam["stats_allreduce_bytes_per_step"]
     assert oasis["grad_allreduce_bytes_per_step"] < adam["grad_allreduce_bytes_per_step"]
+
+
+def test_submitit_jobs_write_into_out_and_a_rerun_resumes(tmp_path):
+    """--launcher submitit-local: each run is a submitit job (the code path of --launcher slurm, on submitit's
+    local executor); records land in --out like a local sweep's, and the same command again submits nothing."""
+    out = tmp_path / "out"
+    args = ("c4", "--profile", "smoke", "--methods", "adam,oasis", "--launcher", "submitit-local",
+            "--time-min", "10", "--out", str(out))
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "submitted 2 local jobs" in proc.stderr
+    recs = records.load_records(out)
+    assert sorted(r["method"] for r in recs) == ["adam", "oasis"] and all(r["status"] == "ok" for r in recs)
+    assert len(list((out / ".submitit").glob("*/*_result.pkl"))) == 2  # the jobs' own results
+    again = run_cli(*args)
+    assert again.returncode == 0 and "submitted" not in again.stderr
+    assert "resuming: 2 of 2 runs already have an ok record" in again.stderr
+
+
+def test_parallel_runs_share_the_sweep(tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("c4", "--profile", "smoke", "--methods", "adam,oasis,pca", "--parallel", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = records.load_records(out)
+    assert sorted(r["method"] for r in recs) == ["adam", "oasis", "pca"]
+    assert all(r["status"] == "ok" for r in recs)
+    # two at a time: some run started before another had ended
+    spans = sorted((datetime.fromisoformat(r["started_at"]).timestamp(), r["wall_s"]) for r in recs)
+    assert any(start2 < start1 + wall1 for (start1, wall1), (start2, _) in zip(spans, spans[1:]))
