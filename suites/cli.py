@@ -66,12 +66,21 @@ def cli_main(prog: str, main: Callable[[list[str] | None], int], argv: list[str]
         return EXIT_INTERRUPTED
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1, with its own one-line message."""
+def _int_at_least(text: str, minimum: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, with its own one-line message."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0, with its own one-line message."""
+    return _int_at_least(text, 0, "an integer >= 0")

@@ -729,26 +729,6 @@ def _key_value(text: str):
     return key, value
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _nonnegative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
 def _dtype(text: str) -> str:
     try:
         return dtypes.canonical(text)
@@ -762,10 +742,10 @@ def parser() -> argparse.ArgumentParser:
                    help="a preset or named model of suites.models (llama-cpu, smollm2-135m, ...), a GGUF "
                         "file, a Hugging Face model folder, a hub id, or a config.json")
     p.add_argument("--methods", default="all", help="'all' (the six mission methods) or a,b,...")
-    p.add_argument("--batch", type=_positive, default=8,
+    p.add_argument("--batch", type=cli.positive_int, default=8,
                    help="micro-batch size (sequences); with --nproc the global one, batch / nproc per rank")
-    p.add_argument("--seq", type=_positive, default=512, help="sequence length (tokens)")
-    p.add_argument("--rank", type=_positive, default=32, help="rank of the low-rank methods")
+    p.add_argument("--seq", type=cli.positive_int, default=512, help="sequence length (tokens)")
+    p.add_argument("--rank", type=cli.positive_int, default=32, help="rank of the low-rank methods")
     p.add_argument("--dtype", type=_dtype, default="bfloat16", metavar="{" + ",".join(dtypes.CANONICAL) + "}",
                    help="dtype of the whole model and its training state (pure, no master copy); "
                         f"also {', '.join(dtypes.ALIASES)}")
@@ -773,7 +753,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation")
     p.add_argument("--loss", choices=("full", "chunked"), default="full",
                    help="full: the model's own loss over the whole batch's logits; chunked: suites.lean")
-    p.add_argument("--loss-chunk", type=_positive, default=256, help="tokens per chunk for --loss chunked")
+    p.add_argument("--loss-chunk", type=cli.positive_int, default=256,
+                   help="tokens per chunk for --loss chunked")
     p.add_argument("--lean-blocks", action="store_true",
                    help="RMSNorm and SwiGLU keep only their inputs for backward (suites.lean)")
     p.add_argument("--layerwise", action="store_true",
@@ -781,7 +762,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=KINDS, default="estimate",
                    help="estimate: FakeTensorMode, nothing allocated; cpu: real tensors (small models); "
                         "cuda: real steps on the GPU, the allocator's peaks beside the estimate")
-    p.add_argument("--timed-steps", type=_nonnegative, default=10,
+    p.add_argument("--timed-steps", type=cli.nonnegative_int, default=10,
                    help="--kind cuda: steps timed after the window, without any meter (median reported)")
     p.add_argument("--kernels", choices=KERNEL_POLICIES, default=None,
                    help="kernel policy (recorded as kernel_policy): cuda-dropout keeps dropout's 1-byte mask "
@@ -789,7 +770,7 @@ def parser() -> argparse.ArgumentParser:
                         "for --kind cpu)")
     p.add_argument("--set", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                    help="a method hyper-parameter (JSON value), e.g. --set subspace_lr=0.1")
-    p.add_argument("--nproc", type=_positive, default=1,
+    p.add_argument("--nproc", type=cli.positive_int, default=1,
                    help="data-parallel ranks (with --strategy): the peak of one rank, estimated with a fake "
                         "process group")
     p.add_argument("--strategy", choices=STRATEGIES, default=None,

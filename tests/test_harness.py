@@ -560,8 +560,9 @@ def test_nproc_2_runs_every_method_data_parallel(tmp_path):
 
 
 def test_submitit_jobs_write_into_out_and_a_rerun_resumes(tmp_path):
-    """--launcher submitit-local: each run is a submitit job (the code path of --launcher slurm, on submitit's
-    local executor); records land in --out like a local sweep's, and the same command again submits nothing."""
+    """--launcher submitit-local: each run is a submitit job (the code path of --launcher slurm, on
+    submitit's local executor); records land in --out like a local sweep's; the same command again submits
+    nothing."""
     out = tmp_path / "out"
     args = ("c4", "--profile", "smoke", "--methods", "adam,oasis", "--launcher", "submitit-local",
             "--time-min", "10", "--out", str(out))
@@ -578,7 +579,8 @@ def test_submitit_jobs_write_into_out_and_a_rerun_resumes(tmp_path):
 
 def test_parallel_runs_share_the_sweep(tmp_path):
     out = tmp_path / "out"
-    proc = run_cli("c4", "--profile", "smoke", "--methods", "adam,oasis,pca", "--parallel", "2", "--out", str(out))
+    proc = run_cli("c4", "--profile", "smoke", "--methods", "adam,oasis,pca", "--parallel", "2",
+                   "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = records.load_records(out)
     assert sorted(r["method"] for r in recs) == ["adam", "oasis", "pca"]

@@ -18,8 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
-from torch import nn
+from tiny_lm import TinyLM
 
 from oasis import CompressedLinear, OasisConfig, all_reduce_sum, prepare
 
@@ -30,30 +29,9 @@ CFG = OasisConfig(rank=RANK, subspace_lr=0.5, init="pca")  # the default targets
 HP = dict(lr=1e-2, weight_decay=0.01)
 
 
-class TinyLM(nn.Module):
-    def __init__(self, vocab=VOCAB, d=16, hidden=25):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(vocab, d)
-        self.input_norm, self.post_norm, self.norm = (nn.RMSNorm(d) for _ in range(3))
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
-        self.gate_proj, self.up_proj = (nn.Linear(d, hidden, bias=False) for _ in range(2))
-        self.down_proj = nn.Linear(hidden, d, bias=False)
-        self.lm_head = nn.Linear(d, vocab, bias=False)
-
-    def forward(self, ids):
-        h = self.embed_tokens(ids)
-        x = self.input_norm(h)
-        attn = F.scaled_dot_product_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), is_causal=True)
-        h = h + self.o_proj(attn)
-        x = self.post_norm(h)
-        h = h + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        logits = self.lm_head(self.norm(h))
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-
-
 def _model():
     torch.manual_seed(0)
-    return TinyLM().double()
+    return TinyLM(VOCAB, hidden=25).double()
 
 
 def _batches():
