@@ -48,12 +48,14 @@ def world() -> int:
 
 
 def is_main() -> bool:
-    return rank() == 0
+    """Rank 0 (torchrun's RANK; a single process is its own rank 0), before the group exists and after."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def init(cfg: dict) -> None:
     """Join the process group torchrun set up (its environment variables); gloo on CPU, NCCL on CUDA.
-    On CUDA each rank takes the device of its local rank (and cfg["device"] becomes it)."""
+    On CUDA each rank makes the GPU of its local rank the current one, so "cuda" means it (the config keeps
+    "cuda": it is the planned config, whose hash names the record)."""
     expected = cfg["world_size"]
     got = int(os.environ.get("WORLD_SIZE", "1"))
     if got != expected:
@@ -62,9 +64,7 @@ def init(cfg: dict) -> None:
     if dist.is_initialized():
         return
     if cfg["device"].startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        cfg["device"] = f"cuda:{local}"
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
     else:
         backend = "gloo"
@@ -185,7 +185,7 @@ class DataParallel:
             from oasis import all_reduce_sum
 
             optimizer.stats_reduce = self.counter.counting(all_reduce_sum())
-        device_ids = [torch.device(device).index] if device.startswith("cuda") else None
+        device_ids = [torch.cuda.current_device()] if device.startswith("cuda") else None
         self.model = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
         self.model.register_comm_hook(None, self.counter.hook)
         self.backend = dist.get_backend()

@@ -32,6 +32,7 @@ import math
 import os
 import random
 import statistics
+import sys
 import time
 import traceback
 from contextlib import nullcontext
@@ -366,7 +367,9 @@ def record(spec: dict, result: TrainResult, metrics: dict, *, started_at: str, w
 def estimate_for(cfg: dict) -> dict:
     """The fake-tensor estimate (`suites.memory.measure`) of the configuration a CUDA run measured: same
     model, method and hyper-parameters, micro-batch, sequence, rank, dtype, checkpointing and lean blocks,
-    so every GPU record also checks the estimator. A method the estimator cannot run is said in one line."""
+    so every GPU record also checks the estimator; a data-parallel run's is the per-rank estimate of its
+    strategy and world size (fake process group: the run's own group is closed by then). A method the
+    estimator cannot run is said in one line."""
     from suites import memory, registry
 
     method_keys = set(registry.method_defaults(cfg["method"])) - {"lr"}
@@ -375,7 +378,8 @@ def estimate_for(cfg: dict) -> dict:
         row = memory.measure(models.weights_spec(cfg) or cfg["model"], cfg["method"], batch=cfg["batch"],
                              seq=cfg["seq_len"], rank=cfg["rank"], dtype=cfg["dtype"],
                              checkpointing=cfg["checkpointing"], lean_blocks=cfg["lean_activations"],
-                             overrides=overrides, kind="estimate")
+                             overrides=overrides, kind="estimate", world_size=cfg["world_size"],
+                             strategy=cfg.get("strategy"))
     except (RuntimeError, ValueError) as exc:
         return {"estimate_error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"}
     return {"estimate_bytes": row["peak_bytes"], "estimate_breakdown": row["breakdown"]}
@@ -419,9 +423,13 @@ def run(spec: dict) -> dict:
             result.memory = {**forced.memory, "refresh_forced": {k: pass_cfg[k] for k in PERIODIC_KEYS
                                                                 if k in pass_cfg},
                              "trajectory_peak_bytes": result.memory["peak_bytes"]}
+        if session.data_parallel is not None:
+            distributed.close()  # the ranks are done with each other (train() merged their results)
+        if not distributed.is_main():
+            return {"status": result.status, "error": result.error}  # rank 0 evaluates and records
         if result.memory is not None and result.memory.get("source") == "cuda":
             result.memory.update(estimate_for(session.cfg))
-        if result.status == "ok" and distributed.is_main():
+        if result.status == "ok":
             metrics = evaluate(session)
             if "eval_loss" in metrics and result.curve:
                 result.curve[-1][2] = metrics["eval_loss"]  # the final validation point of the loss curve
@@ -433,6 +441,8 @@ def run(spec: dict) -> dict:
         result.error = f"{type(exc).__name__}: {first_line}"
         if os.environ.get("OASIS_DEBUG"):
             traceback.print_exc()
+        if not distributed.is_main():  # its record is rank 0's; say why this rank stopped
+            print(f"rank {os.environ.get('RANK')}: {result.error}", file=sys.stderr)
     try:
         return record(spec, result, metrics, started_at=started_at,
                       wall_s=round(time.perf_counter() - t0, 3),
