@@ -21,6 +21,7 @@ import ctypes
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -512,6 +513,9 @@ def check_launcher(args) -> None:
                          "own job already")
     if args.launcher != "slurm" and args.partition:
         raise UsageError("--partition is a Slurm option (--launcher slurm)")
+    if args.launcher == "slurm" and not shutil.which("srun"):
+        raise UsageError("--launcher slurm: no Slurm here (srun is not on PATH); run from a Slurm login "
+                         "node, or try the same code path on this machine with --launcher submitit-local")
 
 
 def make_launcher(args, configs: list[dict]):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -588,3 +589,30 @@ def test_parallel_runs_share_the_sweep(tmp_path):
     # two at a time: some run started before another had ended
     spans = sorted((datetime.fromisoformat(r["started_at"]).timestamp(), r["wall_s"]) for r in recs)
     assert any(start2 < start1 + wall1 for (start1, wall1), (start2, _) in zip(spans, spans[1:]))
+
+
+@pytest.mark.skipif(shutil.which("srun") is not None, reason="on a Slurm machine --launcher slurm is valid")
+def test_slurm_launcher_without_slurm_is_a_usage_error(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["c4", "--launcher", "slurm", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "srun" in err and "submitit-local" in err
+    assert not out.exists()
+
+
+def test_slurm_jobs_ask_for_the_runs_gpus_partition_and_time(tmp_path, monkeypatch):
+    """The sbatch script submitit writes for a run of world_size 2 (rendered by submitit itself; a stub
+    `srun` on PATH stands in for the cluster, which submitit looks for before anything else)."""
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (stub / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stub}{os.pathsep}{os.environ['PATH']}")
+    from suites.launchers import Submitit
+
+    launcher = Submitit("slurm", tmp_path / "jobs", timeout_min=120, partition="gpu", gpus=True,
+                        cpus_per_task=8)
+    script = launcher.executor(2)._executor._make_submission_file_text("python -m job", "uid")
+    for line in ("--gpus-per-node=2", "--partition=gpu", "--time=120", "--cpus-per-task=8", "--nodes=1",
+                 "--ntasks-per-node=1"):
+        assert f"#SBATCH {line}" in script, line
