@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -122,14 +122,104 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-class CommCounter:
-    """Bytes handed to all-reduce per optimizer step, counted where they are sent: DDP's gradient buckets
-    (a comm hook around PyTorch's own `allreduce_hook`) and the basis statistics (around the optimizer's
-    `stats_reduce`). `end_step()` closes a step; `result()` is the record's `comm`."""
+# ------------------------------------------------------------------------------------------- FSDP2
 
-    def __init__(self):
+
+class Unsupported(RuntimeError):
+    """A method that cannot run under a distributed strategy (its row says why)."""
+
+
+def fully_shard_model(net, mesh) -> list:
+    """FSDP2 as torchtitan applies it: each decoder layer, then the root. Returns the sharded parameters
+    (DTensors; FSDP2 keeps these objects and swaps gathered full ones in and out of the modules).
+
+    FSDP2 wants one dtype among the trainable parameters of each `fully_shard` group; a module whose own
+    trainable parameters have another dtype than the rest of its layer (OASIS's float32 gradient carriers in
+    a bf16 model: the weight beside it is frozen) becomes a group of its own first."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in net.get_decoder().layers:
+        main = _trainable_dtypes(layer, recurse=True)
+        for module in layer.modules():
+            own = _trainable_dtypes(module, recurse=False)
+            if module is not layer and len(main) > 1 and own and own != {_majority(layer)}:
+                fully_shard(module, mesh=mesh)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    return list(net.parameters())
+
+
+def _trainable_dtypes(module, recurse: bool) -> set:
+    return {p.dtype for p in module.parameters(recurse=recurse) if p.requires_grad}
+
+
+def _majority(module) -> torch.dtype:
+    """The dtype holding most trainable elements of `module`."""
+    counts: dict = {}
+    for p in module.parameters():
+        if p.requires_grad:
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get)
+
+
+def build_sharded(method: str, make_net, cfg: dict, mesh, before_shard=None):
+    """(model, optimizer, shards) of `method` under FSDP2, the optimizer built over the sharded parameters.
+
+    First the method's builder on the sharded model (a builder that only makes an optimizer: adam, galore,
+    ...). If that leaves trainable parameters outside the shards (a builder that replaces modules or adds
+    parameters: oasis, lora), a fresh model goes through the builder with `cfg["shard"]`: a callable a
+    builder may call as `shard(model)` after changing the model and before building its optimizer (as
+    `oasis.prepare(..., shard=...)` does); it calls `before_shard(model)` when given (`suites.memory` casts
+    the model to its dtype) and applies `fully_shard`. A builder that does not call it cannot run under fsdp
+    (`Unsupported`)."""
+    from suites.registry import build_method
+
+    net = make_net()
+    shards = fully_shard_model(net, mesh)
+    net, optimizer = build_method(method, net, cfg)
+    try:
+        check_sharded(net, shards)
+        return net, optimizer, shards
+    except Unsupported as exc:
+        outside = exc
+    hooked: list = []
+
+    def shard(model):
+        if before_shard is not None:
+            before_shard(model)
+        hooked.append(fully_shard_model(model, mesh))
+
+    net, optimizer = build_method(method, make_net(), {**cfg, "shard": shard})
+    if not hooked:
+        raise Unsupported(f"{outside} and does not call cfg['shard'](model) between changing the model and "
+                          "building its optimizer") from None
+    shards = hooked[0]
+    check_sharded(net, shards)
+    return net, optimizer, shards
+
+
+def check_sharded(net, shards: list) -> None:
+    """After the method's builder: every trainable parameter must still be one FSDP2 sharded (a builder
+    that replaces modules or adds parameters after sharding leaves them outside FSDP)."""
+    ids = {id(p) for p in shards}
+    outside = [name for name, p in net.named_parameters() if p.requires_grad and id(p) not in ids]
+    if outside:
+        raise Unsupported(f"its builder leaves {len(outside)} trainable parameters outside FSDP2's shards "
+                          f"(e.g. {outside[0]})")
+
+
+class CommCounter:
+    """Bytes handed to the collectives per optimizer step, counted where they are sent: DDP's gradient
+    buckets (a comm hook around PyTorch's own `allreduce_hook`), FSDP2's reduce-scatters and all-gathers
+    (its own default collectives, subclassed to count: `counting_fsdp_comms`) and the basis statistics
+    (around the optimizer's `stats_reduce`). `end_step()` closes a step; `result()` is the record's `comm`."""
+
+    def __init__(self, strategy: str = "ddp"):
+        self.strategy = strategy
         self.grad_bytes = 0
         self.stats_bytes = 0
+        self.gather_bytes = 0  # FSDP2: the full parameters all-gathered (forward and backward)
+        self.gathered: list[int] = []
         self.grad_tensors: list[list[tuple[int, ...]]] = []  # shapes in each bucket, first step only
         self.steps: list[tuple[int, int]] = []
         self.bucket_bytes = 0  # size of DDP's bucket buffers (kept alive by its reducer), first step
@@ -154,27 +244,36 @@ class CommCounter:
 
     def end_step(self) -> None:
         self.steps.append((self.grad_bytes, self.stats_bytes))
-        self.grad_bytes = self.stats_bytes = 0
+        self.gathered.append(self.gather_bytes)
+        self.grad_bytes = self.stats_bytes = self.gather_bytes = 0
 
     def result(self, backend: str) -> dict:
         grads = [g for g, _ in self.steps]
         stats = [s for _, s in self.steps]
         totals = [g + s for g, s in self.steps]
         n = max(1, len(self.steps))
-        return {
-            "world_size": world(), "strategy": "ddp", "backend": backend,
+        out = {"world_size": world(), "strategy": self.strategy, "backend": backend}
+        if self.strategy == "ddp":
             # mean over the run's optimizer steps (bases that refresh periodically send statistics only then)
-            "allreduce_bytes_per_step": sum(totals) / n,
-            "allreduce_bytes_max_step": max(totals, default=0),
-            "grad_allreduce_bytes_per_step": sum(grads) / n,
-            "stats_allreduce_bytes_per_step": sum(stats) / n,
-            "ddp_bucket_bytes": self.bucket_bytes,
-            "steps_counted": len(self.steps),
-        }
+            out.update({"allreduce_bytes_per_step": sum(totals) / n,
+                        "allreduce_bytes_max_step": max(totals, default=0),
+                        "grad_allreduce_bytes_per_step": sum(grads) / n,
+                        "stats_allreduce_bytes_per_step": sum(stats) / n,
+                        "ddp_bucket_bytes": self.bucket_bytes})
+        else:  # fsdp: gradients are reduce-scattered, parameters all-gathered; only statistics all-reduced
+            out.update({"allreduce_bytes_per_step": sum(stats) / n,
+                        "stats_allreduce_bytes_per_step": sum(stats) / n,
+                        # what each rank hands in: the full gradients of a layer; what it gets: full weights
+                        "grad_reduce_scatter_bytes_per_step": sum(grads) / n,
+                        "param_allgather_bytes_per_step": sum(self.gathered) / n})
+        out["steps_counted"] = len(self.steps)
+        return out
 
 
 class DataParallel:
     """What a run holds when it is one of N ranks: the DDP-wrapped model and the byte counter."""
+
+    shards = None  # the parameters are whole on every rank
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, device: str):
         if getattr(optimizer, "steps_in_backward", False):
@@ -193,3 +292,69 @@ class DataParallel:
     def no_sync(self, last: bool):
         """Context of one micro-batch's backward: gradients are all-reduced only after the last one."""
         return nullcontext() if last else self.model.no_sync()
+
+
+def counting_fsdp_comms(counter: CommCounter):
+    """FSDP2's own default all-gather and reduce-scatter, counting the bytes they move into `counter`
+    (installed with the public `FSDPModule.set_custom_all_gather` / `set_custom_reduce_scatter`)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
+
+    class CountingAllGather(DefaultAllGather):
+        def __call__(self, output_tensor, input_tensor, group, async_op=False):
+            counter.gather_bytes += output_tensor.numel() * output_tensor.element_size()
+            return super().__call__(output_tensor, input_tensor, group, async_op)
+
+    class CountingReduceScatter(DefaultReduceScatter):
+        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+            counter.grad_bytes += input_tensor.numel() * input_tensor.element_size()
+            return super().__call__(output_tensor, input_tensor, group, op, async_op)
+
+    return CountingAllGather(), CountingReduceScatter()
+
+
+def device_mesh(device: str):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (world(),))
+
+
+class ShardedDataParallel:
+    """FSDP2 (`fully_shard`, see `build_sharded`) in place of DDP: the same interface as `DataParallel`
+    (model, no_sync, counter, backend), plus the sharded parameters and a full state dict for evaluation.
+    FSDP2 averages the reduce-scattered gradients over ranks, as DDP's all-reduce does, so the loss weights
+    of `suites.recipe.optimizer_step` hold unchanged."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, shards: list):
+        from torch.distributed.fsdp import FSDPModule
+
+        if getattr(optimizer, "steps_in_backward", False):
+            raise ValueError("this method updates parameters inside backward, before FSDP has reduced "
+                             "their gradients: it cannot run with --nproc > 1")
+        self.model, self.shards = model, shards
+        self.counter = CommCounter("fsdp")
+        if hasattr(optimizer, "stats_reduce"):
+            from oasis import all_reduce_sum
+
+            optimizer.stats_reduce = self.counter.counting(all_reduce_sum())
+        gather, scatter = counting_fsdp_comms(self.counter)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_custom_all_gather(gather)
+                module.set_custom_reduce_scatter(scatter)
+        self.backend = dist.get_backend()
+
+    @contextmanager
+    def no_sync(self, last: bool):
+        """One micro-batch's backward: gradients are reduce-scattered after the last one only."""
+        self.model.set_requires_gradient_sync(last)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def full_state_dict(self) -> dict:
+        """The whole model's state dict on rank 0's CPU (empty elsewhere); every rank must call it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                          cpu_offload=True))

@@ -60,7 +60,7 @@ as torchtitan's memory estimator does. `--batch` is the GLOBAL micro-batch: each
         holds until its reduce-scatter. FSDP2 frees gathered weights by `UntypedStorage.resize_`, which the
         dispatcher does not see; the tracker follows those resizes. A builder that changes the model (lora,
         oasis) is tried again on a fresh model with `cfg["shard"]`, a callable to call between changing the
-        model and building the optimizer (`_build_sharded`; no builder calls it yet).
+        model and building the optimizer (`suites.distributed.build_sharded`: oasis, pca and lora call it).
 A method that cannot run under a strategy (its builder replaces modules that FSDP already sharded, a
 library refusing DTensors) gets a row saying so in one line (`error`), and the table goes on. Not with
 `--loss chunked` (it calls the decoder and head around the wrapper's forward) or `--layerwise` (optimizer
@@ -82,18 +82,16 @@ import os
 import statistics
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import torch
 
-from suites import cli, dtypes, files, lean
+from suites import cli, distributed, dtypes, files, lean
 from suites.meters import (
     KERNEL_POLICIES,
+    DistributedTracker,
     EstimateMeter,
     Meter,
-    TensorTracker,
-    _storage,
     fake_construction,
     make_meter,
 )
@@ -194,7 +192,8 @@ def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: 
     `timed_steps` (cuda only): further steps after the window, outside any meter, each timed alone.
     `strategy` ("ddp" | "fsdp", see the module docstring): rank 0 of `world_size` ranks, `batch` global. An
     estimate makes its own fake process group; `kind="cpu"` runs inside one its caller initialised (a real
-    gloo group of `world_size` processes). A method the strategy cannot run raises `Unsupported`.
+    gloo group of `world_size` processes). A method the strategy cannot run raises
+    `suites.distributed.Unsupported`.
     """
     from suites.registry import build_method
 
@@ -238,11 +237,12 @@ def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: 
 
             shards = None
             if strategy == "fsdp":
-                net, optimizer, shards = _build_sharded(method, make_net, cfg, mesh, torch_dtype)
+                net, optimizer, shards = distributed.build_sharded(
+                    method, make_net, cfg, mesh, before_shard=lambda m: cast_params(m, torch_dtype))
             else:
                 net, optimizer = build_method(method, make_net(), cfg)
                 cast_params(net, torch_dtype)
-            tracker = _DistributedTracker(net, optimizer, shards, fake) if strategy else None
+            tracker = DistributedTracker(net, optimizer, shards, fake) if strategy else None
             model_call = _wrap_ddp(net, tracker, world_size, fake) if strategy == "ddp" else net
             batch_ = {k: v.to(device) for k, v in make_batch(vocab, rank_batch, seq).items()}
         if tracker is None:
@@ -292,10 +292,6 @@ def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: 
         torch.cuda.empty_cache()
     row["wall_s"] = round(time.perf_counter() - t0, 2)
     return row
-
-
-class Unsupported(RuntimeError):
-    """A method that cannot run under a distributed strategy (its row says why)."""
 
 
 def _check_distributed(batch: int, world_size: int, strategy: str | None, kind: str, loss: str,
@@ -348,83 +344,6 @@ def _process_group(world_size: int, fake: bool):
             dist.destroy_process_group()
 
 
-def _fully_shard(net, mesh) -> list:
-    """FSDP2 as torchtitan applies it: each decoder layer, then the root. Returns the sharded parameters
-    (DTensors; FSDP2 keeps these objects and swaps gathered full ones in and out of the modules).
-
-    FSDP2 wants one dtype among the trainable parameters of each `fully_shard` group; a module whose own
-    trainable parameters have another dtype than the rest of its layer (OASIS's float32 gradient carriers in
-    a bf16 model: the weight beside it is frozen) becomes a group of its own first."""
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in net.get_decoder().layers:
-        main = _trainable_dtypes(layer, recurse=True)
-        for module in layer.modules():
-            own = _trainable_dtypes(module, recurse=False)
-            if module is not layer and len(main) > 1 and own and own != {_majority(layer)}:
-                fully_shard(module, mesh=mesh)
-        fully_shard(layer, mesh=mesh)
-    fully_shard(net, mesh=mesh)
-    return list(net.parameters())
-
-
-def _trainable_dtypes(module, recurse: bool) -> set:
-    return {p.dtype for p in module.parameters(recurse=recurse) if p.requires_grad}
-
-
-def _majority(module) -> torch.dtype:
-    """The dtype holding most trainable elements of `module`."""
-    counts: dict = {}
-    for p in module.parameters():
-        if p.requires_grad:
-            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
-    return max(counts, key=counts.get)
-
-
-def _build_sharded(method: str, make_net, cfg: dict, mesh, dtype: torch.dtype):
-    """(model, optimizer, shards) of `method` under FSDP2, the optimizer built over the sharded parameters.
-
-    First the method's builder on the sharded model (a builder that only makes an optimizer: adam, galore,
-    ...). If that leaves trainable parameters outside the shards (a builder that replaces modules or adds
-    parameters: oasis, lora), a fresh model goes through the builder with `cfg["shard"]`: a callable a
-    builder may call as `shard(model)` after changing the model and before building its optimizer (as
-    `oasis.prepare(..., shard=...)` does); it casts the model to `dtype` and applies `fully_shard`. A
-    builder that does not call it cannot run under fsdp (`Unsupported`)."""
-    from suites.registry import build_method
-
-    net = make_net()
-    shards = _fully_shard(net, mesh)
-    net, optimizer = build_method(method, net, cfg)
-    try:
-        _check_sharded(net, shards)
-        return net, optimizer, shards
-    except Unsupported as exc:
-        outside = exc
-    hooked: list = []
-
-    def shard(model):
-        cast_params(model, dtype)
-        hooked.append(_fully_shard(model, mesh))
-
-    net, optimizer = build_method(method, make_net(), {**cfg, "shard": shard})
-    if not hooked:
-        raise Unsupported(f"{outside} and does not call cfg['shard'](model) between changing the model and "
-                          "building its optimizer") from None
-    shards = hooked[0]
-    _check_sharded(net, shards)
-    return net, optimizer, shards
-
-
-def _check_sharded(net, shards: list) -> None:
-    """After the method's builder: every trainable parameter must still be one FSDP2 sharded (a builder
-    that replaces modules or adds parameters after sharding leaves them outside FSDP)."""
-    ids = {id(p) for p in shards}
-    outside = [name for name, p in net.named_parameters() if p.requires_grad and id(p) not in ids]
-    if outside:
-        raise Unsupported(f"its builder leaves {len(outside)} trainable parameters outside FSDP2's shards "
-                          f"(e.g. {outside[0]})")
-
-
 def _wrap_ddp(net, tracker, world_size: int, fake: bool):
     """`DistributedDataParallel` with its defaults around `net`, its gradient buckets reported to `tracker`.
 
@@ -464,101 +383,6 @@ class _NoRebuild:
 
     def _rebuild_buckets(self) -> bool:
         return False
-
-
-def _local(t):
-    """The local tensor of a DTensor (what this rank stores), else `t`."""
-    from torch.distributed.tensor import DTensor
-
-    return t._local_tensor if isinstance(t, DTensor) else t
-
-
-class _DistributedTracker(TensorTracker):
-    """`suites.meters.TensorTracker` for one rank of a DDP or FSDP2 run.
-
-    DTensors (FSDP2's shards, their gradients and optimizer state) count as their local tensors, and ops on
-    them are left to DTensor, which runs them as local ops this tracker then sees (as torch's
-    FSDPMemTracker does). `UntypedStorage.resize_` (FSDP2 frees and re-allocates gathered weights with it;
-    the dispatcher never sees it) updates the tracked size. With `shards` (fsdp) "params" are the rank's
-    shards and the buffers; DDP's buckets are gradient copies, "grads"."""
-
-    def __init__(self, model, optimizer, shards: list | None, fake: bool):
-        super().__init__(model, optimizer)
-        self.shards, self.fake = shards, fake
-        self.buckets: dict[int, weakref.ref] = {}
-
-    def track(self, t):
-        return super().track(_local(t))
-
-    def add_bucket(self, tensor) -> None:
-        st = tensor.untyped_storage()
-        self.buckets[id(st)] = weakref.ref(st)
-
-    def bucket_bytes(self) -> int:
-        return sum(st.nbytes() for st in (ref() for ref in self.buckets.values()) if st is not None)
-
-    def _param_tensors(self):
-        if self.shards is None:
-            return [_local(t) for t in super()._param_tensors()]
-        return [*(_local(p) for p in self.shards), *self.model.buffers()]
-
-    def _grad_tensors(self):
-        params = self.shards if self.shards is not None else self.model.parameters()
-        grads = [_local(p.grad) for p in params if p.grad is not None]
-        if self.shards is not None:  # a layer's full gradients until its reduce-scatter
-            grads += [_local(p.grad) for p in self.model.parameters() if p.grad is not None]
-        return grads
-
-    def _optimizer_tensors(self):
-        return [_local(t) for t in super()._optimizer_tensors()]
-
-    def classify(self):
-        out = super().classify()
-        claimed = {id(st) for t in (*self._param_tensors(), *self._grad_tensors(), *self._optimizer_tensors())
-                   if (st := _storage(t)) is not None}
-        for key, ref in list(self.buckets.items()):
-            entry = self.live.get(key)
-            if ref() is None or entry is None or key in claimed:
-                continue
-            out["activations" if entry[2] else "other"] -= entry[0]
-            out["grads"] += entry[0]
-        return out
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from torch.distributed.tensor import DTensor
-
-        if any(issubclass(t, DTensor) for t in types):
-            return NotImplemented  # DTensor runs it as local ops, which come back here
-        if self.fake and func is torch.ops._c10d_functional.wait_tensor.default:
-            return args[0]  # eager returns its input; the fake kernel would make a new tensor
-        return super().__torch_dispatch__(func, types, args, kwargs)
-
-    def _resized(self, storage) -> None:
-        entry = self.live.get(id(storage))
-        if entry is not None and entry[0] != storage.nbytes():
-            if storage.nbytes() < entry[0]:
-                self._before_free()
-            self._grow(storage.nbytes() - entry[0])
-            entry[0] = storage.nbytes()
-
-    def __enter__(self):
-        tracker = self
-
-        def resize_(storage, size):
-            out = original(storage, size)
-            tracker._resized(storage)
-            return out
-
-        self._resize = patched(torch.UntypedStorage, "resize_", resize_,
-                               why="FSDP2 frees gathered weights with UntypedStorage.resize_, which the "
-                                   "dispatcher does not see")
-        original = self._resize.__enter__()
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        out = super().__exit__(*exc)
-        self._resize.__exit__(*exc)
-        return out
 
 
 class _DistributedEstimateMeter(EstimateMeter):
@@ -643,7 +467,7 @@ def run(args) -> dict:
             if not args.strategy:
                 raise ValueError(f"{name} cannot be measured here: {type(exc).__name__}: {first}") from None
             # under a strategy the table goes on: the row says why this method cannot run that way
-            why = first if isinstance(exc, Unsupported) else f"{type(exc).__name__}: {first}"
+            why = first if isinstance(exc, distributed.Unsupported) else f"{type(exc).__name__}: {first}"
             row = {"method": name, "peak_bytes": None, "world_size": args.nproc, "strategy": args.strategy,
                    "error": f"cannot run under {args.strategy}: {why}"}
         rows.append(row)

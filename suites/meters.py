@@ -286,6 +286,101 @@ class TensorTracker(TorchDispatchMode):
         return out
 
 
+def local_tensor(t):
+    """The local tensor of a DTensor (what this rank stores), else `t`."""
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+class DistributedTracker(TensorTracker):
+    """`TensorTracker` for one rank of a DDP or FSDP2 run.
+
+    DTensors (FSDP2's shards, their gradients and optimizer state) count as their local tensors, and ops on
+    them are left to DTensor, which runs them as local ops this tracker then sees (as torch's
+    FSDPMemTracker does). `UntypedStorage.resize_` (FSDP2 frees and re-allocates gathered weights with it;
+    the dispatcher never sees it) updates the tracked size. With `shards` (fsdp) "params" are the rank's
+    shards and the buffers; DDP's buckets are gradient copies, "grads"."""
+
+    def __init__(self, model, optimizer, shards: list | None, fake: bool):
+        super().__init__(model, optimizer)
+        self.shards, self.fake = shards, fake
+        self.buckets: dict[int, weakref.ref] = {}
+
+    def track(self, t):
+        return super().track(local_tensor(t))
+
+    def add_bucket(self, tensor) -> None:
+        st = tensor.untyped_storage()
+        self.buckets[id(st)] = weakref.ref(st)
+
+    def bucket_bytes(self) -> int:
+        return sum(st.nbytes() for st in (ref() for ref in self.buckets.values()) if st is not None)
+
+    def _param_tensors(self):
+        if self.shards is None:
+            return [local_tensor(t) for t in super()._param_tensors()]
+        return [*(local_tensor(p) for p in self.shards), *self.model.buffers()]
+
+    def _grad_tensors(self):
+        params = self.shards if self.shards is not None else self.model.parameters()
+        grads = [local_tensor(p.grad) for p in params if p.grad is not None]
+        if self.shards is not None:  # a layer's full gradients until its reduce-scatter
+            grads += [local_tensor(p.grad) for p in self.model.parameters() if p.grad is not None]
+        return grads
+
+    def _optimizer_tensors(self):
+        return [local_tensor(t) for t in super()._optimizer_tensors()]
+
+    def classify(self):
+        out = super().classify()
+        claimed = {id(st) for t in (*self._param_tensors(), *self._grad_tensors(), *self._optimizer_tensors())
+                   if (st := _storage(t)) is not None}
+        for key, ref in list(self.buckets.items()):
+            entry = self.live.get(key)
+            if ref() is None or entry is None or key in claimed:
+                continue
+            out["activations" if entry[2] else "other"] -= entry[0]
+            out["grads"] += entry[0]
+        return out
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.distributed.tensor import DTensor
+
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented  # DTensor runs it as local ops, which come back here
+        if self.fake and func is torch.ops._c10d_functional.wait_tensor.default:
+            return args[0]  # eager returns its input; the fake kernel would make a new tensor
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def _resized(self, storage) -> None:
+        entry = self.live.get(id(storage))
+        if entry is not None and entry[0] != storage.nbytes():
+            if storage.nbytes() < entry[0]:
+                self._before_free()
+            self._grow(storage.nbytes() - entry[0])
+            entry[0] = storage.nbytes()
+
+    def __enter__(self):
+        tracker = self
+
+        def resize_(storage, size):
+            out = original(storage, size)
+            tracker._resized(storage)
+            return out
+
+        self._resize = patched(torch.UntypedStorage, "resize_", resize_,
+                               why="FSDP2 frees gathered weights with UntypedStorage.resize_, which the "
+                                   "dispatcher does not see")
+        original = self._resize.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        out = super().__exit__(*exc)
+        self._resize.__exit__(*exc)
+        return out
+
+
 class CudaDropout:
     """Kernel policy "cuda-dropout": `F.dropout` (training, 0 < p < 1, not in place) runs as
     `torch.native_dropout`, which keeps a bool mask for backward, as CUDA's fused dropout does. The CPU path
@@ -422,10 +517,18 @@ class CudaMeter(Meter):
 
 
 def make_meter(kind: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-               kernel_policy: str | None = None) -> Meter:
+               kernel_policy: str | None = None, shards: list | None = None) -> Meter:
     """A meter of `kind` ("cuda" | "cpu" | "estimate") for one model and its optimizer. `kernel_policy`
     (cpu and estimate meters; see the module docstring) defaults to "cpu" for the cpu meter and
-    "cuda-dropout" for the estimate."""
+    "cuda-dropout" for the estimate. `shards`: the sharded parameters of an FSDP2 model (cpu and cuda
+    meters; its tracker then counts this rank's shards, `DistributedTracker`)."""
+    meter = _make_meter(kind, model, optimizer, kernel_policy)
+    if shards is not None:
+        meter.tracker = DistributedTracker(model, optimizer, shards, fake=False)
+    return meter
+
+
+def _make_meter(kind, model, optimizer, kernel_policy) -> Meter:
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("meter kind 'cuda' needs a CUDA device; use 'cpu' or 'estimate'")

@@ -104,16 +104,41 @@ def setup(spec: dict) -> Session:
     base_checksum = records.weights_checksum(model)  # before the method wraps or changes the model
     # rank 0 evaluates, before training as after it
     step0 = suite.before_training(model, tokenizer, cfg, cfg["device"]) if distributed.is_main() else {}
-    model, optimizer = build_method(cfg["method"], model, cfg)
-    data_parallel = None
-    if cfg["world_size"] > 1:
-        data_parallel = distributed.DataParallel(model, optimizer, cfg["device"])
-    meter = make_meter("cuda" if cfg["device"].startswith("cuda") else "cpu", model, optimizer)
+    model, optimizer, data_parallel = build_parallel_method(cfg, model, spec.get("base_dir"))
+    meter = make_meter("cuda" if cfg["device"].startswith("cuda") else "cpu", model, optimizer,
+                       shards=data_parallel.shards if data_parallel is not None else None)
     schedule = lr_factor(cfg["schedule"], cfg["warmup_steps"], cfg["steps"], cfg["min_lr_ratio"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return Session(cfg, suite, tokenizer, batches, model, optimizer, scheduler, meter, step0=step0,
                    base_checksum=base_checksum, position=spec.get("position", 1),
                    data_parallel=data_parallel)
+
+
+def build_parallel_method(cfg: dict, model: torch.nn.Module, base_dir: str | None):
+    """(model, optimizer, data_parallel): the method on the model, alone (data_parallel None) or as one of
+    N ranks: wrapped in DDP (`strategy` ddp), or built on FSDP2 shards (fsdp; `distributed.build_sharded`
+    may build the model a second time for a method that changes it, as it sees fit)."""
+    if cfg["world_size"] == 1:
+        return (*build_method(cfg["method"], model, cfg), None)
+    if cfg.get("strategy") == "fsdp":
+        first = [model]
+
+        def make_model():
+            return first.pop() if first else build_model(cfg, base_dir)
+
+        model, optimizer, shards = distributed.build_sharded(cfg["method"], make_model, cfg,
+                                                             distributed.device_mesh(cfg["device"]))
+        return model, optimizer, distributed.ShardedDataParallel(model, optimizer, shards)
+    model, optimizer = build_method(cfg["method"], model, cfg)
+    return model, optimizer, distributed.DataParallel(model, optimizer, cfg["device"])
+
+
+def evaluation_model(cfg: dict, base_dir: str | None, state: dict) -> torch.nn.Module:
+    """An unsharded copy of an FSDP2-trained model for rank 0's evaluation: the method built on a fresh
+    model (same structure, same parameter names), with the trained full state dict loaded."""
+    model, _ = build_method(cfg["method"], build_model(cfg, base_dir), cfg)
+    model.load_state_dict(state)
+    return model
 
 
 def build_batches(suite: ModuleType, tokenizer, cfg: dict) -> list[dict]:
@@ -424,9 +449,12 @@ def run(spec: dict) -> dict:
                                                                 if k in pass_cfg},
                              "trajectory_peak_bytes": result.memory["peak_bytes"]}
         if session.data_parallel is not None:
+            full = session.data_parallel.full_state_dict() if session.data_parallel.shards else None
             distributed.close()  # the ranks are done with each other (train() merged their results)
-        if not distributed.is_main():
-            return {"status": result.status, "error": result.error}  # rank 0 evaluates and records
+            if not distributed.is_main():
+                return {"status": result.status, "error": result.error}  # rank 0 evaluates and records
+            if full is not None:  # a sharded model cannot run forward on one rank alone
+                session.model = evaluation_model(session.cfg, spec.get("base_dir"), full)
         if result.memory is not None and result.memory.get("source") == "cuda":
             result.memory.update(estimate_for(session.cfg))
         if result.status == "ok":

@@ -104,6 +104,9 @@ def parser() -> argparse.ArgumentParser:
                         "CUDA, one GPU per process). The global batch stays the profile's: each process "
                         "takes batch/N rows of every micro-batch (batch must divide by N). Same as "
                         "--set world_size=N")
+    p.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp"),
+                   help="with --nproc: ddp (DistributedDataParallel, default) | fsdp (FSDP2 fully_shard per "
+                        "decoder layer and root; parameters, gradients and optimizer state sharded by rows)")
     p.add_argument("--parallel", type=cli.positive_int, default=1, metavar="K",
                    help="K runs at once on this machine; on GPUs each run gets its own devices "
                         "(world_size of them; K x world_size must be visible)")
@@ -172,7 +175,9 @@ def check_arguments(args) -> list[dict]:
             if args.nproc is not None:
                 cfg["world_size"] = args.nproc
             if cfg["world_size"] > 1:
-                _check_data_parallel(cfg)
+                _check_data_parallel(cfg, args.strategy)
+            elif args.strategy != "ddp":
+                raise UsageError(f"--strategy {args.strategy} shards over several processes: add --nproc N")
             configs += [{**cfg, "lr": cfg["lr"] * f} for f in factors] if factors else [cfg]
     return configs
 
@@ -181,7 +186,7 @@ def check_arguments(args) -> list[dict]:
 STEPS_IN_BACKWARD = {"layerwise": True, "embedding_update": "backward"}
 
 
-def _check_data_parallel(cfg: dict) -> None:
+def _check_data_parallel(cfg: dict, strategy: str) -> None:
     """A data-parallel config (world_size > 1): the batch splits evenly, nothing steps inside backward;
     the record names the strategy."""
     n = cfg["world_size"]
@@ -192,7 +197,7 @@ def _check_data_parallel(cfg: dict) -> None:
         if cfg.get(key) == value:
             raise UsageError(f"{cfg['method']} with {key}={value} updates parameters inside backward, before "
                              f"DDP has averaged their gradients: it cannot run with {n} processes")
-    cfg["strategy"] = "ddp"
+    cfg["strategy"] = strategy
 
 
 def _device(choice: str, remote: bool = False) -> str:

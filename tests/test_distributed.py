@@ -20,16 +20,18 @@ import torch.multiprocessing as mp
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 METHODS = ("adam", "pca", "oasis", "ldadam", "galore")
+FSDP_METHODS = ("adam", "pca", "oasis")
+RUNS = [("ddp", m) for m in METHODS] + [("fsdp", m) for m in FSDP_METHODS]
 STEPS, ACCUM, BATCH, SEQ, VOCAB, RANK, HIDDEN, INTER = 6, 2, 4, 10, 48, 4, 64, 96
 OVERRIDES = {"pca": {"refresh_every": 2}, "galore": {"update_proj_gap": 2}}  # refreshes inside the run
 
 
-def _cfg(method: str, world: int) -> dict:
+def _cfg(method: str, world: int, strategy: str = "ddp") -> dict:
     from suites.registry import method_defaults
 
     return {**method_defaults(method), **OVERRIDES.get(method, {}), "lr": 1e-2, "weight_decay": 0.01,
             "betas": method_defaults(method).get("betas", (0.9, 0.999)), "eps": 1e-8, "rank": RANK, "seed": 0,
-            "grad_accum": ACCUM, "device": "cpu", "world_size": world, "method": method}
+            "grad_accum": ACCUM, "device": "cpu", "world_size": world, "method": method, "strategy": strategy}
 
 
 def _model():
@@ -55,37 +57,54 @@ def _batches() -> list[dict]:
     return out
 
 
-def _train(method: str, world: int):
-    """Build, optionally wrap, and train through recipe.optimizer_step; what the test compares."""
-    from suites import distributed, recipe
-    from suites.registry import build_method
+def _full(t):
+    from torch.distributed.tensor import DTensor
 
-    cfg = _cfg(method, world)
-    model = _model()
-    model, optimizer = build_method(method, model, cfg)
+    return t.full_tensor() if isinstance(t, DTensor) else t  # FSDP2: gathered from every rank
+
+
+def _train(method: str, world: int, strategy: str = "ddp"):
+    """Build (recipe.build_parallel_method: alone, DDP or FSDP2) and train through recipe.optimizer_step;
+    what the test compares. The tiny Llama stands in for the configured model."""
+    from suites import distributed, recipe
+
+    cfg = _cfg(method, world, strategy)
+    if world > 1:  # in a spawned rank process only: FSDP2 may build a second copy of "the" model
+        recipe.build_model = lambda cfg, base_dir: _model()
+    model, optimizer, dp = recipe.build_parallel_method(cfg, _model(), None)
     batches = _batches()
     if world > 1:
         batches = [distributed.shard(b, distributed.rank(), world) for b in batches]
-    dp = distributed.DataParallel(model, optimizer, "cpu") if world > 1 else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     session = recipe.Session(cfg, None, None, batches, model, optimizer, scheduler, None, data_parallel=dp)
     first_grads, step = {}, optimizer.step
 
     def step_and_keep_first_grads(*args, **kwargs):  # the averaged gradients the first update reads
         if not first_grads:
-            first_grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            first_grads.update({n: _full(p.grad).clone() for n, p in model.named_parameters()
+                                if p.grad is not None})
         return step(*args, **kwargs)
 
     optimizer.step = step_and_keep_first_grads
     losses = [recipe.optimizer_step(session, s, recipe.step_batches(session, s)) for s in range(STEPS)]
-    weights = {n: p.detach().clone() for n, p in model.named_parameters() if not n.endswith("grad_carrier")}
+    weights = {n: _full(p.detach()).clone() for n, p in model.named_parameters()
+               if not n.endswith("grad_carrier")}
     trackers = getattr(optimizer, "trackers", [])
     errors = {n: optimizer.state[p]["error"].clone() for n, p in model.named_parameters()
               if "error" in optimizer.state.get(p, {})}
     return {"losses": losses, "weights": weights, "grads": first_grads,
             "bases": [t.basis.clone() for t in trackers],
             "errors": errors, "comm": dp.counter.result(dp.backend) if dp else None,
-            "buckets": dp.counter.grad_tensors if dp else None}
+            "buckets": dp.counter.grad_tensors if dp else None,
+            "moments": {n: tuple(_local_shape(optimizer.state[p]["exp_avg"]))
+                        for n, p in model.named_parameters()
+                        if n.endswith("grad_carrier") and "exp_avg" in optimizer.state.get(p, {})}}
+
+
+def _local_shape(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local().shape if isinstance(t, DTensor) else t.shape
 
 
 def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -96,7 +115,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
 
     distributed.init({"world_size": world, "device": "cpu"})
     try:
-        torch.save({m: _train(m, world) for m in METHODS}, f"{out_dir}/rank{rank}.pt")
+        torch.save({(s, m): _train(m, world, s) for s, m in RUNS}, f"{out_dir}/rank{rank}.pt")
     finally:
         distributed.close()
 
@@ -116,10 +135,10 @@ def runs(tmp_path_factory):
     return ranks, single
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_two_ranks_equal_one_process_on_the_global_batch(runs, method):
+@pytest.mark.parametrize("strategy, method", RUNS)
+def test_two_ranks_equal_one_process_on_the_global_batch(runs, strategy, method):
     ranks, single = runs
-    a, b, ref = ranks[0][method], ranks[1][method], single[method]
+    a, b, ref = ranks[0][(strategy, method)], ranks[1][(strategy, method)], single[method]
     # float64 weights, but transformers computes the loss in float32 (it upcasts the logits, never down),
     # and OASIS/PCA keep float32 bases and statistics: agreement to float32 rounding, summed in another order
     assert set(a["grads"]) == set(ref["grads"]) and ref["grads"]
@@ -151,7 +170,7 @@ def _linear_shapes():
 
 def test_oasis_all_reduces_the_low_rank_gradient_and_its_statistics_only(runs):
     ranks, _ = runs
-    adam, oasis = ranks[0]["adam"]["comm"], ranks[0]["oasis"]["comm"]
+    adam, oasis = ranks[0][("ddp", "adam")]["comm"], ranks[0][("ddp", "oasis")]["comm"]
     shapes = _linear_shapes()
     other = 2 * VOCAB * HIDDEN + HIDDEN * (2 * 2 + 1)  # embedding, lm_head, the five RMSNorm weights
     # adam: every parameter's gradient once per step, float64
@@ -168,8 +187,24 @@ def test_oasis_all_reduces_the_low_rank_gradient_and_its_statistics_only(runs):
     assert oasis["stats_allreduce_bytes_per_step"] == pytest.approx(stats + pca_init / STEPS, rel=1e-12)
     assert oasis["allreduce_bytes_max_step"] == oasis["grad_allreduce_bytes_per_step"] + stats + pca_init
     # no d_out × d_in tensor is ever handed to DDP, and the compressed layers move ≤ 0.1× adam's bytes
-    sent = {s for bucket in ranks[0]["oasis"]["buckets"] for s in bucket}
+    sent = {s for bucket in ranks[0][("ddp", "oasis")]["buckets"] for s in bucket}
     assert not sent & set(shapes)
     compressed_adam = 8 * sum(o * i for o, i in shapes)
     compressed_oasis = 8 * sum(o * RANK for o, _ in shapes) + stats
     assert compressed_oasis <= 0.1 * compressed_adam, compressed_oasis / compressed_adam
+
+
+def test_fsdp_shards_oasis_by_rows_and_reduce_scatters_the_low_rank_gradient(runs):
+    """FSDP2: each rank keeps d_out/2 rows of every carrier's moments; the gradients it hands to
+    reduce-scatter are the d_out × r carriers and the uncompressed parameters (the weights, frozen, never);
+    only the basis statistics are all-reduced."""
+    ranks, _ = runs
+    oasis, adam = ranks[0][("fsdp", "oasis")], ranks[0][("fsdp", "adam")]
+    shapes = _linear_shapes()
+    assert sorted(oasis["moments"].values()) == sorted((o // 2, RANK) for o, _ in shapes)
+    other = 2 * VOCAB * HIDDEN + HIDDEN * (2 * 2 + 1)
+    low_rank = 8 * (sum(o * RANK for o, _ in shapes) + other)
+    assert oasis["comm"]["grad_reduce_scatter_bytes_per_step"] == low_rank
+    assert adam["comm"]["grad_reduce_scatter_bytes_per_step"] == 8 * (sum(o * i for o, i in shapes) + other)
+    assert oasis["comm"]["allreduce_bytes_per_step"] == oasis["comm"]["stats_allreduce_bytes_per_step"] > 0
+    assert adam["comm"]["allreduce_bytes_per_step"] == 0

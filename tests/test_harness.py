@@ -305,6 +305,7 @@ FAST_USAGE_ERRORS = {
     "in-backward embedding under DDP": ["c4", "--methods", "oasis", "--set", "embedding_update=backward",
                                         "--nproc", "2"],
     "--parallel with Slurm": ["c4", "--launcher", "slurm", "--parallel", "2"],
+    "--strategy fsdp without --nproc": ["c4", "--strategy", "fsdp"],
     "--partition without Slurm": ["c4", "--partition", "gpu"],
     "unknown launcher": ["c4", "--launcher", "mpi"],
 }
@@ -616,3 +617,20 @@ def test_slurm_jobs_ask_for_the_runs_gpus_partition_and_time(tmp_path, monkeypat
     for line in ("--gpus-per-node=2", "--partition=gpu", "--time=120", "--cpus-per-task=8", "--nodes=1",
                  "--ntasks-per-node=1"):
         assert f"#SBATCH {line}" in script, line
+
+
+def test_fsdp_runs_shard_and_evaluate_like_one_process(tmp_path, adam_c4):
+    """--strategy fsdp: FSDP2 shards every method's model over the ranks; rank 0 evaluates an unsharded copy
+    of the trained weights, which gives one process's validation loss."""
+    out = tmp_path / "out"
+    proc = run_cli("c4", "--profile", "smoke", "--methods", "adam,oasis", "--nproc", "2",
+                   "--strategy", "fsdp", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = {r["method"]: r for r in records.load_records(out)}
+    for rec in recs.values():
+        assert rec["status"] == "ok" and rec["config"]["strategy"] == "fsdp" == rec["comm"]["strategy"]
+        assert rec["comm"]["grad_reduce_scatter_bytes_per_step"] > 0 and rec["comm"]["steps_counted"] == 4
+    assert recs["adam"]["metrics"]["eval_loss"] == pytest.approx(adam_c4["metrics"]["eval_loss"], rel=1e-5)
+    # this rank's shard of Adam's state: half of one process's (llama-tiny's dims are even)
+    assert recs["adam"]["memory"]["breakdown"]["optimizer"] * 2 == pytest.approx(
+        adam_c4["memory"]["breakdown"]["optimizer"], rel=1e-4)
