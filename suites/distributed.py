@@ -5,9 +5,10 @@ module is what a run does differently when it is one of N ranks (gloo on CPU, NC
 Semantics (the same global batch as the single-process run, so the two are comparable):
   - `batch` is the global micro-batch: rank k trains on rows [k·B/N, (k+1)·B/N) of every micro-batch of the
     one seeded order (`shard`), so N ranks see exactly the single process's tokens.
-  - The model is wrapped in `DistributedDataParallel`, which averages gradients over ranks. Each rank weights
-    its micro-batch loss by its share of the *global* step's supervised tokens, times N (`loss_weights`), so
-    the averaged gradient equals the single process's token-weighted gradient of the whole step.
+  - The model is wrapped in `DistributedDataParallel` (or built on FSDP2 shards: `ShardedDataParallel`),
+    which averages gradients over ranks. Each rank weights its micro-batch loss by its share of the *global*
+    step's supervised tokens, times N (`suites.recipe.optimizer_step`), so the averaged gradient equals the
+    single process's token-weighted gradient of the whole step.
   - Gradient accumulation: the step's earlier micro-batches run under `no_sync()`; one all-reduce per step.
   - Optimizers that track a basis from activations (OASIS, periodic PCA: `optimizer.stats_reduce`) sum their
     statistics over ranks before every basis update, so every rank holds the same basis at every step.
@@ -30,13 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-# evaluation on rank 0 can take long (a whole test set, generation); the others wait at a barrier
+# rank 0 evaluates the model before training (a whole test set, generation) while the others wait in the
+# wrapper's first collective
 TIMEOUT = datetime.timedelta(hours=4)
-
-
-def launched() -> bool:
-    """True in a process that torchrun started as one of several ranks."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def rank() -> int:
@@ -94,14 +91,6 @@ def sum_over_ranks(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def max_over_ranks(value: int) -> int:
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
 def gather(obj) -> list:
     """Every rank's `obj`, in rank order (on every rank)."""
     if not dist.is_initialized():
@@ -109,11 +98,6 @@ def gather(obj) -> list:
     out = [None] * world()
     dist.all_gather_object(out, obj)
     return out
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _collective_device() -> torch.device:
@@ -270,20 +254,26 @@ class CommCounter:
         return out
 
 
+def _join(optimizer: torch.optim.Optimizer, counter: CommCounter, engine: str) -> None:
+    """What every data-parallel optimizer needs: no update inside backward (it would come before `engine`
+    combines the ranks' gradients), and the statistics of tracked bases summed over ranks, counted."""
+    if getattr(optimizer, "steps_in_backward", False):
+        raise ValueError(f"this method updates parameters inside backward, before {engine} has combined "
+                         "their gradients: it cannot run with --nproc > 1")
+    if hasattr(optimizer, "stats_reduce"):
+        from oasis import all_reduce_sum
+
+        optimizer.stats_reduce = counter.counting(all_reduce_sum())
+
+
 class DataParallel:
     """What a run holds when it is one of N ranks: the DDP-wrapped model and the byte counter."""
 
     shards = None  # the parameters are whole on every rank
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, device: str):
-        if getattr(optimizer, "steps_in_backward", False):
-            raise ValueError("this method updates parameters inside backward, before DDP has averaged "
-                             "their gradients: it cannot run with --nproc > 1")
         self.counter = CommCounter()
-        if hasattr(optimizer, "stats_reduce"):
-            from oasis import all_reduce_sum
-
-            optimizer.stats_reduce = self.counter.counting(all_reduce_sum())
+        _join(optimizer, self.counter, "DDP")
         device_ids = [torch.cuda.current_device()] if device.startswith("cuda") else None
         self.model = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
         self.model.register_comm_hook(None, self.counter.hook)
@@ -327,15 +317,9 @@ class ShardedDataParallel:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, shards: list):
         from torch.distributed.fsdp import FSDPModule
 
-        if getattr(optimizer, "steps_in_backward", False):
-            raise ValueError("this method updates parameters inside backward, before FSDP has reduced "
-                             "their gradients: it cannot run with --nproc > 1")
         self.model, self.shards = model, shards
         self.counter = CommCounter("fsdp")
-        if hasattr(optimizer, "stats_reduce"):
-            from oasis import all_reduce_sum
-
-            optimizer.stats_reduce = self.counter.counting(all_reduce_sum())
+        _join(optimizer, self.counter, "FSDP2")
         gather, scatter = counting_fsdp_comms(self.counter)
         for module in model.modules():
             if isinstance(module, FSDPModule):

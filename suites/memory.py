@@ -325,7 +325,6 @@ def _process_group(world_size: int, fake: bool):
     An estimate initialises PyTorch's fake group (rank 0 of `world_size`; collectives move nothing) and
     destroys it afterwards; a real run (`kind="cpu"`) uses the group its caller initialised."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
 
     own = not dist.is_initialized()
     if own:
@@ -338,7 +337,7 @@ def _process_group(world_size: int, fake: bool):
     try:
         if dist.get_world_size() != world_size:
             raise ValueError(f"the process group has {dist.get_world_size()} ranks, not {world_size}")
-        yield init_device_mesh("cpu", (world_size,))  # outside FakeTensorMode, as torchtitan builds it
+        yield distributed.device_mesh("cpu")  # outside FakeTensorMode, as torchtitan builds it
     finally:
         if own:
             dist.destroy_process_group()

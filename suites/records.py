@@ -160,7 +160,7 @@ def make_record(config: dict, *, status: str, error: str | None = None, metrics:
                 base_checksum: str | None = None, comm: dict | None = None) -> dict:
     """A run record (DESIGN §3.4) in the schema's key order; the one place a record is assembled.
     `comm` (bytes all-reduced per step) exists in data-parallel records only."""
-    rec = {
+    return {
         "schema": SCHEMA,
         "run_id": run_id(config),
         "suite": config["suite"],
@@ -172,6 +172,7 @@ def make_record(config: dict, *, status: str, error: str | None = None, metrics:
         "config_hash": config_hash(config),
         "metrics": metrics if metrics is not None else {},
         "memory": memory,
+        **({"comm": comm} if comm is not None else {}),
         "speed": speed,
         "curve": curve if curve is not None else [],
         "subspace": {"drift": drift} if drift is not None else None,
@@ -179,11 +180,6 @@ def make_record(config: dict, *, status: str, error: str | None = None, metrics:
         "started_at": started_at,
         "wall_s": wall_s,
     }
-    if comm is None:
-        return rec
-    keys = list(rec)
-    keys.insert(keys.index("memory") + 1, "comm")  # DESIGN §3.4's order
-    return {k: comm if k == "comm" else rec[k] for k in keys}
 
 
 def validate_record(record: dict) -> None:

@@ -182,7 +182,7 @@ def check_arguments(args) -> list[dict]:
     return configs
 
 
-# settings whose optimizer updates parameters inside backward: DDP would average after the update
+# settings whose optimizer updates parameters inside backward: DDP / FSDP2 would combine after the update
 STEPS_IN_BACKWARD = {"layerwise": True, "embedding_update": "backward"}
 
 
@@ -196,7 +196,7 @@ def _check_data_parallel(cfg: dict, strategy: str) -> None:
     for key, value in STEPS_IN_BACKWARD.items():
         if cfg.get(key) == value:
             raise UsageError(f"{cfg['method']} with {key}={value} updates parameters inside backward, before "
-                             f"DDP has averaged their gradients: it cannot run with {n} processes")
+                             f"the ranks' gradients are combined: it cannot run with {n} processes")
     cfg["strategy"] = strategy
 
 
