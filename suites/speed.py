@@ -382,7 +382,8 @@ NOTES = ("ops: ATen compute ops dispatched (views and allocation-only factories 
 
 # -- command line --------------------------------------------------------------------------------------------
 
-def run(args, log) -> dict:
+def run(args, log, commit: str | None = None) -> dict:
+    """The report; `commit` is the tree's, read before measuring (edits during a long run do not count)."""
     from suites.registry import resolve_methods
 
     methods = resolve_methods(args.methods)
@@ -408,7 +409,7 @@ def run(args, log) -> dict:
                 f"({row['count_s']} s)")
     report = {"config": {"model": args.model, "kind": args.kind, "batch": args.batch, "seq": args.seq,
                          "rank": args.rank, "dtype": dtypes.canonical(args.dtype), "attn": args.attn,
-                         "set": overrides, "torch": torch.__version__, "commit": records.git_commit()},
+                         "set": overrides, "torch": torch.__version__, "commit": commit},
               "results": rows}
     if args.kind == "cuda":
         adam = next((r for r in rows if r["method"] == "adam"), None)
@@ -486,7 +487,7 @@ def _main(argv) -> int:
             if not args.quiet:
                 print(msg, file=sys.stderr, flush=True)
 
-        report = run(args, log)
+        report = run(args, log, commit)
     except ValueError as exc:
         raise cli.UsageError(str(exc)) from None
     table = format_table(report, markdown=args.markdown)
