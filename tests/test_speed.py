@@ -145,7 +145,8 @@ def _cli(*argv):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
 def test_kind_cuda_is_refused_in_one_line_without_a_gpu(tmp_path):
     out = tmp_path / "speed.json"
-    done = _cli("--model", "llama-tiny", "--methods", "adam", "--kind", "cuda", "--json", str(out))
+    done = _cli("--model", "llama-tiny", "--methods", "adam", "--kind", "cuda", "--json", str(out),
+                "--allow-dirty")
     assert done.returncode == 2
     assert done.stderr.strip() == "python -m suites.speed: error: --kind cuda needs a CUDA device"
     assert not out.exists()
