@@ -240,6 +240,11 @@ def cpu_times(methods: list[str], *, hidden: int, rounds: int, warmup: int = 3, 
 
 # -- CUDA ----------------------------------------------------------------------------------------------------
 
+def require_cuda() -> None:
+    if not torch.cuda.is_available():
+        raise ValueError("--kind cuda needs a CUDA device")
+
+
 def cuda_times(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: str, attn: str,
                min_steps: int, warmup: int) -> dict:
     """CUDA-event times of a window of max(period, min_steps) steps at the trained period (amortised), the
@@ -247,8 +252,7 @@ def cuda_times(model: str, method: str, *, batch: int, seq: int, rank: int, dtyp
     from suites.memory import build_model, cast_params, load_config, make_batch
     from suites.registry import build_method
 
-    if not torch.cuda.is_available():
-        raise ValueError("--kind cuda needs a CUDA device")
+    require_cuda()
     device = torch.device("cuda", torch.cuda.current_device())
     torch_dtype = dtypes.torch_dtype(dtype)
     config = load_config(model)
@@ -387,6 +391,8 @@ def run(args, log, commit: str | None = None) -> dict:
     from suites.registry import resolve_methods
 
     methods = resolve_methods(args.methods)
+    if args.kind == "cuda":
+        require_cuda()
     overrides = dict(args.set)
     rows = []
     t0 = time.perf_counter()
