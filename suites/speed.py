@@ -29,8 +29,9 @@ their ratio to adam's from the same run.
 `--kind cuda` (a GPU): real models on the GPU at the trained period; after `--warmup` steps, a window of
 T = max(period, `--cuda-steps`) steps is timed with CUDA events (amortised: a window that spans a whole
 refresh period), and each step's optimizer part with its own pair of events; torch's sync debug mode counts
-the synchronisations CUDA itself reports over one step; and a CUDA-graph capture of `optimizer.step()` is
-tried once per method (its outcome, one line, in the row). Refused without a CUDA device.
+the synchronisations CUDA itself reports over one step; with `--try-graph` a CUDA-graph capture of
+`optimizer.step()` is tried once (its outcome, one line, in the row; one method per run, since a failed
+capture can leave the CUDA context unusable). Refused without a CUDA device.
 
 Outputs: a table on stdout (`--markdown` for Markdown), `--json PATH` and `--md PATH` (written atomically,
 checked before measuring); the JSON names the git commit and refuses a dirty tree (`--allow-dirty` for trials,
@@ -246,7 +247,7 @@ def require_cuda() -> None:
 
 
 def cuda_times(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: str, attn: str,
-               min_steps: int, warmup: int) -> dict:
+               min_steps: int, warmup: int, try_graph: bool = False) -> dict:
     """CUDA-event times of a window of max(period, min_steps) steps at the trained period (amortised), the
     optimizer part of each step, CUDA's own count of syncs in one step, and a graph-capture attempt."""
     from suites.memory import build_model, cast_params, load_config, make_batch
@@ -288,7 +289,8 @@ def cuda_times(model: str, method: str, *, batch: int, seq: int, rank: int, dtyp
     row = {"method": method, "period": period, "window_steps": window,
            "step_ms": round(start.elapsed_time(end) / window, 3),
            "optimizer_ms": round(sum(s.elapsed_time(e) for s, e in opt_events) / window, 3),
-           "cuda_syncs_in_step": _cuda_reported_syncs(step), "graph_capture": _try_graph_capture(optimizer),
+           "cuda_syncs_in_step": _cuda_reported_syncs(step),
+           "graph_capture": _try_graph_capture(optimizer) if try_graph else "not tried",
            "gpu": torch.cuda.get_device_name(device)}
     net = optimizer = batch_ = None  # the next method starts from an empty allocator
     torch.cuda.empty_cache()
@@ -401,7 +403,7 @@ def run(args, log, commit: str | None = None) -> dict:
             if args.kind == "cuda":
                 row = cuda_times(args.model, method, batch=args.batch, seq=args.seq, rank=args.rank,
                                  dtype=args.dtype, attn=args.attn, min_steps=args.cuda_steps,
-                                 warmup=args.warmup)
+                                 warmup=args.warmup, try_graph=args.try_graph)
             else:
                 row = count_method(args.model, method, batch=args.batch, seq=args.seq, rank=args.rank,
                                    dtype=args.dtype, attn=args.attn, overrides=overrides)
@@ -461,6 +463,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-rounds", type=cli.positive_int, default=15)
     p.add_argument("--cuda-steps", type=cli.positive_int, default=20,
                    help="--kind cuda: at least this many steps timed (a whole refresh period if longer)")
+    p.add_argument("--try-graph", action="store_true",
+                   help="--kind cuda: try to capture optimizer.step() in a CUDA graph after timing (a failed "
+                        "capture can leave the CUDA context unusable: one method per run)")
     p.add_argument("--warmup", type=cli.nonnegative_int, default=3, help="--kind cuda: untimed steps first")
     p.add_argument("--json", type=Path, help="write the report as JSON here")
     p.add_argument("--md", type=Path, help="write the table as Markdown here")
