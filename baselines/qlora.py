@@ -1,8 +1,9 @@
 """QLoRA (Dettmers et al., 2023): LoRA from `peft` over a base whose seven Llama projections are stored in
 4 bits by `bitsandbytes` (`Linear4bit`, NormalFloat4, double quantisation, blocks of 64), computing in the
 model's dtype. Adapters, dropout, alpha and `train_unadapted` are LoRA's (`baselines/lora.py`), so the only
-difference from `lora` is the 4-bit base. lm_head stays in the model dtype, as transformers' quantiser
-leaves the output layer.
+difference from `lora` is the 4-bit base (`lora_targets` and `use_dora` are LoRA's `OPTIONS` too; all seven
+projections are quantised whichever carry adapters, as in a 4-bit checkpoint). lm_head stays in the model
+dtype, as transformers' quantiser leaves the output layer.
 
 The base is quantised the way transformers' bitsandbytes quantiser does when loading a checkpoint
 (`Linear4bit` built on the meta device, the weight handed to `Params4bit(...).to(device)`, which quantises
@@ -26,11 +27,14 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 from baselines._common import LLAMA_PROJECTIONS, check_rank, one_of, target_linears
-from baselines.lora import attach_adapters
+from baselines.lora import attach_adapters, lora_targets
 
 DEFAULTS = {"lora_dropout": 0.05, "alpha_over_rank": 2.0, "train_unadapted": False, "quant_type": "nf4",
             "double_quant": True}
 QUANT_TYPES = ("nf4", "fp4")
+# the same literal as baselines/lora.py's OPTIONS (the registry reads each module's own source;
+# tests/test_lora_options.py checks that the two agree)
+OPTIONS = {"lora_targets": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "use_dora": False}
 BLOCKSIZE = 64
 
 
@@ -83,7 +87,8 @@ def _quantized(bnb, weight, layer, quant_type: str, double_quant: bool):
 
 
 def build(model, cfg):
-    rank = check_rank(model, cfg["rank"])  # on the full-precision shapes; 4-bit weights are stored flat
+    # on the full-precision shapes; 4-bit weights are stored flat
+    rank = check_rank(model, cfg["rank"], lora_targets(cfg))
     quant_type = one_of(cfg, "quant_type", QUANT_TYPES)
     double_quant = one_of(cfg, "double_quant", (False, True))
     quantize_projections(model, quant_type, bool(double_quant))

@@ -397,7 +397,8 @@ def estimate_for(cfg: dict) -> dict:
     estimator cannot run is said in one line."""
     from suites import memory, registry
 
-    method_keys = set(registry.method_defaults(cfg["method"])) - {"lr"}
+    method = cfg["method"]
+    method_keys = (set(registry.method_defaults(method)) | set(registry.method_options(method))) - {"lr"}
     overrides = {k: cfg[k] for k in method_keys if k in cfg}
     try:
         row = memory.measure(models.weights_spec(cfg) or cfg["model"], cfg["method"], batch=cfg["batch"],
