@@ -18,7 +18,8 @@ Bytes per quantised m × n weight (bitsandbytes' storage, counted by the meters 
     nested absmax            4·⌈m·n/64/256⌉     (float32, one per block of 256 absmax values)
     offset, NF4 code table   4 + 4·16           (float32)
 plus the 256-entry float32 code table of the nested quantisation, shared by all layers. Where bitsandbytes
-has no 4-bit kernels for the device, building the method fails with one line naming what is missing.
+has no 4-bit kernels for the device, building the method fails with one line naming what is missing. On CPU
+evaluation uses the training matmul, not bitsandbytes' AVX512-BF16 repacked one (see `quantize_projections`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ def quantize_projections(model, quant_type: str = "nf4", double_quant: bool = Tr
                              f"{weight.device.type} ({type(exc).__name__}: {first})") from None
         if linear.bias is not None:
             layer.bias = linear.bias
+        # bitsandbytes repacks a CPU layer's codes for its AVX512-BF16 kernel on the first no-grad eval-mode
+        # call, which asserts out_features % 32 == 0 (the CPU smoke models' 688- and 172-wide layers fail)
+        # and exists on some CPUs only; without it evaluation runs the same 4-bit matmul as training, on
+        # every CPU. An attribute of Linear4bit, read in its forward.
+        layer.support_avx512bf16_for_cpu = False
         layer.requires_grad_(False)
         model.set_submodule(name, layer)
     model.is_loaded_in_4bit = True

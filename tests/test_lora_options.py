@@ -18,7 +18,8 @@ QV = "q_proj,v_proj"
 
 
 def _plan(*sets):
-    argv = ["gsm8k", "--profile", "cpu", "--methods", "adam,lora,qlora", "--out", str(REPO / "results" / "tmp" / "unused")]
+    argv = ["gsm8k", "--profile", "cpu", "--methods", "adam,lora,qlora",
+            "--out", str(REPO / "results" / "tmp" / "unused")]
     for s in sets:
         argv += ["--set", s]
     return {c["method"]: c for c in run.check_arguments(run.parser().parse_args(argv))}
@@ -59,7 +60,8 @@ def test_targets_and_dora_reach_peft():
     model = build_model("llama-tiny", dtype=torch.float32)
     shapes = {n: m.weight.shape for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj"))}
     peft_model, optimizer = build_method("lora", model, _cfg(lora_targets=QV, use_dora=True))
-    adapted = sorted({n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)})
+    adapted = sorted({n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules()
+                      if isinstance(m, LoraLayer)})
     assert adapted == ["q_proj", "v_proj"]
     trained = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     # per adapted m × n layer: A (r × n), B (m × r), DoRA's magnitude (m)
@@ -84,3 +86,17 @@ def test_memory_cli_takes_targets(tmp_path, capsys):
     layers = [m for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj"))]
     adapters = sum(4 * (m.in_features + m.out_features) for m in layers)
     assert report["results"][0]["breakdown"]["optimizer"] == 2 * 2 * adapters + 4 * 2 * len(layers)
+
+
+def test_qlora_evaluates_on_cpu_with_its_training_matmul():
+    """A no-grad eval-mode forward of qlora on llama-tiny (172-wide MLP, not a multiple of 32) runs on CPU
+    and gives the logits of a train-mode forward (dropout 0), i.e. the same 4-bit matmul as training."""
+    model = build_model("llama-tiny", dtype=torch.bfloat16)
+    cfg = {**method_defaults("qlora"), **_cfg(lora_dropout=0.0)}
+    model, _ = build_method("qlora", model, cfg)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    trained = model(input_ids=ids).logits.detach()
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(input_ids=ids).logits
+    assert torch.equal(evaluated, trained)
