@@ -97,5 +97,10 @@ def build(model, cfg):
     rank = check_rank(model, cfg["rank"], lora_targets(cfg))
     quant_type = one_of(cfg, "quant_type", QUANT_TYPES)
     double_quant = one_of(cfg, "double_quant", (False, True))
+    if cfg.get("use_dora") and any(isinstance(p, FakeTensor) for p in model.parameters()):
+        # peft's DoRA dequantizes each 4-bit weight to initialise its magnitude, inside a fake mode of its
+        # own that cannot meet the estimate's (torch: "Mixing fake modes NYI")
+        raise ValueError("use_dora=true cannot be estimated on the 4-bit base (peft's DoRA dequantizes the "
+                         "4-bit weights under a fake mode of its own); measure it with --kind cpu or cuda")
     quantize_projections(model, quant_type, bool(double_quant))
     return attach_adapters(model, cfg, rank)

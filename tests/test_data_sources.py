@@ -104,7 +104,7 @@ def test_gsm8k_from_the_hub_gives_the_offline_batches(tok, from_hub):
         assert offline[f"gsm8k/{split}"]["source"] == f"offline:gsm8k/{split}.jsonl"
         assert hub[f"gsm8k/{split}"]["source"].startswith("hub:")
         # the digest, computed here from the file's own lines
-        lines = (OFFLINE / f"gsm8k/{split}.jsonl").read_text(encoding="utf-8").splitlines()
+        lines = (OFFLINE / f"gsm8k/{split}.jsonl").read_text(encoding="utf-8").split("\n")[:-1]
         h = hashlib.sha256()
         for line in lines:
             row = json.loads(line)
@@ -159,3 +159,13 @@ def test_neither_source_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     assert code == 2 and len(err.splitlines()) == 1
     assert "OASIS_DATA_DIR" in err and "HF_DATASETS_OFFLINE=0" in err and "openai/gsm8k" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_lm_eval_reads_the_hub_rows(from_hub, tmp_path):
+    """From the Hub, lm-eval's task yaml is pointed at a folder holding the rows the run was given."""
+    from_hub()
+    folder = Path(gsm8k._lm_eval_data(tmp_path / "scratch"))
+    for split in ("train", "test"):
+        offline = (OFFLINE / f"gsm8k/{split}.jsonl").read_text(encoding="utf-8").split("\n")
+        written = (folder / f"{split}.jsonl").read_text(encoding="utf-8").split("\n")
+        assert [json.loads(x) for x in written if x] == [json.loads(x) for x in offline if x]
