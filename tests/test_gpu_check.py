@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from suites.registry import ALL_METHODS
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # about a minute: five stages, each its own process (CI runs slow tests too)
 def test_dry_run_runs_every_stage(tmp_path):
     out = tmp_path / "check"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
