@@ -101,7 +101,7 @@ def source(name: str, split: str) -> str:
     raise data.DataMissing(
         f"missing data: {path} does not exist and the Hub is off; put the offline copy there (or set "
         f"OASIS_DATA_DIR to a folder holding {top}/), or allow the Hub (HF_HUB_OFFLINE=0 "
-        f"HF_DATASETS_OFFLINE=0) to read {ds.hub} ({ds.config or 'default'}) {ds.splits[split].split}")
+        f"HF_DATASETS_OFFLINE=0) to read {ds.describe(split).removeprefix('hub:')}")
 
 
 def check(name: str, *splits: str) -> None:
