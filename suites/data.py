@@ -1,8 +1,10 @@
-"""Offline data: where it lives, the tokenizer, and deterministic batches.
+"""Data: where it lives, the tokenizer, and deterministic batches.
 
 Data are read from `OASIS_DATA_DIR` (default `<repo>/../shared/data`) and never copied into the
-repository. Every batch list is a pure function of (data, tokenizer, seed, sizes), so every method of
-a profile sees the same data in the same order. Tokenised streams are cached under `.cache/tokens/`
+repository; a dataset that is not there is read from the Hugging Face Hub when that is allowed
+(`suites.sources`, which also notes what each run read for its record). Every batch list is a pure
+function of (data, tokenizer, seed, sizes), so every method of a profile sees the same data in the same
+order. Tokenised streams are cached under `.cache/tokens/`
 (gitignored) because each run is its own process and would otherwise tokenise the same text again.
 """
 
@@ -197,17 +199,38 @@ def tokenizer_id(tokenizer) -> str:
     return getattr(tokenizer, "oasis_id", None) or str(tokenizer.name_or_path)
 
 
-def _cached_tokens(key: dict, make) -> torch.Tensor:
-    """A 1-D int32 token tensor cached under .cache/tokens/<digest of key>.pt."""
+# part of every token cache key: bump when what a cache file holds changes (2: the rows' provenance beside
+# the tokens, so a cached run's record still names the rows it was made from)
+TOKEN_CACHE_FORMAT = 2
+
+
+def _cached_tokens(key: dict, make, read_as: str) -> torch.Tensor:
+    """A 1-D int32 token tensor cached under .cache/tokens/<digest of key>.pt with the provenance of the
+    documents it was packed from (`make() -> (tokens, provenance)`), noted in `sources.used` as `read_as`."""
+    from suites import sources
+
+    key = {**key, "format": TOKEN_CACHE_FORMAT}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = CACHE_DIR / "tokens" / f"{digest}.pt"
     if path.exists():
-        return torch.load(path)
-    tokens = make()
-    buffer = io.BytesIO()
-    torch.save(tokens, buffer)
-    files.atomic_write(path, buffer.getvalue())
-    return tokens
+        saved = torch.load(path)
+    else:
+        tokens, read = make()
+        saved = {"tokens": tokens, "read": read}
+        buffer = io.BytesIO()
+        torch.save(saved, buffer)
+        files.atomic_write(path, buffer.getvalue())
+    sources.note(read_as, saved["read"])
+    return saved["tokens"]
+
+
+def _packed(documents, fields_source: str, tokenizer, n_tokens: int, fields=("text",)):
+    """(the first `n_tokens` tokens of `documents` packed, the provenance of the documents packed)."""
+    from suites import sources
+
+    digest = sources.RowDigest(fields)
+    tokens = _pack(sources.texts(documents, digest), tokenizer, n_tokens)
+    return tokens, {"source": fields_source, "rows": digest.rows, "sha256": digest.hexdigest()}
 
 
 def _pack(texts, tokenizer, n_tokens: int) -> torch.Tensor:
@@ -240,20 +263,30 @@ def _blocks_to_batches(tokens: torch.Tensor, batch: int, seq_len: int, n_batches
 
 
 def wikipedia_train_batches(tokenizer, *, steps: int, batch: int, seq_len: int, seed: int) -> list[dict]:
-    """`steps` packed batches from the Wikipedia train shards, documents in a seeded order."""
+    """`steps` packed batches of the c4 suite's training corpus: the Wikipedia train shards offline,
+    documents in a seeded order; from the Hub, C4 en train in stream order (`suites.sources`). The packed
+    blocks are shuffled by the seed either way."""
+    from suites import sources
+
+    n_tokens = steps * batch * seq_len
+    if sources.source("c4-corpus", "train") == "hub":
+        where = sources.DATASETS["c4-corpus"].describe("train")
+        key = {"corpus": "c4-corpus/train", "source": where, "n": n_tokens, "tok": tokenizer_id(tokenizer)}
+        tokens = _cached_tokens(key, lambda: _packed(sources.hub_rows("c4-corpus", "train"), where, tokenizer,
+                                                     n_tokens), "c4-corpus/train")
+        return _blocks_to_batches(tokens, batch, seq_len, steps, seed)
     shards = sorted(require("wikipedia-en").glob("train-*.jsonl.gz"))
     if not shards:
         raise DataMissing(f"missing data: expected train-*.jsonl.gz under {data_dir() / 'wikipedia-en'}")
-    n_tokens = steps * batch * seq_len
 
     def docs():
         rng = random.Random(seed)
         order = list(shards)
         rng.shuffle(order)
         for shard in order:
-            texts = [d["text"] for d in read_jsonl(shard)]
-            rng.shuffle(texts)
-            yield from texts
+            documents = [{"text": d["text"]} for d in read_jsonl(shard)]
+            rng.shuffle(documents)
+            yield from documents
 
     key = {
         "corpus": "wikipedia-train",
@@ -262,22 +295,34 @@ def wikipedia_train_batches(tokenizer, *, steps: int, batch: int, seq_len: int, 
         "n": n_tokens,
         "tok": tokenizer_id(tokenizer),
     }
-    tokens = _cached_tokens(key, lambda: _pack(docs(), tokenizer, n_tokens))
+    tokens = _cached_tokens(key, lambda: _packed(docs(), "offline:wikipedia-en/train-*.jsonl.gz", tokenizer,
+                                                 n_tokens), "c4-corpus/train")
     return _blocks_to_batches(tokens, batch, seq_len, steps, seed)
 
 
+# held-out corpus -> (dataset, split) of suites.sources
+HELDOUT = {"wikipedia": ("c4-corpus", "validation"), "c4": ("c4-sample", "train")}
+
+
 def heldout_batches(corpus: str, tokenizer, *, n_tokens: int, batch: int, seq_len: int) -> list[dict]:
-    """The first `n_tokens` tokens of a held-out corpus in file order ("wikipedia" validation or "c4")."""
-    path = {
-        "wikipedia": "wikipedia-en/validation-00000-of-00001.jsonl.gz",
-        "c4": "c4-sample/c4-en-train.00000-of-01024.first1000.jsonl",
-    }[corpus]
-    source = require(path)
+    """The first `n_tokens` tokens of a held-out corpus in file order: "wikipedia" (the c4 suite's
+    validation corpus: Wikipedia offline, C4 en validation from the Hub) or "c4" (the C4 sample)."""
+    from suites import sources
+
+    name, split = HELDOUT[corpus]
     n_blocks = max(1, n_tokens // seq_len)
-    key = {"corpus": corpus, "file": source.name, "n": n_blocks * seq_len, "tok": tokenizer_id(tokenizer)}
+    key = {"corpus": corpus, "n": n_blocks * seq_len, "tok": tokenizer_id(tokenizer)}
+    if sources.source(name, split) == "offline":
+        path = sources.offline_path(name, split)
+        key["file"] = path.name
+        where = f"offline:{sources.DATASETS[name].offline[split]}"
+        documents = lambda: read_jsonl(path)  # noqa: E731
+    else:
+        where = sources.DATASETS[name].describe(split)
+        key["source"] = where
+        documents = lambda: sources.hub_rows(name, split)  # noqa: E731
     tokens = _cached_tokens(
-        key, lambda: _pack((d["text"] for d in read_jsonl(source)), tokenizer, n_blocks * seq_len)
-    )
+        key, lambda: _packed(documents(), where, tokenizer, n_blocks * seq_len), f"{name}/{split}")
     blocks = tokens.view(n_blocks, seq_len).long()
     return [
         {"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()}
@@ -360,7 +405,10 @@ def gsm8k_prompt(question: str) -> str:
 
 
 def gsm8k_examples(split: str) -> list[dict]:
-    return list(read_jsonl(require(f"gsm8k/{split}.jsonl")))
+    """GSM8K's `split` ("train" or "test") in its order, from the offline copy or `openai/gsm8k` (main)."""
+    from suites import sources
+
+    return sources.rows("gsm8k", split)
 
 
 def supervised_batch(pairs, tokenizer, seq_len: int | None = None) -> dict:
@@ -484,23 +532,31 @@ def code_train_batches(tokenizer, *, steps: int, batch: int, seq_len: int, seed:
     files = stdlib_sources()
     if not files:
         raise DataMissing(f"missing data: no Python sources under {sysconfig.get_paths()['stdlib']}")
+    from suites import sources
+
     order = list(files)
     random.Random(seed).shuffle(order)
-    pairs = []
+    pairs, digest = [], sources.RowDigest(("prompt", "body"))
     for path in order:
         for prompt, body in function_pairs(path):
             p, a = encode_code(tokenizer, fmt, prompt, body)
             if len(p) + len(a) <= seq_len:
                 pairs.append((p, a))
+                digest.add({"prompt": prompt, "body": body})
             if len(pairs) == steps * batch:
                 break
         if len(pairs) == steps * batch:
             break
     if not pairs:
         raise ValueError(f"no standard-library function fits in seq_len={seq_len} tokens")
+    sources.note("code/train", {"source": f"stdlib:{sysconfig.get_paths()['stdlib']}", "rows": digest.rows,
+                                "sha256": digest.hexdigest()})
     pairs = (pairs * (steps * batch // len(pairs) + 1))[: steps * batch]
     return [supervised_batch(pairs[i : i + batch], tokenizer, seq_len) for i in range(0, len(pairs), batch)]
 
 
 def humaneval_problems(limit: int | None) -> list[dict]:
-    return list(read_jsonl(require("humaneval/HumanEval.jsonl.gz")))[: limit or None]
+    """The first `limit` HumanEval problems (all when None), offline or from `openai/openai_humaneval`."""
+    from suites import sources
+
+    return sources.rows("humaneval", "test")[: limit or None]

@@ -171,12 +171,13 @@ def cast_params(model, dtype: torch.dtype) -> None:
 
 
 def method_config(name: str, rank: int, overrides: dict) -> dict:
-    from suites.registry import method_defaults
+    from suites.registry import method_defaults, method_options
 
     defaults = method_defaults(name)
+    options = method_options(name)  # lora_targets, use_dora: in the config when set, as in the harness
     cfg = {**defaults, **COMMON, "rank": rank}
     cfg.update({k: v for k, v in REFRESH_KEYS.items() if k in defaults})
-    cfg.update({k: v for k, v in overrides.items() if k in defaults or k in COMMON})
+    cfg.update({k: v for k, v in overrides.items() if k in defaults or k in options or k in COMMON})
     return cfg
 
 

@@ -402,7 +402,10 @@ def apply_overrides(prof: dict, overrides: list[tuple[str, str]], method_keys: d
 
     `lr=X` sets every method's learning rate; `lr.NAME=X` sets one method's.
     """
+    from suites.registry import option_witnesses
+
     prof = copy.deepcopy(prof)
+    method_keys = {**option_witnesses(), **method_keys}  # options (lora_targets, ...) are method keys too
     given = {key.split(".", 1)[0] for key, _ in overrides}
     for key, text in overrides:
         if key == "lr":
@@ -481,6 +484,10 @@ def resolve(suite: str, profile_name: str, prof: dict, method: str, defaults: di
             cfg[key] = value
         elif key != "lr":
             cfg[key] = prof.get(key, value)
+    from suites.registry import method_options
+
+    # a method's options are in its config only when set, so a run of the defaults keeps its hash
+    cfg.update({k: prof[k] for k in method_options(method) if k in prof})
     cfg["lr"] = prof["lrs"].get(method, prof["lrs"]["default"])
     cfg.update(prof.get("per_method", {}).get(method, {}))
     cfg["betas"] = tuple(cfg["betas"])

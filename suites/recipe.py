@@ -364,8 +364,11 @@ def _progress(cfg: dict, position: int):
 def evaluate(session: Session) -> dict:
     """The suite's shared evaluation of the trained model (the same function for every method), with the
     same suite's metrics before the first step under `step0`, so a record shows what training changed."""
+    from suites import sources
+
     metrics = session.suite.evaluate(session.model, session.tokenizer, session.cfg, session.device)
-    return {**metrics, "step0": session.step0}
+    # the source, row count and row digest of every split the run read (training and evaluation)
+    return {**metrics, "step0": session.step0, "data": sources.used()}
 
 
 def save_model(session: Session, save_dir: str) -> None:
@@ -397,7 +400,8 @@ def estimate_for(cfg: dict) -> dict:
     estimator cannot run is said in one line."""
     from suites import memory, registry
 
-    method_keys = set(registry.method_defaults(cfg["method"])) - {"lr"}
+    method = cfg["method"]
+    method_keys = (set(registry.method_defaults(method)) | set(registry.method_options(method))) - {"lr"}
     overrides = {k: cfg[k] for k in method_keys if k in cfg}
     try:
         row = memory.measure(models.weights_spec(cfg) or cfg["model"], cfg["method"], batch=cfg["batch"],

@@ -6,6 +6,9 @@ Each method lives in `baselines/<module>.py`, which exposes `DEFAULTS: dict` (it
 with a rank-1 space and tensor-wise scaling); the pinned settings
 cannot be overridden from the command line, use the base method for that.
 
+A module may also expose `OPTIONS: dict`: settings with a default that a config holds only when they are set
+(`method_options`), so that adding one does not change the config (and hash) of any earlier run.
+
 Names and defaults are read without importing torch: `DEFAULTS` must be a literal (a dict of numbers,
 strings, booleans and tuples), which the registry reads from the module's source, so that a command line
 is checked in well under a second and the module stays the one place that defines its defaults.
@@ -76,29 +79,32 @@ def resolve_methods(spec: str) -> list[str]:
     return out
 
 
-def read_defaults(path: str | Path) -> dict:
-    """The literal `DEFAULTS = {...}` of a Python source file, read without running it."""
+def read_defaults(path: str | Path, name: str = "DEFAULTS", required: bool = True) -> dict:
+    """The literal `DEFAULTS = {...}` (or another top-level dict `name`) of a Python source file, read
+    without running it; {} for a missing one that is not `required`."""
     path = Path(path)
     for node in ast.parse(path.read_text(), filename=str(path)).body:
         targets = [node.target] if isinstance(node, ast.AnnAssign) else getattr(node, "targets", [])
-        if any(isinstance(t, ast.Name) and t.id == "DEFAULTS" for t in targets) and node.value is not None:
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets) and node.value is not None:
             try:
                 value = ast.literal_eval(node.value)
             except ValueError:
-                raise TypeError(f"{path}: DEFAULTS must be a literal dict (numbers, strings, booleans, "
+                raise TypeError(f"{path}: {name} must be a literal dict (numbers, strings, booleans, "
                                 "tuples), so the registry can read it without importing the module") from None
             if not isinstance(value, dict):
-                raise TypeError(f"{path}: DEFAULTS must be a dict, got {type(value).__name__}")
+                raise TypeError(f"{path}: {name} must be a dict, got {type(value).__name__}")
             return value
-    raise TypeError(f"{path}: no top-level `DEFAULTS = {{...}}`; every method module defines its defaults")
+    if not required:
+        return {}
+    raise TypeError(f"{path}: no top-level `{name} = {{...}}`; every method module defines its defaults")
 
 
 @functools.cache
-def _module_defaults(module: str) -> dict:
+def _module_defaults(module: str, name: str = "DEFAULTS") -> dict:
     spec = importlib.util.find_spec(f"baselines.{module}")
     if spec is None or spec.origin is None:
         raise ImportError(f"method module baselines.{module} is not installed")
-    return read_defaults(spec.origin)
+    return read_defaults(spec.origin, name, required=name == "DEFAULTS")
 
 
 def method_defaults(name: str) -> dict:
@@ -106,6 +112,21 @@ def method_defaults(name: str) -> dict:
     _check_name(name)
     module, pinned = _METHODS[name]
     return {**copy.deepcopy(_module_defaults(module)), **pinned}
+
+
+def method_options(name: str) -> dict:
+    """The method's `OPTIONS` with their defaults: keys a config carries only when they are set."""
+    _check_name(name)
+    return copy.deepcopy(_module_defaults(_METHODS[name][0], "OPTIONS"))
+
+
+def option_witnesses() -> dict:
+    """Every method option a --set may name, with its default (which gives its type)."""
+    out: dict = {}
+    for name in ALL_METHODS:
+        for key, value in method_options(name).items():
+            out.setdefault(key, value)
+    return out
 
 
 def published_constants(keys) -> dict[str, dict]:
@@ -133,4 +154,4 @@ def build_method(name: str, model: nn.Module, cfg: dict) -> tuple[nn.Module, Opt
         if key in cfg and cfg[key] != value:
             hint = f"; use method {free!r} to choose {key}" if free else ""
             raise ValueError(f"method {name!r} pins {key}={value!r} (got {cfg[key]!r}){hint}")
-    return module.build(model, {**module.DEFAULTS, **cfg, **pinned})
+    return module.build(model, {**module.DEFAULTS, **getattr(module, "OPTIONS", {}), **cfg, **pinned})

@@ -5,11 +5,17 @@ validates on the held-out Wikipedia validation shard: `eval_loss`, `eval_ppl` (r
 `config.train_corpus` / `config.eval_corpus`). `c4_sample_loss`, `c4_sample_ppl`: the same loss on 1,000
 documents of C4's en *train* split that the suite never trains on (a C4-like sample, not C4 validation).
 Each on its first `eval_tokens` tokens.
+
+Without the offline folder and with the Hub allowed (`suites.sources`), the suite reads C4 itself: it trains
+on `allenai/c4` en train in stream order after the 1,000 documents of the sample, validates on `allenai/c4`
+en validation (`eval_loss`), and scores the same C4 sample, read from the Hub's first en train shard.
+`metrics.data` of the record names what was read; `config.train_corpus` / `eval_corpus` name the offline
+corpora the profiles were made for.
 """
 
 from __future__ import annotations
 
-from suites import data
+from suites import data, sources
 from suites.tasks._eval import mean_nll, ppl
 
 FINETUNE = False
@@ -18,9 +24,10 @@ SUMMARY = ("eval_loss", "c4_sample_loss")  # the summary table
 
 
 def check_data() -> None:
-    data.require("wikipedia-en/validation-00000-of-00001.jsonl.gz")
-    data.require("c4-sample/c4-en-train.00000-of-01024.first1000.jsonl")
-    if not list(data.require("wikipedia-en").glob("train-*.jsonl.gz")):
+    sources.check("c4-sample", "train")
+    sources.check("c4-corpus", "train", "validation")
+    if sources.source("c4-corpus", "train") == "offline" and not list(
+            sources.offline_path("c4-corpus", "train").glob("train-*.jsonl.gz")):
         raise data.DataMissing(
             f"missing data: expected train-*.jsonl.gz under {data.data_dir() / 'wikipedia-en'}"
         )

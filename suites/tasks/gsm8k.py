@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from suites import data
+from suites import data, files, sources
 from suites.tasks._eval import ppl, scored_batches
 
 FINETUNE = True
@@ -37,8 +37,7 @@ TASK_NAMES = {"plain": "gsm8k_local", "chat": "gsm8k_local_chat"}
 
 
 def check_data() -> None:
-    data.require("gsm8k/train.jsonl")
-    data.require("gsm8k/test.jsonl")
+    sources.check("gsm8k", "train", "test")
 
 
 def train_batches(tokenizer, cfg: dict) -> list[dict]:
@@ -113,9 +112,9 @@ def lm_eval_accuracy(model, tokenizer, cfg: dict, device: str) -> dict:
     import datasets  # lm-eval's own dependency
 
     datasets.disable_progress_bars()
-    gsm8k_dir = str(data.require("gsm8k").resolve())
     model.eval()
     with tempfile.TemporaryDirectory(prefix="oasis-lm-eval-") as include:
+        gsm8k_dir = _lm_eval_data(Path(include))
         for yaml in (TASK_YAML, CHAT_TASK_YAML):
             Path(include, yaml.name).write_text(yaml.read_text().replace("@GSM8K_DIR@",
                                                                          json.dumps(gsm8k_dir)[1:-1]))
@@ -139,6 +138,18 @@ def lm_eval_accuracy(model, tokenizer, cfg: dict, device: str) -> dict:
         "accuracy_flexible": float(res["exact_match,flexible-extract"]),
         "eval_problems": int(n) if n is not None else None,
     }
+
+
+def _lm_eval_data(scratch: Path) -> str:
+    """The folder of train.jsonl and test.jsonl that the task yaml reads: the offline copy, or (rows from
+    the Hub) the same rows written into `scratch`, so that lm-eval scores the rows the run was given."""
+    if all(sources.source("gsm8k", split) == "offline" for split in ("train", "test")):
+        return str(sources.offline_path("gsm8k", "test").parent.resolve())
+    folder = scratch / "gsm8k"
+    for split in ("train", "test"):
+        lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in data.gsm8k_examples(split))
+        files.atomic_write(folder / f"{split}.jsonl", lines.encode())
+    return str(folder.resolve())
 
 
 def _simple_evaluate(lm_eval, lm, include: str, cfg: dict) -> dict:

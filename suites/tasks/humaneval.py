@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from suites import data, sandbox
+from suites import data, sandbox, sources
 from suites.tasks._eval import mean_nll, ppl
 
 FINETUNE = True
@@ -26,7 +26,7 @@ STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", "
 
 
 def check_data() -> None:
-    data.require("humaneval/HumanEval.jsonl.gz")
+    sources.check("humaneval", "test")
 
 
 def train_batches(tokenizer, cfg: dict) -> list[dict]:
