@@ -256,8 +256,8 @@ def _check_hub_base(base: str) -> None:
 
 # the sources that determine a pretrained base's weights: the loop, data, model, c4 task and AdamW adapter
 BASE_CODE = tuple(Path(__file__).resolve().parent.parent / p for p in (
-    "suites/recipe.py", "suites/data.py", "suites/sources.py", "suites/models.py", "suites/tasks/c4.py", "baselines/adam.py",
-    "baselines/_common.py"))
+    "suites/recipe.py", "suites/data.py", "suites/sources.py", "suites/models.py", "suites/tasks/c4.py",
+    "baselines/adam.py", "baselines/_common.py"))
 
 
 def base_config(cfg: dict) -> dict:
