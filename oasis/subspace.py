@@ -75,11 +75,16 @@ def _normalised(m: Tensor) -> Tensor:
 
 
 def top_singular_value(s: Tensor) -> Tensor:
-    """σ_max of `s` (..., n, r) without an SVD or a host sync: M = SᵀS (r × r) is squared SQUARINGS times
+    """σ_max of `s` (..., n, r) without an SVD or a host sync: √λ_max(SᵀS) (`top_eigenvalue`). Zero for
+    s = 0."""
+    return top_eigenvalue(s.mT @ s).sqrt()
+
+
+def top_eigenvalue(m: Tensor) -> Tensor:
+    """λ_max of a symmetric PSD `m` (..., r, r) without a host sync: m is squared SQUARINGS times
     (P = M^(2^k), renormalised by its trace), and λ_max(M) is read as the Rayleigh quotient
     tr(M P²) / tr(P²), whose weights (λᵢ/λ_max)^(2^(k+1)) leave only eigenvalues within a relative
-    1/2^(k+1) of λ_max. Zero for s = 0."""
-    m = s.mT @ s
+    1/2^(k+1) of λ_max. Zero for m = 0."""
     p = _normalised(m)
     for i in range(SQUARINGS):
         p = p @ p
@@ -87,8 +92,8 @@ def top_singular_value(s: Tensor) -> Tensor:
             p = _normalised(p)
     p2 = p @ p
     num = torch.diagonal(m @ p2, dim1=-2, dim2=-1).sum(-1)
-    den = torch.diagonal(p2, dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(s.dtype).tiny)
-    return (num / den).clamp_min(0).sqrt()
+    den = torch.diagonal(p2, dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(m.dtype).tiny)
+    return (num / den).clamp_min(0)
 
 
 def oja_step(basis: Tensor, s: Tensor, k: Tensor, subspace_lr: float) -> Tensor:
@@ -141,8 +146,12 @@ def _count(rows: int, device) -> Tensor:
     return torch.full((), rows, dtype=torch.float64, device=device)
 
 
-# a tracker nobody asks for drift keeps at most this many r × r rotations, then folds them into an angle
-PENDING_DRIFT = 256
+def largest_principal_angle_on_device(rotation: Tensor) -> Tensor:
+    """`largest_principal_angle` without an SVD or a host sync: sin²θ_max = λ_max(I − RᵀR) in fp64
+    (`top_eigenvalue`), which also keeps small angles accurate."""
+    r = rotation.double()
+    gap = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device) - r.mT @ r
+    return top_eigenvalue(gap).clamp(0.0, 1.0).sqrt().arcsin()
 
 
 class SubspaceTracker:
@@ -179,8 +188,8 @@ class SubspaceTracker:
         self.refreshed_at = -1                 # step whose forward last set the basis (refresh policy)
         self.rotation: Tensor | None = None    # refresh policy: U_newᵀ U_old until the next step() takes it
         self.drift_since_query = 0.0           # sum of largest principal angles since `pop_drift()`, beyond
-        self.moved: list[Tensor] = []          # the rotations (r × r) booked since, whose angles are
-        # computed only when asked (an fp64 SVD reads back on CUDA); kept as tensors: no host sync
+        self.moved: list[Tensor] = []          # the last move's rotation (r × r), whose angle is computed
+        # only when asked (an fp64 SVD reads back on CUDA); earlier ones unasked are folded on the device
 
     @property
     def moves(self) -> bool:
@@ -249,9 +258,11 @@ class SubspaceTracker:
 
     def book_move(self, rotation: Tensor) -> None:
         """Book a move of the basis (R = U_newᵀ U_old of orthonormal bases) for the drift."""
+        if self.moved:  # nobody asked since the last move: fold it, on the device, to keep one r × r
+            moved, self.moved = self.moved, []
+            angles = largest_principal_angle_on_device(torch.stack(moved))
+            self.drift_since_query = self.drift_since_query + angles.sum()
         self.moved.append(rotation)
-        if len(self.moved) >= PENDING_DRIFT:  # nobody asks: bound what is kept
-            self.drift_since_query = self.drift_since_query + self.take_moved_angles().sum()
 
     def take_moved_angles(self) -> Tensor | None:
         """The largest principal angles of the moves booked since the last call (one batched fp64 SVD)."""
