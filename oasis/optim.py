@@ -211,8 +211,12 @@ class OasisAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # bases refreshed in forward since the last step
-        self._transport({id(t): r for t in self._trackers if (r := t.pop_rotation()) is not None})
+        refreshed = {}  # bases refreshed in forward since the last step
+        for tracker in self._trackers:
+            rotation = tracker.pop_rotation()
+            if rotation is not None:
+                refreshed[id(tracker)] = rotation
+        self._transport(refreshed)
         for group in self.param_groups:
             if group.get("in_backward"):
                 continue
