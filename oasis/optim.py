@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from . import grouped
 from .linear import CompressedLinear
-from .subspace import StatsReduce, largest_principal_angle
+from .subspace import StatsReduce, largest_principal_angle, largest_principal_angle_on_device
 
 try:
     from torch.distributed.tensor import DTensor
@@ -168,6 +168,7 @@ class OasisAdamW(torch.optim.Optimizer):
         self._trackers = list({id(m.tracker): m.tracker for m in compressed}.values())
         self._layers_of = {id(t): [m for m in self._layers if m.tracker is t] for t in self._trackers}
         self.stats_reduce = stats_reduce
+        self._unasked_drift: list[Tensor] = []  # [sum of angles of moves not asked about before the next]
         self._hooks = []
         if embedding is not None:
             self._hooks.append(embedding.register_post_accumulate_grad_hook(self._update_in_backward))
@@ -194,16 +195,29 @@ class OasisAdamW(torch.optim.Optimizer):
 
     def subspace_drift(self) -> float:
         """Mean over bases of the largest principal angle (radians) moved since the previous call: the
-        angles of every move booked since are computed here, in one batched fp64 SVD."""
+        angles of the moves booked since are computed here, in one batched fp64 SVD."""
         if not self._trackers:
             return 0.0
         moved = [r for t in self._trackers for r in t.moved]
         for t in self._trackers:
             t.moved = []
-        total = sum(t.pop_drift() for t in self._trackers)  # what was folded while nobody asked
+        total = sum(t.pop_drift() for t in self._trackers)  # what a tracker folded alone
+        total = total + sum(self._unasked_drift)
+        self._unasked_drift.clear()
         if moved:
-            total = total + float(largest_principal_angle(torch.stack(moved)).sum())
-        return total / len(self._trackers)
+            total = total + largest_principal_angle(torch.stack(moved)).sum()
+        return float(total) / len(self._trackers)
+
+    def _fold_unasked_drift(self) -> None:
+        """Moves nobody asked about since the last step: their angles, on the device, in one batch (so
+        that a tracker keeps one r × r rotation, not one per step)."""
+        moved = [r for t in self._trackers for r in t.moved]
+        if moved:
+            for t in self._trackers:
+                t.moved = []
+            angles = largest_principal_angle_on_device(torch.stack(moved)).sum()
+            # a list mutated in place (torch.compile keeps that side effect), holding one running sum
+            self._unasked_drift[:] = [angles + self._unasked_drift[0]] if self._unasked_drift else [angles]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -232,6 +246,8 @@ class OasisAdamW(torch.optim.Optimizer):
             elif params:
                 grouped.adamw_step(params, [self.state[p] for p in params], group, local)
         due = [t for t in self._trackers if t.moves_this_step()]
+        if due:
+            self._fold_unasked_drift()
         stats = [s for t in due for s in t.statistics()]
         if stats and self._stats_reduce is not None:
             self._stats_reduce(stats)

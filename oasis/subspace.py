@@ -70,8 +70,10 @@ RENORM_EVERY = 3
 
 
 def _normalised(m: Tensor) -> Tensor:
-    trace = torch.diagonal(m, dim1=-2, dim2=-1).sum(-1)
-    return m / trace.clamp_min(torch.finfo(m.dtype).tiny)[..., None, None]
+    # by the Frobenius norm (≥ every |λ|): squarings then neither overflow nor, for a matrix that rounding
+    # left slightly indefinite (I − RᵀR of nearly equal subspaces), blow up
+    norm = torch.linalg.vector_norm(m, dim=(-2, -1))
+    return m / norm.clamp_min(torch.finfo(m.dtype).tiny)[..., None, None]
 
 
 def top_singular_value(s: Tensor) -> Tensor:
@@ -80,15 +82,15 @@ def top_singular_value(s: Tensor) -> Tensor:
     return top_eigenvalue(s.mT @ s).sqrt()
 
 
-def top_eigenvalue(m: Tensor) -> Tensor:
-    """λ_max of a symmetric PSD `m` (..., r, r) without a host sync: m is squared SQUARINGS times
-    (P = M^(2^k), renormalised by its trace), and λ_max(M) is read as the Rayleigh quotient
+def top_eigenvalue(m: Tensor, squarings: int = SQUARINGS) -> Tensor:
+    """λ_max of a symmetric PSD `m` (..., r, r) without a host sync: m is squared `squarings` times
+    (P = M^(2^k), renormalised by its norm), and λ_max(M) is read as the Rayleigh quotient
     tr(M P²) / tr(P²), whose weights (λᵢ/λ_max)^(2^(k+1)) leave only eigenvalues within a relative
     1/2^(k+1) of λ_max. Zero for m = 0."""
     p = _normalised(m)
-    for i in range(SQUARINGS):
+    for i in range(squarings):
         p = p @ p
-        if (i + 1) % RENORM_EVERY == 0 or i + 1 == SQUARINGS:
+        if (i + 1) % RENORM_EVERY == 0 or i + 1 == squarings:
             p = _normalised(p)
     p2 = p @ p
     num = torch.diagonal(m @ p2, dim1=-2, dim2=-1).sum(-1)
@@ -146,12 +148,16 @@ def _count(rows: int, device) -> Tensor:
     return torch.full((), rows, dtype=torch.float64, device=device)
 
 
+# squarings for the drift angle: a diagnostic, to ~1e-4 relative at worst (see `top_eigenvalue`)
+DRIFT_SQUARINGS = 16
+
+
 def largest_principal_angle_on_device(rotation: Tensor) -> Tensor:
     """`largest_principal_angle` without an SVD or a host sync: sin²θ_max = λ_max(I − RᵀR) in fp64
     (`top_eigenvalue`), which also keeps small angles accurate."""
     r = rotation.double()
     gap = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device) - r.mT @ r
-    return top_eigenvalue(gap).clamp(0.0, 1.0).sqrt().arcsin()
+    return top_eigenvalue(gap, DRIFT_SQUARINGS).clamp(0.0, 1.0).sqrt().arcsin()
 
 
 class SubspaceTracker:

@@ -33,7 +33,8 @@ def _build(model, optimizer_cls, tracker_cls, *, transport="ldadam", update_ever
     def make_tracker(name, d_in, rank):
         if pca:
             return PeriodicPCATracker(name, d_in, rank, update_every=update_every)
-        return tracker_cls(name, d_in, rank, subspace_lr=subspace_lr, update_every=update_every, init="random")
+        return tracker_cls(name, d_in, rank, subspace_lr=subspace_lr, update_every=update_every,
+                           init="random")
 
     layers = compress(model, LLAMA_TARGETS, 8, make_tracker, share_inputs=share_inputs)
     return optimizer_cls(model, layers, transport=transport, **HP)
@@ -135,7 +136,7 @@ def test_cholesky_qr2_is_the_sign_fixed_qr_batched():
 
 def test_oja_step_batched_equals_one_at_a_time():
     gen = torch.Generator().manual_seed(0)
-    u = torch.stack([orthonormalize(torch.randn(20, 4, dtype=torch.float64, generator=gen)) for _ in range(3)])
+    u = orthonormalize_cholesky(torch.randn(3, 20, 4, dtype=torch.float64, generator=gen))
     x = torch.randn(3, 50, 20, dtype=torch.float64, generator=gen)
     c = x.mT @ x / 50
     s, k = c @ u, u.mT @ c @ u
