@@ -63,16 +63,16 @@ def _factor_dtype(x: torch.Tensor) -> torch.dtype:
 def _orthonormal(x: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     """Orthonormal columns spanning `x`, by Cholesky-QR2 in float64 (no host sync, unlike a QR that may
     synchronise on CUDA; column signs differ from Householder's, which LDAdam's transport is blind to):
-    exact to working precision while cond(x) < ~1e7. Where the Cholesky factorisation fails (x singular
-    or worse conditioned) the projector stays `fallback`, decided on the device."""
-    a = x.to(torch.promote_types(x.dtype, torch.float64))
-    ok = torch.ones((), dtype=torch.bool, device=x.device)
+    exact to working precision while cond(x) < ~1e7. Where a Cholesky factorisation fails (x singular or
+    worse conditioned) the projector stays `fallback`, decided on the device."""
+    a = x.to(torch.float64)
+    infos = []
     for _ in range(2):
         chol, info = torch.linalg.cholesky_ex(a.mT @ a)
         a = torch.linalg.solve_triangular(chol.mT, a, upper=True, left=False)
-        ok = ok & (info == 0)
-    ok = ok & a.isfinite().all()
-    return torch.where(ok, a.to(_factor_dtype(x)), fallback.to(_factor_dtype(x)))
+        infos.append(info)
+    dtype = _factor_dtype(x)
+    return torch.where((infos[0] == 0) & (infos[1] == 0), a.to(dtype), fallback.to(dtype))
 
 
 def top_subspace(a: torch.Tensor, rank: int, left: bool) -> torch.Tensor:

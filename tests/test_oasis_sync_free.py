@@ -97,13 +97,12 @@ def test_pca_steps_read_nothing_back_but_the_refresh():
 def test_the_guard_catches_what_the_old_step_did():
     # the per-layer step read σ_max with svdvals and the drift angle with an fp64 svdvals at every move
     from oasis import LLAMA_TARGETS, compress
-    from oasis.subspace import OjaTracker
     from tests.oasis_reference import ReferenceOasisAdamW, ReferenceOjaTracker
 
     model = _model()
     layers = compress(model, LLAMA_TARGETS, 8, lambda n, d, r: ReferenceOjaTracker(n, d, r, init="random"))
     opt = ReferenceOasisAdamW(model, layers, lr=1e-3)
-    assert not isinstance(opt.trackers[0], OjaTracker) or type(opt.trackers[0]) is not OjaTracker
+    assert all(type(t) is ReferenceOjaTracker for t in opt.trackers)
     _train_step(model, opt, 0)
     with pytest.raises(AssertionError, match="host sync"), SyncGuard():
         _train_step(model, opt, 1)
