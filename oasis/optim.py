@@ -198,7 +198,7 @@ class OasisAdamW(torch.optim.Optimizer):
         angles of the moves booked since are computed here, in one batched fp64 SVD."""
         if not self._trackers:
             return 0.0
-        moved = [r for t in self._trackers for r in t.moved]
+        moved = [r for t in self._trackers for _, r in t.moved]
         for t in self._trackers:
             t.moved = []
         total = sum(t.pop_drift() for t in self._trackers)  # what a tracker folded alone
@@ -209,12 +209,10 @@ class OasisAdamW(torch.optim.Optimizer):
         return float(total) / len(self._trackers)
 
     def _fold_unasked_drift(self) -> None:
-        """Moves nobody asked about since the last step: their angles, on the device, in one batch (so
-        that a tracker keeps one r × r rotation, not one per step)."""
-        moved = [r for t in self._trackers for r in t.moved]
+        """Moves of earlier steps nobody asked about: their angles, on the device, in one batch (so that a
+        tracker keeps the rotations of one step at most)."""
+        moved = [r for t in self._trackers for r in t.take_moves_before(t.steps)]
         if moved:
-            for t in self._trackers:
-                t.moved = []
             angles = largest_principal_angle_on_device(torch.stack(moved)).sum()
             # a list mutated in place (torch.compile keeps that side effect), holding one running sum
             self._unasked_drift[:] = [angles + self._unasked_drift[0]] if self._unasked_drift else [angles]
@@ -245,9 +243,8 @@ class OasisAdamW(torch.optim.Optimizer):
                                         [self.state[p] for p in params], group, local)
             elif params:
                 grouped.adamw_step(params, [self.state[p] for p in params], group, local)
+        self._fold_unasked_drift()
         due = [t for t in self._trackers if t.moves_this_step()]
-        if due:
-            self._fold_unasked_drift()
         stats = [s for t in due for s in t.statistics()]
         if stats and self._stats_reduce is not None:
             self._stats_reduce(stats)

@@ -62,9 +62,9 @@ def orthonormalize_cholesky(a: Tensor) -> Tensor:
     return a
 
 
-# squarings of SᵀS/trace in `top_singular_value`: the estimate's relative error is at most
-# (r − 1) / (2e · 2^SQUARINGS) (≈ 4e-7 for r = 32), whatever the spectrum; float32 range allows
-# RENORM_EVERY squarings between renormalisations
+# squarings in `top_eigenvalue`: the estimate's relative error is at most (r − 1) / (2e · 2^SQUARINGS)
+# (≈ 1e-7 for r = 32), whatever the spectrum; float32's range allows RENORM_EVERY squarings between
+# renormalisations
 SQUARINGS = 26
 RENORM_EVERY = 3
 
@@ -148,6 +148,8 @@ def _count(rows: int, device) -> Tensor:
     return torch.full((), rows, dtype=torch.float64, device=device)
 
 
+# moves a tracker keeps for the drift before it folds them itself (without an optimizer that does)
+PENDING_MOVES = 64
 # squarings for the drift angle: a diagnostic, to ~1e-4 relative at worst (see `top_eigenvalue`)
 DRIFT_SQUARINGS = 16
 
@@ -194,8 +196,8 @@ class SubspaceTracker:
         self.refreshed_at = -1                 # step whose forward last set the basis (refresh policy)
         self.rotation: Tensor | None = None    # refresh policy: U_newᵀ U_old until the next step() takes it
         self.drift_since_query = 0.0           # sum of largest principal angles since `pop_drift()`, beyond
-        self.moved: list[Tensor] = []          # the last move's rotation (r × r), whose angle is computed
-        # only when asked (an fp64 SVD reads back on CUDA); earlier ones unasked are folded on the device
+        self.moved: list[tuple[int, Tensor]] = []  # (step, rotation r × r) of moves whose angles are
+        # computed only when asked (an fp64 SVD reads back on CUDA); the optimizer folds older ones unasked
 
     @property
     def moves(self) -> bool:
@@ -263,19 +265,27 @@ class SubspaceTracker:
         return rotation
 
     def book_move(self, rotation: Tensor) -> None:
-        """Book a move of the basis (R = U_newᵀ U_old of orthonormal bases) for the drift."""
-        if self.moved:  # nobody asked since the last move: fold it, on the device, to keep one r × r
+        """Book a move of the basis (R = U_newᵀ U_old of orthonormal bases) for the drift, tagged with the
+        step it happened in (the optimizer folds the moves of earlier steps nobody asked about)."""
+        self.moved.append((self.steps, rotation))
+        if len(self.moved) > PENDING_MOVES:  # used without an optimizer and never asked: bound what is kept
             moved, self.moved = self.moved, []
-            angles = largest_principal_angle_on_device(torch.stack(moved))
+            angles = largest_principal_angle_on_device(torch.stack([r for _, r in moved]))
             self.drift_since_query = self.drift_since_query + angles.sum()
-        self.moved.append(rotation)
+
+    def take_moves_before(self, step: int) -> list[Tensor]:
+        """Take out the rotations of the moves booked before optimizer step `step`."""
+        old = [r for at, r in self.moved if at < step]
+        if old:
+            self.moved = [(at, r) for at, r in self.moved if at >= step]
+        return old
 
     def take_moved_angles(self) -> Tensor | None:
         """The largest principal angles of the moves booked since the last call (one batched fp64 SVD)."""
         if not self.moved:
             return None
         moved, self.moved = self.moved, []
-        return largest_principal_angle(torch.stack(moved))
+        return largest_principal_angle(torch.stack([r for _, r in moved]))
 
     # --- used by the optimizer, in step() -------------------------------------------------------------
     def statistics(self) -> list[Tensor]:
