@@ -199,11 +199,11 @@ class OasisAdamW(torch.optim.Optimizer):
         if not self._trackers:
             return 0.0
         moved = [r for t in self._trackers for _, r in t.moved]
-        for t in self._trackers:
-            t.moved = []
-        total = sum(t.pop_drift() for t in self._trackers)  # what a tracker folded alone
-        total = total + sum(self._unasked_drift)
+        total = sum(self._unasked_drift)
         self._unasked_drift.clear()
+        for t in self._trackers:  # and what a tracker folded alone: one read back in all
+            total = total + t.drift_since_query
+            t.moved, t.drift_since_query = [], 0.0
         if moved:
             total = total + largest_principal_angle(torch.stack(moved)).sum()
         return float(total) / len(self._trackers)
