@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from baselines._common import adam_kwargs, check_rank, split_params, unit_interval
+from oasis.grouped import adamw_step
 from oasis.optim import adam_direction, transport_moments
 
 __all__ = ["LDAdamW", "adam_direction", "build", "lift", "power_step", "project", "top_subspace",
@@ -59,8 +60,19 @@ def _factor_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _orthonormal(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(x.to(_factor_dtype(x)))[0]
+def _orthonormal(x: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning `x`, by Cholesky-QR2 in float64 (no host sync, unlike a QR that may
+    synchronise on CUDA; column signs differ from Householder's, which LDAdam's transport is blind to):
+    exact to working precision while cond(x) < ~1e7. Where a Cholesky factorisation fails (x singular or
+    worse conditioned) the projector stays `fallback`, decided on the device."""
+    a = x.to(torch.float64)
+    infos = []
+    for _ in range(2):
+        chol, info = torch.linalg.cholesky_ex(a.mT @ a)
+        a = torch.linalg.solve_triangular(chol.mT, a, upper=True, left=False)
+        infos.append(info)
+    dtype = _factor_dtype(x)
+    return torch.where((infos[0] == 0) & (infos[1] == 0), a.to(dtype), fallback.to(dtype))
 
 
 def top_subspace(a: torch.Tensor, rank: int, left: bool) -> torch.Tensor:
@@ -80,7 +92,7 @@ def power_step(P_prev, m_prev, c_m: float, a, c_a: float, left: bool) -> torch.T
     else:
         U = torch.add(a @ P_prev, m_prev, alpha=c_m / c_a) if c_a else m_prev * c_m
         Y = torch.add(a.T @ U, P_prev @ (m_prev.T @ U), alpha=c_m / c_a) if c_a else P_prev @ (m_prev.T @ U)
-    return _orthonormal(Y).to(a.dtype)  # overall scale (c_a) does not change the span
+    return _orthonormal(Y, P_prev).to(a.dtype)  # overall scale (c_a) does not change the span
 
 
 class LDAdamW(torch.optim.Optimizer):
@@ -91,7 +103,9 @@ class LDAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank, rho=rho,
                         error_feedback=error_feedback)
         super().__init__(params, defaults)
-        self._drift: dict[int, torch.Tensor] = {}  # per weight: sum of angles moved since last query
+        # per weight: the rotations C = P_tᵀ P_(t-1) since the last query, whose angles are computed only when
+        # asked (an SVD synchronises on CUDA); one r × r per step and weight, dropped at each query
+        self._moved: dict[int, list[torch.Tensor]] = {}
         for group in self.param_groups:
             if group["rank"] is None:
                 continue
@@ -103,11 +117,14 @@ class LDAdamW(torch.optim.Optimizer):
     def subspace_drift(self) -> float:
         """Mean over compressed weights of the largest principal angle (radians) between successive
         projectors, summed since the previous call; 0.0 when nothing moved."""
-        if not self._drift:
+        if not self._moved:
             return 0.0
-        drift = float(torch.stack(list(self._drift.values())).mean())
-        self._drift = {}
-        return drift
+        weights = len(self._moved)
+        rotations = torch.stack([c.float() for cs in self._moved.values() for c in cs])
+        # smallest singular value of C = cos(largest angle), in float32 as ever
+        angles = torch.linalg.svdvals(rotations)[..., -1].clamp(-1.0, 1.0).arccos()
+        self._moved = {}
+        return float(angles.sum()) / weights
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Like torch's, except that a gradient tensor holding an error buffer is kept (it IS the buffer)."""
@@ -127,26 +144,14 @@ class LDAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group["rank"] is None:
-                    self._adamw(p, group)
-                else:
-                    self._ldadam(p, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["rank"] is None:  # foreach, as torch.optim.AdamW(foreach=True)
+                if params:
+                    adamw_step(params, [self.state[p] for p in params], group, lambda t: t)
+                continue
+            for p in params:
+                self._ldadam(p, group)
         return loss
-
-    def _adamw(self, p, group):
-        st = self.state[p]
-        if not st:
-            st["step"] = 0
-            st["exp_avg"] = torch.zeros_like(p)
-            st["exp_avg_sq"] = torch.zeros_like(p)
-        st["step"] += 1
-        d, step_size = adam_direction(st["exp_avg"], st["exp_avg_sq"], p.grad, st["step"], group["betas"],
-                                      group["eps"], group["lr"])
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(d, alpha=-step_size)
 
     def _ldadam(self, p, group):
         st = self.state[p]
@@ -167,9 +172,7 @@ class LDAdamW(torch.optim.Optimizer):
             P = power_step(P_old, m, rho / (1 - beta1 ** k), a, 1 - rho, left)
             C = P.T @ P_old
             m_new, v_new = transport_moments(m, v, C, k, group["betas"], left=left)
-            # kept as a tensor (no host sync per step); smallest singular value of C = cos(largest angle)
-            angle = torch.linalg.svdvals(C.float()).min().clamp(-1.0, 1.0).arccos()
-            self._drift[id(p)] = self._drift[id(p)] + angle if id(p) in self._drift else angle
+            self._moved.setdefault(id(p), []).append(C)
 
         g_low = project(P, a, left)
         if group["error_feedback"]:  # all in place on a: the buffer costs no m x n temporary

@@ -12,7 +12,9 @@ Every other trainable parameter gets plain AdamW, computed exactly as `torch.opt
 One `step()`: (1) moments of layers whose basis was refreshed in forward (periodic PCA) are transported;
 (2) the Adam update of every parameter, in the current bases; (3) the statistics of the bases due to move
 at this step go through `stats_reduce` (one call, all trackers), each such basis moves, and the moments of
-its layers are transported at once. See `oasis.subspace` for the timing.
+its layers are transported at once. See `oasis.subspace` for the timing. Each of these runs batched over
+layers (`oasis.grouped`: foreach lists, stacked bases and moments) and reads no value back to the host;
+the drift angles are computed only when `subspace_drift()` asks for them.
 
 FSDP2 (`torch.distributed.fsdp.fully_shard`): parameters become DTensors sharded by rows (Shard(0)), the
 gradient carriers and their Ĝ included, while the bases (tracker tensors, not parameters) stay plain and
@@ -35,8 +37,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from . import grouped
 from .linear import CompressedLinear
-from .subspace import StatsReduce
+from .subspace import StatsReduce, largest_principal_angle, largest_principal_angle_on_device
 
 try:
     from torch.distributed.tensor import DTensor
@@ -86,9 +89,9 @@ def transport_moments(exp_avg: Tensor, exp_avg_sq: Tensor, rotation: Tensor, ste
     if left:
         new_m = rotation @ exp_avg
         v_hat = (squared @ variance).add_((rotation @ m_hat).square_())
-    else:
-        new_m = exp_avg @ rotation.T
-        v_hat = (variance @ squared.T).add_((m_hat @ rotation.T).square_())
+    else:  # .mT: a leading batch dim is allowed (`oasis.grouped.transport`)
+        new_m = exp_avg @ rotation.mT
+        v_hat = (variance @ squared.mT).add_((m_hat @ rotation.mT).square_())
     return new_m, v_hat.abs_().mul_(bc2)
 
 
@@ -165,6 +168,7 @@ class OasisAdamW(torch.optim.Optimizer):
         self._trackers = list({id(m.tracker): m.tracker for m in compressed}.values())
         self._layers_of = {id(t): [m for m in self._layers if m.tracker is t] for t in self._trackers}
         self.stats_reduce = stats_reduce
+        self._unasked_drift: list[Tensor] = []  # [sum of angles of moves not asked about before the next]
         self._hooks = []
         if embedding is not None:
             self._hooks.append(embedding.register_post_accumulate_grad_hook(self._update_in_backward))
@@ -190,10 +194,28 @@ class OasisAdamW(torch.optim.Optimizer):
             tracker.reduce = fn
 
     def subspace_drift(self) -> float:
-        """Mean over bases of the largest principal angle (radians) moved since the previous call."""
+        """Mean over bases of the largest principal angle (radians) moved since the previous call: the
+        angles of the moves booked since are computed here, in one batched fp64 SVD."""
         if not self._trackers:
             return 0.0
-        return sum(t.pop_drift() for t in self._trackers) / len(self._trackers)
+        moved = [r for t in self._trackers for _, r in t.moved]
+        total = sum(self._unasked_drift)
+        self._unasked_drift.clear()
+        for t in self._trackers:  # and what a tracker folded alone: one read back in all
+            total = total + t.drift_since_query
+            t.moved, t.drift_since_query = [], 0.0
+        if moved:
+            total = total + largest_principal_angle(torch.stack(moved)).sum()
+        return float(total) / len(self._trackers)
+
+    def _fold_unasked_drift(self) -> None:
+        """Moves of earlier steps nobody asked about: their angles, on the device, in one batch (so that a
+        tracker keeps the rotations of one step at most)."""
+        moved = [r for t in self._trackers for r in t.take_moves_before(t.steps)]
+        if moved:
+            angles = largest_principal_angle_on_device(torch.stack(moved)).sum()
+            # a list mutated in place (torch.compile keeps that side effect), holding one running sum
+            self._unasked_drift[:] = [angles + self._unasked_drift[0]] if self._unasked_drift else [angles]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -201,56 +223,44 @@ class OasisAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for tracker in self._trackers:  # bases refreshed in forward since the last step
-            self._transport(tracker, tracker.pop_rotation())
+        refreshed = {}  # bases refreshed in forward since the last step
+        for tracker in self._trackers:
+            rotation = tracker.pop_rotation()
+            if rotation is not None:
+                refreshed[id(tracker)] = rotation
+        self._transport(refreshed)
         for group in self.param_groups:
             if group.get("in_backward"):
                 continue
-            for p in group["params"]:
-                if group["compressed"] and self._layer_of[id(p)].grad_carrier is not p:
-                    raise RuntimeError("a compressed layer's gradient carrier is not the Parameter this "
-                                       "optimizer was built with: build the optimizer after fully_shard (or "
-                                       "anything else that replaces the model's Parameters)")
-                if p.grad is None:
-                    continue
-                if group["compressed"]:
-                    self._compressed_step(self._layer_of[id(p)], group)
-                else:
-                    self._adamw_step(p, p.grad, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["compressed"]:
+                for p in group["params"]:
+                    if self._layer_of[id(p)].grad_carrier is not p:
+                        raise RuntimeError("a compressed layer's gradient carrier is not the Parameter this "
+                                           "optimizer was built with: build the optimizer after fully_shard "
+                                           "(or anything else that replaces the model's Parameters)")
+                grouped.compressed_step([self._layer_of[id(p)] for p in params],
+                                        [self.state[p] for p in params], group, local)
+            elif params:
+                grouped.adamw_step(params, [self.state[p] for p in params], group, local)
+        self._fold_unasked_drift()
         due = [t for t in self._trackers if t.moves_this_step()]
         stats = [s for t in due for s in t.statistics()]
         if stats and self._stats_reduce is not None:
             self._stats_reduce(stats)
-        for tracker in due:
-            self._transport(tracker, tracker.advance())
+        self._transport(grouped.advance(due))
         for tracker in self._trackers:
             tracker.step()
         return loss
 
-    def _transport(self, tracker, rotation: Tensor | None) -> None:
-        if rotation is None or self.transport == "none":
+    def _transport(self, rotations: dict) -> None:
+        """Carry the moments of the layers whose tracker (by id) moved into its new coordinates."""
+        if not rotations or self.transport == "none":
             return
-        for layer in self._layers_of[id(tracker)]:
-            state = self.state[layer.grad_carrier]
-            if state.get("step", 0) > 0:
-                group = self.param_groups[0]
-                exp_avg, exp_avg_sq = local(state["exp_avg"]), local(state["exp_avg_sq"])
-                new_m, new_v = transport_moments(exp_avg, exp_avg_sq, rotation, int(state["step"]),
-                                                 group["betas"])
-                if isinstance(state["exp_avg"], DTensor):  # rows × r @ r × r: each rank its own rows
-                    exp_avg.copy_(new_m)
-                    exp_avg_sq.copy_(new_v)
-                else:
-                    state["exp_avg"], state["exp_avg_sq"] = new_m, new_v
-
-    def _compressed_step(self, layer: CompressedLinear, group) -> None:
-        direction, step_size = self._adam(self.state[layer.grad_carrier], layer.grad_carrier.grad, group)
-        weight = local(layer.weight)  # under FSDP2 this rank's rows, as the direction is
-        if group["weight_decay"] != 0:
-            weight.mul_(1 - group["lr"] * group["weight_decay"])
-        # in-place GEMM: the lifted d_out × d_in update is never materialised
-        basis = layer.tracker.basis.to(weight.dtype)
-        weight.addmm_(direction.to(weight.dtype), basis.T, alpha=-step_size * layer.tracker.scale)
+        layers = [m for m in self._layers if id(m.tracker) in rotations]
+        grouped.transport(layers, [self.state[m.grad_carrier] for m in layers],
+                          [rotations[id(m.tracker)] for m in layers], self.param_groups[0]["betas"], local,
+                          transport_moments)
 
     def _adamw_step(self, p: Tensor, grad: Tensor, group, out: Tensor | None = None) -> None:
         direction, step_size = self._adam(self.state[p], grad, group, out)

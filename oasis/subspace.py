@@ -50,6 +50,63 @@ def orthonormalize(u: Tensor) -> Tensor:
     return q * signs
 
 
+def orthonormalize_cholesky(a: Tensor) -> Tensor:
+    """Orthonormal columns of `a` (..., n, r; a leading batch dim allowed) by Cholesky-QR2: two passes of
+    Q = A R⁻¹ with Rᵀ R = AᵀA. Without a host sync (`cholesky_ex` leaves its info on the device) and the
+    same Q as `orthonormalize` (Cholesky's R has a positive diagonal); the second pass restores
+    orthogonality to working precision for any A with cond(A)² well below 1/eps (an Oja step from an
+    orthonormal basis is that)."""
+    for _ in range(2):
+        chol, _ = torch.linalg.cholesky_ex(a.mT @ a)
+        a = torch.linalg.solve_triangular(chol.mT, a, upper=True, left=False)
+    return a
+
+
+# squarings in `top_eigenvalue`: the estimate's relative error is at most (r − 1) / (2e · 2^SQUARINGS)
+# (≈ 1e-7 for r = 32), whatever the spectrum; float32's range allows RENORM_EVERY squarings between
+# renormalisations
+SQUARINGS = 26
+RENORM_EVERY = 3
+
+
+def _normalised(m: Tensor) -> Tensor:
+    # by the Frobenius norm (≥ every |λ|): squarings then neither overflow nor, for a matrix that rounding
+    # left slightly indefinite (I − RᵀR of nearly equal subspaces), blow up
+    norm = torch.linalg.vector_norm(m, dim=(-2, -1))
+    return m / norm.clamp_min(torch.finfo(m.dtype).tiny)[..., None, None]
+
+
+def top_singular_value(s: Tensor) -> Tensor:
+    """σ_max of `s` (..., n, r) without an SVD or a host sync: √λ_max(SᵀS) (`top_eigenvalue`). Zero for
+    s = 0."""
+    return top_eigenvalue(s.mT @ s).sqrt()
+
+
+def top_eigenvalue(m: Tensor, squarings: int = SQUARINGS) -> Tensor:
+    """λ_max of a symmetric PSD `m` (..., r, r) without a host sync: m is squared `squarings` times
+    (P = M^(2^k), renormalised by its norm), and λ_max(M) is read as the Rayleigh quotient
+    tr(M P²) / tr(P²), whose weights (λᵢ/λ_max)^(2^(k+1)) leave only eigenvalues within a relative
+    1/2^(k+1) of λ_max. Zero for m = 0."""
+    p = _normalised(m)
+    for i in range(squarings):
+        p = p @ p
+        if (i + 1) % RENORM_EVERY == 0 or i + 1 == squarings:
+            p = _normalised(p)
+    p2 = p @ p
+    num = torch.diagonal(m @ p2, dim1=-2, dim2=-1).sum(-1)
+    den = torch.diagonal(p2, dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(m.dtype).tiny)
+    return (num / den).clamp_min(0)
+
+
+def oja_step(basis: Tensor, s: Tensor, k: Tensor, subspace_lr: float) -> Tensor:
+    """One Oja step, before orthonormalisation: U + η (S − U K) / σ_max(S), for U (..., n, r), S = C U
+    (..., n, r) and K = Uᵀ C U (..., r, r); a leading batch dim is allowed, and nothing reads a value back
+    to the host. See `OjaTracker` for the normalisation."""
+    # clamp: activations that are all zero give S = 0 and a zero step, not a division by zero
+    sigma = top_singular_value(s).clamp_min(torch.finfo(s.dtype).tiny)
+    return basis + (subspace_lr / sigma)[..., None, None] * (s - basis @ k)
+
+
 def top_eigvecs(gram: Tensor, rank: int) -> Tensor:
     """Top-`rank` eigenvectors of a symmetric PSD matrix, largest first, sign-normalised."""
     _, vecs = torch.linalg.eigh(gram)
@@ -73,8 +130,10 @@ def lean_gram(x2d: Tensor) -> Tensor:
 
 
 def largest_principal_angle(rotation: Tensor) -> Tensor:
-    """Largest principal angle (radians, 0-dim tensor) between two r-dim subspaces, from R = U_newᵀ U_old."""
-    cos = torch.linalg.svdvals(rotation.double()).min().clamp(-1.0, 1.0)
+    """Largest principal angle (radians) between two r-dim subspaces, from R = U_newᵀ U_old (r × r; a
+    leading batch dim gives one angle per matrix). fp64 SVD: it reads a value back on CUDA, so it is run
+    only when drift is asked for (`pop_drift`, `OasisAdamW.subspace_drift`)."""
+    cos = torch.linalg.svdvals(rotation.double())[..., -1].clamp(-1.0, 1.0)
     return torch.arccos(cos)
 
 
@@ -84,8 +143,23 @@ def layer_seed(seed: int, name: str) -> int:
 
 
 def _count(rows: int, device) -> Tensor:
-    # float64: an exact token count for any realistic batch, and a tensor so that it can be all-reduced
-    return torch.tensor(float(rows), dtype=torch.float64, device=device)
+    # float64: an exact token count for any realistic batch, and a tensor so that it can be all-reduced;
+    # a fill on the device, not a copy of host data
+    return torch.full((), rows, dtype=torch.float64, device=device)
+
+
+# moves a tracker keeps for the drift before it folds them itself (without an optimizer that does)
+PENDING_MOVES = 64
+# squarings for the drift angle: a diagnostic, to ~1e-4 relative at worst (see `top_eigenvalue`)
+DRIFT_SQUARINGS = 16
+
+
+def largest_principal_angle_on_device(rotation: Tensor) -> Tensor:
+    """`largest_principal_angle` without an SVD or a host sync: sin²θ_max = λ_max(I − RᵀR) in fp64
+    (`top_eigenvalue`), which also keeps small angles accurate."""
+    r = rotation.double()
+    gap = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device) - r.mT @ r
+    return top_eigenvalue(gap, DRIFT_SQUARINGS).clamp(0.0, 1.0).sqrt().arcsin()
 
 
 class SubspaceTracker:
@@ -121,8 +195,9 @@ class SubspaceTracker:
         self.forwards = 0                      # training forwards (not recomputations) in the current step
         self.refreshed_at = -1                 # step whose forward last set the basis (refresh policy)
         self.rotation: Tensor | None = None    # refresh policy: U_newᵀ U_old until the next step() takes it
-        self.drift_since_query = 0.0           # sum of largest principal angles since `pop_drift()`
-        # (kept as a tensor between queries: no host sync, and FakeTensorMode-safe)
+        self.drift_since_query = 0.0           # sum of largest principal angles since `pop_drift()`, beyond
+        self.moved: list[tuple[int, Tensor]] = []  # (step, rotation r × r) of moves whose angles are
+        # computed only when asked (an fp64 SVD reads back on CUDA); the optimizer folds older ones unasked
 
     @property
     def moves(self) -> bool:
@@ -181,14 +256,36 @@ class SubspaceTracker:
         old = self.basis
         rotation = new.T @ old if self.orthonormal else None
         if rotation is not None:
-            angle = largest_principal_angle(rotation)
+            self.book_move(rotation)
             if self.refresh_in_forward:
                 self.rotation = rotation if self.rotation is None else rotation @ self.rotation
         else:
-            angle = largest_principal_angle(orthonormalize(new).T @ orthonormalize(old))
-        self.drift_since_query = self.drift_since_query + angle
+            self.book_move(orthonormalize(new).T @ orthonormalize(old))
         old.copy_(new)
         return rotation
+
+    def book_move(self, rotation: Tensor) -> None:
+        """Book a move of the basis (R = U_newᵀ U_old of orthonormal bases) for the drift, tagged with the
+        step it happened in (the optimizer folds the moves of earlier steps nobody asked about)."""
+        self.moved.append((self.steps, rotation))
+        if len(self.moved) > PENDING_MOVES:  # used without an optimizer and never asked: bound what is kept
+            moved, self.moved = self.moved, []
+            angles = largest_principal_angle_on_device(torch.stack([r for _, r in moved]))
+            self.drift_since_query = self.drift_since_query + angles.sum()
+
+    def take_moves_before(self, step: int) -> list[Tensor]:
+        """Take out the rotations of the moves booked before optimizer step `step`."""
+        old = [r for at, r in self.moved if at < step]
+        if old:
+            self.moved = [(at, r) for at, r in self.moved if at >= step]
+        return old
+
+    def take_moved_angles(self) -> Tensor | None:
+        """The largest principal angles of the moves booked since the last call (one batched fp64 SVD)."""
+        if not self.moved:
+            return None
+        moved, self.moved = self.moved, []
+        return largest_principal_angle(torch.stack([r for _, r in moved]))
 
     # --- used by the optimizer, in step() -------------------------------------------------------------
     def statistics(self) -> list[Tensor]:
@@ -217,8 +314,9 @@ class SubspaceTracker:
         return rotation
 
     def pop_drift(self) -> float:
+        angles = self.take_moved_angles()
         drift, self.drift_since_query = self.drift_since_query, 0.0
-        return float(drift)
+        return float(drift if angles is None else angles.sum() + drift)
 
     def step(self) -> None:
         """End of an optimizer step: statistics of this step are gone whatever happened to them."""
@@ -263,6 +361,8 @@ class OjaTracker(SubspaceTracker):
 
         S = C U = Σ Xᵀ Z / N,   K = Uᵀ C U = Σ Zᵀ Z / N,   U' = qr(U + η (S − U K) / σ_max(S))
 
+    (`oja_step`, then Cholesky-QR2 for qr; the same Q as a QR with diag(R) > 0).
+
     (sums over the step's micro-batches, and across ranks through `reduce`). Normalisation (the paper is
     silent): dividing by σ_max(S), the largest singular value of C U, makes the step scale-free —
     multiplying the activations by any constant leaves U' unchanged — and bounds the largest step to η, so
@@ -282,11 +382,13 @@ class OjaTracker(SubspaceTracker):
     def moves(self) -> bool:
         return self.subspace_lr > 0
 
+    def oja_settings(self) -> dict:
+        """The keyword arguments of `oja_step` besides the tensors: trackers with equal settings, shapes
+        and class move together in one batched step (`oasis.grouped`)."""
+        return {"subspace_lr": self.subspace_lr}
+
     def _next_basis(self) -> Tensor:
         s_sum, k_sum, count = self.stats
         count = count.clamp_min(1)  # no rows seen: S = K = 0, a zero step (no data-dependent branch)
         s, k = s_sum / count, k_sum / count
-        u = self.basis
-        # clamp: activations that are all zero give S = 0 and a zero step, not a division by zero
-        sigma = torch.linalg.svdvals(s)[0].clamp_min(torch.finfo(s.dtype).tiny)
-        return orthonormalize(u + (self.subspace_lr / sigma) * (s - u @ k))
+        return orthonormalize_cholesky(oja_step(self.basis, s, k, **self.oja_settings()))
