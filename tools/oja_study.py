@@ -28,7 +28,6 @@ runs already there).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -152,7 +151,8 @@ def synthetic(out: Path) -> dict:
 def _config(steps: int, norm: str, eta: float, every: int, tmp: str) -> dict:
     from suites import run
 
-    sets = [f"steps={steps}", f"subspace_lr={eta}", f"update_every={every}", f"mem_window={min(11, steps - 1)}"]
+    sets = [f"steps={steps}", f"subspace_lr={eta}", f"update_every={every}",
+            f"mem_window={min(11, steps - 1)}"]
     if norm != "frozen":
         sets.append(f"oja_norm={norm}")
     argv = ["c4", "--profile", "cpu", "--methods", "oasis", "--out", tmp]
@@ -255,9 +255,9 @@ def train(out: Path, steps: int, runs: list, probe_every: int) -> dict:
         doc["runs"].append(row)
         files.write_json(path, doc)
         last = row["probes"][-1]
-        print(f"{norm:9s} η={eta:<6g} k={every}: eval_loss {row['eval_loss']:.4f}  captured {last['captured']:.4f}"
-              f"  angle {last['angle']:.3f}  overlap_first {last['overlap_first']:.3f}  ({row['train_s']:.0f}s)",
-              flush=True)
+        print(f"{norm:9s} η={eta:<6g} k={every}: eval_loss {row['eval_loss']:.4f}  "
+              f"captured {last['captured']:.4f}  angle {last['angle']:.3f}  "
+              f"overlap_first {last['overlap_first']:.3f}  ({row['train_s']:.0f}s)", flush=True)
     return doc
 
 
