@@ -15,7 +15,8 @@ synthetic: d = 64, r = 8; every step one batch of 512 Gaussian rows.
               direction, as LLM activations have (a mean / a massive activation): the uncentred top-r
               space is that direction plus the top r−1 directions of the rotating part; the same lag.
   scale       each stream with the activations multiplied by 1e-3 and 1e3 (is the step scale-free?).
-  Each over η ∈ {0.003, 0.01, 0.03, 0.1, 0.3, 1} for the scale-free steps and η ∈ {1e-5 .. 1e-1} for "none".
+  Each over η ∈ {0.001, 0.003, ..., 1} for the scale-free steps and η ∈ {1e-6 .. 1e-1} for "none", all η of
+  one normalisation moved together as one batch of bases through `oasis.subspace.oja_step`.
 
 train: `suites.run c4 --profile cpu --methods oasis` settings (llama-cpu, b4 × 128, rank 32) trained for
 --steps with one normalisation, η and update_every per run ("frozen" = subspace_lr 0); every --probe-every
@@ -39,13 +40,14 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from oasis.subspace import OJA_NORMS, OjaTracker, largest_principal_angle  # noqa: E402
+from oasis.subspace import OJA_NORMS, OjaTracker, largest_principal_angle, oja_step  # noqa: E402
 from suites import files, records  # noqa: E402
 from suites.cli import Parser, UsageError, cli_main  # noqa: E402
 
 PROG = "python tools/oja_study.py"
-SCALE_FREE_ETAS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
-PLAIN_ETAS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+SCALE_FREE_ETAS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+PLAIN_ETAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+STEPS_STATIONARY, STEPS_MOVING, LAG_FROM = 1500, 1000, 600
 D, R, ROWS = 64, 8, 512
 OMEGA = 0.01  # rad per step, rotating streams
 MEAN_NORM2 = 1000.0  # mean stream: ‖μ‖² in units of the largest variance (10)
@@ -83,8 +85,11 @@ def stream(kind: str, gen, scale: float = 1.0):
         step += 1
 
 
-def _angle(basis, top) -> float:
-    return float(largest_principal_angle(top.T @ basis))
+def _angles(bases, top) -> list[float]:
+    """Largest principal angle of each basis (E × d × r) to span(top), as asin σ_max((I − T Tᵀ) U)."""
+    t, u = top.double(), bases.double()
+    sines = torch.linalg.matrix_norm(u - t @ (t.T @ u), ord=2)
+    return [math.asin(min(1.0, float(x))) for x in sines]
 
 
 def _drive(tracker: OjaTracker, x) -> None:
@@ -94,34 +99,55 @@ def _drive(tracker: OjaTracker, x) -> None:
     tracker.step()
 
 
-def run_stream(kind: str, norm: str, eta: float, scale: float = 1.0, seed: int = 0) -> dict:
+def _orthonormalize(u):
+    """Batched QR with diag(R) > 0 (as `oasis.subspace.orthonormalize` does for one basis)."""
+    q, r = torch.linalg.qr(u)
+    return q * torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).unsqueeze(-2)
+
+
+def run_stream(kind: str, norm: str, etas, scale: float = 1.0, seed: int = 0) -> list[dict]:
+    """One stream, one normalisation, every η at once: a batch of bases moved by `oja_step` (the function
+    `OjaTracker` calls) on the same data, re-orthonormalised after each step."""
     gen = torch.Generator().manual_seed(seed)
     data = stream(kind, gen, scale)
     x, top = next(data)
-    init = "random" if kind == "stationary" else "pca"
-    tracker = OjaTracker("s", D, R, subspace_lr=eta, normalization=norm, init=init, seed=seed)
-    tracker.project(x)  # initialises (PCA of this batch: the exact start, up to sampling)
+    if kind == "stationary":  # a random start
+        start = _orthonormalize(torch.randn(D, R, generator=gen))
+    else:  # the exact top-r space of the stream at step 0
+        start = top
+    bases = start.expand(len(etas), D, R).clone()
+    eta = torch.tensor(etas, dtype=torch.float32)
     angles = []
-    for _ in range(1500 if kind == "stationary" else 1000):
+    for _ in range(STEPS_STATIONARY if kind == "stationary" else STEPS_MOVING):
         x, top = next(data)
-        _drive(tracker, x)
-        angles.append(_angle(tracker.basis, top))
-    if kind == "stationary":
-        below = [a < 0.05 for a in angles]
-        steps = next((i + 1 for i in range(len(below) - 20) if all(below[i:i + 20])), None)
-        return {"converged_at": steps, "final_angle": angles[-1]}
-    return {"lag": sum(angles[600:1000]) / len(angles[600:1000]), "final_angle": angles[-1]}
+        z = x @ bases
+        s, k = x.T @ z / x.shape[0], z.mT @ z / x.shape[0]
+        # η enters linearly: step of η = 1 from oja_step, then U + η (step − U)
+        unit = oja_step(bases, s, k, 1.0, norm, mean=x.mean(0).expand(len(etas), D))
+        bases = _orthonormalize(bases + eta[:, None, None] * (unit - bases))
+        angles.append(_angles(bases, top))
+    out = []
+    for i, e in enumerate(etas):
+        trace = [a[i] for a in angles]
+        row = {"stream": kind, "norm": norm, "eta": e, "final_angle": trace[-1]}
+        if kind == "stationary":
+            below = [a < 0.05 for a in trace]
+            row["converged_at"] = next((j + 1 for j in range(len(below) - 20) if all(below[j:j + 20])), None)
+        else:
+            tail = trace[LAG_FROM:]
+            row["lag"] = sum(tail) / len(tail) if all(math.isfinite(a) for a in tail) else None
+        out.append(row)
+    return out
 
 
 def synthetic(out: Path) -> dict:
     results = []
     for kind in ("stationary", "rotating", "mean"):
         for norm in OJA_NORMS:
-            for eta in PLAIN_ETAS if norm == "none" else SCALE_FREE_ETAS:
-                row = {"stream": kind, "norm": norm, "eta": eta, **run_stream(kind, norm, eta)}
+            for row in run_stream(kind, norm, PLAIN_ETAS if norm == "none" else SCALE_FREE_ETAS):
                 results.append(row)
                 print(json.dumps(row), flush=True)
-    # scale: the same stream and η, activations × 1e-3 and × 1e3; the basis after the run compared
+    # scale: the rotating stream with activations × 1e-3, 1, 1e3; the bases after 50 steps compared
     scale_rows = []
     for norm in OJA_NORMS:
         eta = 1e-3 if norm == "none" else 0.1
@@ -130,14 +156,12 @@ def synthetic(out: Path) -> dict:
             gen = torch.Generator().manual_seed(7)
             data = stream("rotating", gen, scale)
             tracker = OjaTracker("s", D, R, subspace_lr=eta, normalization=norm, init="random", seed=7)
-            x, _ = next(data)
-            tracker.project(x)
+            tracker.project(next(data)[0])
             for _ in range(50):
                 _drive(tracker, next(data)[0])
             bases[scale] = tracker.basis.clone()
-        diff = {str(s): _angle(bases[s], bases[1.0]) if torch.isfinite(bases[s]).all() else float("nan")
-                for s in (1e-3, 1e3)}
-        scale_rows.append({"norm": norm, "eta": eta, "angle_vs_scale_1": diff})
+        diff = {str(c): float(torch.linalg.matrix_norm(bases[c] - bases[1.0])) for c in (1e-3, 1e3)}
+        scale_rows.append({"norm": norm, "eta": eta, "basis_change_vs_scale_1": diff})
         print(json.dumps(scale_rows[-1]), flush=True)
     doc = {"commit": records.git_commit(), "d": D, "r": R, "rows": ROWS, "omega": OMEGA,
            "mean_norm2_over_lambda1": MEAN_NORM2, "streams": results, "scale": scale_rows}
