@@ -172,11 +172,11 @@ def synthetic(out: Path) -> dict:
 # ------------------------------------------------------------------------------------------ training
 
 
-def _config(steps: int, norm: str, eta: float, every: int, tmp: str) -> dict:
+def _config(steps: int, norm: str, eta: float, every: int, tmp: str, seed: int = 0) -> dict:
     from suites import run
 
     sets = [f"steps={steps}", f"subspace_lr={eta}", f"update_every={every}",
-            f"mem_window={min(11, steps - 1)}"]
+            f"mem_window={min(11, steps - 1)}", f"seed={seed}"]
     if norm != "frozen":
         sets.append(f"oja_norm={norm}")
     argv = ["c4", "--profile", "cpu", "--methods", "oasis", "--out", tmp]
@@ -225,10 +225,11 @@ def _summary(rows: dict) -> dict:
     return out
 
 
-def train_one(steps: int, norm: str, eta: float, every: int, probe_every: int, tmp: str) -> dict:
+def train_one(steps: int, norm: str, eta: float, every: int, probe_every: int, tmp: str,
+              seed: int = 0) -> dict:
     from suites import data, recipe
 
-    cfg = _config(steps, norm, eta, every, tmp)
+    cfg = _config(steps, norm, eta, every, tmp, seed)
     session = recipe.setup({"config": cfg})
     held = data.heldout_batches("wikipedia", session.tokenizer, n_tokens=8 * cfg["seq_len"], batch=8,
                                 seq_len=cfg["seq_len"])[0]
@@ -242,7 +243,7 @@ def train_one(steps: int, norm: str, eta: float, every: int, probe_every: int, t
             print(f"  {norm} η={eta} k={every} step {step + 1}: train {losses[-1]:.3f} "
                   f"{json.dumps({k: round(v, 4) for k, v in _summary(per_layer).items()})}", flush=True)
     metrics = recipe.evaluate(session)
-    return {"norm": norm, "eta": eta, "update_every": every, "steps": steps,
+    return {"norm": norm, "eta": eta, "update_every": every, "steps": steps, "seed": seed,
             "config_hash": records.config_hash(cfg), "eval_loss": metrics["eval_loss"],
             "c4_sample_loss": metrics["c4_sample_loss"], "step0_eval_loss": metrics["step0"]["eval_loss"],
             "train_loss_last20": sum(losses[-20:]) / len(losses[-20:]), "train_s": time.perf_counter() - t0,
@@ -263,18 +264,18 @@ def _parse_runs(text: str) -> list[tuple[str, float, int]]:
     return runs
 
 
-def train(out: Path, steps: int, runs: list, probe_every: int) -> dict:
+def train(out: Path, steps: int, runs: list, probe_every: int, seed: int = 0) -> dict:
     import tempfile
 
     path = out / "train.json"
     doc = json.loads(path.read_text()) if path.exists() else {"runs": []}
     doc["commit"] = records.git_commit()
-    done = {(r["norm"], r["eta"], r["update_every"], r["steps"]) for r in doc["runs"]}
+    done = {(r["norm"], r["eta"], r["update_every"], r["steps"], r.get("seed", 0)) for r in doc["runs"]}
     for norm, eta, every in runs:
-        if (norm, eta, every, steps) in done:
+        if (norm, eta, every, steps, seed) in done:
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            row = train_one(steps, norm, eta if norm != "frozen" else 0.0, every, probe_every, tmp)
+            row = train_one(steps, norm, eta if norm != "frozen" else 0.0, every, probe_every, tmp, seed)
         row["norm"], row["commit"] = norm, records.git_commit()
         doc["runs"].append(row)
         files.write_json(path, doc)
@@ -294,6 +295,7 @@ def parser() -> Parser:
     t.add_argument("--out", required=True)
     t.add_argument("--steps", type=int, default=400)
     t.add_argument("--probe-every", type=int, default=50)
+    t.add_argument("--seed", type=int, default=0, help="data order and model init (the profile's seed)")
     t.add_argument("--runs", required=True, help="NORM:ETA:UPDATE_EVERY,... (NORM 'frozen': subspace_lr 0)")
     return p
 
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.steps < 2 or args.probe_every < 1:
             raise UsageError("--steps must be >= 2 and --probe-every >= 1")
-        train(out, args.steps, _parse_runs(args.runs), args.probe_every)
+        train(out, args.steps, _parse_runs(args.runs), args.probe_every, args.seed)
     return 0
 
 
