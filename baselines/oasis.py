@@ -18,7 +18,7 @@ from oasis import OasisConfig, prepare
 from oasis.optim import EMBEDDING_UPDATES, TRANSPORTS
 from oasis.subspace import INITS, OJA_NORMS
 
-DEFAULTS = {"subspace_lr": 0.1, "oja_norm": "sigma_max", "update_every": 1, "init": "pca",
+DEFAULTS = {"subspace_lr": 0.1, "oja_norm": "sanger", "update_every": 1, "init": "pca",
             "transport": "ldadam", "share_inputs": True, "compress_lm_head": False,
             "embedding_update": "step"}
 

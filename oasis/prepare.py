@@ -42,7 +42,7 @@ class OasisConfig:
 
     rank: int = 32
     subspace_lr: float = 0.1
-    oja_norm: str = "sigma_max"
+    oja_norm: str = "sanger"
     update_every: int = 1
     init: str = "pca"
     transport: str = "ldadam"

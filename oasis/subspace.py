@@ -280,7 +280,7 @@ def sigma_max(s: Tensor, squarings: int = 10) -> Tensor:
     return top.clamp_min(0).sqrt()
 
 
-def oja_step(basis: Tensor, s: Tensor, k: Tensor, subspace_lr: float, normalization: str = "sigma_max",
+def oja_step(basis: Tensor, s: Tensor, k: Tensor, subspace_lr: float, normalization: str = "sanger",
              mean: Tensor | None = None) -> Tensor:
     """One Oja subspace step, not yet re-orthonormalised: U + η (S − U K) / norm, batched over any leading
     dims and free of host syncs. basis U: ... × d × r (orthonormal); s = C U, k = Uᵀ C U with C = XᵀX / N
@@ -293,10 +293,11 @@ def oja_step(basis: Tensor, s: Tensor, k: Tensor, subspace_lr: float, normalizat
     * "sigma_max": norm = σ_max(S) (≈ λ_1). Scale-free, every step's tangent ≤ η; but every direction
       contracts at η (λ_j − λ_k)/λ_1, so when one direction dominates (the mean of the activations, a
       massive activation) all the others move λ_1/λ_j times slower.
-    * "sanger": Sanger's generalised Hebbian rule, S − U triu(K) (column j deflated by columns 1..j only, so
-      columns converge to eigenvectors in order, largest first, as the PCA init orders them), each column
-      divided by its own ‖C u_j‖ ≥ its Rayleigh quotient u_jᵀ C u_j. Scale-free, each column's tangent
-      ≤ η, and column j contracts at about η (λ_j − λ_k)/λ_j: a dominant direction slows only itself.
+    * "sanger" (the default, chosen by measurement: results/oja/README.md): Sanger's generalised Hebbian
+      rule, S − U triu(K) (column j deflated by columns 1..j only, so columns converge to eigenvectors in
+      order, largest first, as the PCA init orders them), each column divided by its own ‖C u_j‖ ≥ its
+      Rayleigh quotient u_jᵀ C u_j. Scale-free, each column's tangent ≤ η, and column j contracts at
+      about η (λ_j − λ_k)/λ_j: a dominant direction slows only itself.
     * "trace": norm = tr(K) = Σ_j u_jᵀ C u_j (free: K is there; tr(C) would need a statistic more and adds
       the whole d − r tail, slower still). Scale-free; tr(K) ≥ σ_max(S) at the fixed point, so never
       faster than "sigma_max" there (up to r times slower).
@@ -337,13 +338,16 @@ class OjaTracker(SubspaceTracker):
         S = C U = Σ Xᵀ Z / N,   K = Uᵀ C U = Σ Zᵀ Z / N,   U' = qr(U + η (S − U K) / norm)
 
     (sums over the step's micro-batches, and across ranks through `reduce`). The normalisation (the paper
-    is silent) is `normalization`, one of `OJA_NORMS`, see `oja_step`. "centred" adds one statistic, the
-    sum of the step's rows (d_in floats, reduced across ranks with S and K). η → 0 freezes the basis; for
-    the scale-free normalisations η ∈ (0, 1] is a relative step length, the same in every layer.
+    is silent) is `normalization`, one of `OJA_NORMS`, see `oja_step`; the default "sanger" (each column
+    deflated by the columns before it and divided by its own ‖C u_j‖) follows a moving subspace where
+    "sigma_max" (the step divided by σ_max(S)) lags behind a dominant direction (results/oja/README.md).
+    "centred" adds one statistic, the sum of the step's rows (d_in floats, reduced across ranks with S and
+    K). η → 0 freezes the basis; for the scale-free normalisations η ∈ (0, 1] is a relative step length,
+    the same in every layer.
     """
 
     def __init__(self, name: str, d_in: int, rank: int, *, subspace_lr: float = 0.1,
-                 normalization: str = "sigma_max", **kwargs):
+                 normalization: str = "sanger", **kwargs):
         super().__init__(name, d_in, rank, **kwargs)
         if not subspace_lr >= 0 or math.isinf(subspace_lr):
             raise ValueError(f"subspace_lr must be a finite number >= 0, got {subspace_lr}")
