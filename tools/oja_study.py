@@ -1,7 +1,8 @@
 """The Oja step studied: how each normalisation (`oasis.subspace.OJA_NORMS`) tracks synthetic streams and
 the activations of real training. Writes JSON under --out and prints one table per part.
 
-    python tools/oja_study.py synthetic --out results/oja            # ~1 minute on one core
+    python tools/oja_study.py synthetic --out results/oja            # minutes on one core
+    python tools/oja_study.py update-every --out results/oja         # update_every 1 vs 4, synthetic
     python tools/oja_study.py train --out results/oja --steps 400 \\
         --runs sigma_max:0.1:1,sanger:0.1:1,frozen:0:1               # ~3-4 minutes a run on one free core
 
@@ -169,6 +170,34 @@ def synthetic(out: Path) -> dict:
     return doc
 
 
+def update_every(out: Path) -> dict:
+    """Rotating and dominant-mean streams through `OjaTracker` with update_every 1 and 4 (the basis moves
+    after every 4th step, from that step's statistics): steady lag per (norm, η, k)."""
+    rows = []
+    for kind in ("rotating", "mean"):
+        for norm in ("sigma_max", "sanger"):
+            for eta in (0.1, 0.3):
+                for every in (1, 4):
+                    gen = torch.Generator().manual_seed(0)
+                    data = stream(kind, gen)
+                    x, top = next(data)
+                    tracker = OjaTracker("s", D, R, subspace_lr=eta, normalization=norm, update_every=every)
+                    tracker.project(x)  # PCA init: the start is the exact space up to sampling
+                    lags = []
+                    for _ in range(STEPS_MOVING):
+                        x, top = next(data)
+                        _drive(tracker, x)
+                        lags.append(_angles(tracker.basis[None], top)[0])
+                    tail = lags[LAG_FROM:]
+                    rows.append({"stream": kind, "norm": norm, "eta": eta, "update_every": every,
+                                 "lag": sum(tail) / len(tail)})
+                    print(json.dumps(rows[-1]), flush=True)
+    doc = {"commit": records.git_commit(), "d": D, "r": R, "rows": ROWS, "omega": OMEGA,
+           "mean_norm2_over_lambda1": MEAN_NORM2, "runs": rows}
+    files.write_json(out / "update_every.json", doc)
+    return doc
+
+
 # ------------------------------------------------------------------------------------------ training
 
 
@@ -291,6 +320,8 @@ def parser() -> Parser:
     sub = p.add_subparsers(dest="part", required=True, parser_class=Parser)
     s = sub.add_parser("synthetic")
     s.add_argument("--out", required=True)
+    e = sub.add_parser("update-every")
+    e.add_argument("--out", required=True)
     t = sub.add_parser("train")
     t.add_argument("--out", required=True)
     t.add_argument("--steps", type=int, default=400)
@@ -310,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     if args.part == "synthetic":
         synthetic(out)
+    elif args.part == "update-every":
+        update_every(out)
     else:
         if args.steps < 2 or args.probe_every < 1:
             raise UsageError("--steps must be >= 2 and --probe-every >= 1")
