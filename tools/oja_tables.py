@@ -48,24 +48,36 @@ def synthetic_tables(doc: dict) -> str:
 
 
 def train_table(doc: dict) -> str:
-    lines = ["| oja_norm | η | update_every | eval_loss | c4_sample_loss | captured (mean over probes) | "
-             "captured at end | overlap with step-1 basis at end | commit |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| oja_norm | η | update_every | seed | eval_loss | c4_sample_loss | "
+             "captured (mean over probes) | captured at end | overlap with step-1 basis at end | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["runs"]:
         probes = r["probes"]
         mean_captured = sum(p["captured"] for p in probes) / len(probes)
         last = probes[-1]
-        lines.append(f"| {r['norm']} | {r['eta']:g} | {r['update_every']} | {r['eval_loss']:.4f} | "
-                     f"{r['c4_sample_loss']:.4f} | {mean_captured:.3f} | {last['captured']:.3f} | "
-                     f"{last['overlap_first']:.3f} | `{r['commit'][:10]}` |")
+        lines.append(f"| {r['norm']} | {r['eta']:g} | {r['update_every']} | {r.get('seed', 0)} | "
+                     f"{r['eval_loss']:.4f} | {r['c4_sample_loss']:.4f} | {mean_captured:.3f} | "
+                     f"{last['captured']:.3f} | {last['overlap_first']:.3f} | `{r['commit'][:10]}` |")
     lines += ["", "captured over training (probe step: mean over bases of ‖XU‖²/‖XU*‖²):", ""]
     steps = [p["step"] for p in doc["runs"][0]["probes"]]
     lines.append("| run | " + " | ".join(str(s) for s in steps) + " |")
     lines.append("|---" * (len(steps) + 1) + "|")
     for r in doc["runs"]:
         by_step = {p["step"]: p["captured"] for p in r["probes"]}
-        lines.append(f"| {r['norm']} η={r['eta']:g} k={r['update_every']} | "
+        lines.append(f"| {r['norm']} η={r['eta']:g} k={r['update_every']} seed {r.get('seed', 0)} | "
                      + " | ".join(_fmt(by_step.get(s)) for s in steps) + " |")
+    return "\n".join(lines)
+
+
+def update_every_table(doc: dict) -> str:
+    lines = [f"commit `{doc['commit']}`; steady lag (rad, mean over steps 600-1000; ≥ 0.5: not tracking)", "",
+             "| stream | oja_norm | η | update_every 1 | update_every 4 |", "|---|---|---|---|---|"]
+    keys = sorted({(r["stream"], r["norm"], r["eta"]) for r in doc["runs"]},
+                  key=lambda k: (k[0] != "rotating",) + k)
+    for stream, norm, eta in keys:
+        lag = {r["update_every"]: r["lag"] for r in doc["runs"]
+               if (r["stream"], r["norm"], r["eta"]) == (stream, norm, eta)}
+        lines.append(f"| {stream} | {norm} | {eta:g} | {_fmt(lag.get(1))} | {_fmt(lag.get(4))} |")
     return "\n".join(lines)
 
 
@@ -74,7 +86,8 @@ def main(argv: list[str]) -> int:
         print("usage: python tools/oja_tables.py DIR", file=sys.stderr)
         return 2
     folder = Path(argv[0])
-    for name, make in (("synthetic.json", synthetic_tables), ("train.json", train_table)):
+    for name, make in (("synthetic.json", synthetic_tables), ("update_every.json", update_every_table),
+                       ("train.json", train_table)):
         path = folder / name
         if path.exists():
             print(f"### {name}\n\n{make(json.loads(path.read_text()))}\n")
