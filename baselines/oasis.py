@@ -16,10 +16,11 @@ import math
 from baselines._common import LLAMA_PROJECTIONS, adam_kwargs, check_rank, one_of, positive_int
 from oasis import OasisConfig, prepare
 from oasis.optim import EMBEDDING_UPDATES, TRANSPORTS
-from oasis.subspace import INITS
+from oasis.subspace import INITS, OJA_NORMS
 
-DEFAULTS = {"subspace_lr": 0.1, "update_every": 1, "init": "pca", "transport": "ldadam", "share_inputs": True,
-            "compress_lm_head": False, "embedding_update": "step"}
+DEFAULTS = {"subspace_lr": 0.1, "oja_norm": "sanger", "update_every": 1, "init": "pca",
+            "transport": "ldadam", "share_inputs": True, "compress_lm_head": False,
+            "embedding_update": "step"}
 
 
 def build(model, cfg):
@@ -28,6 +29,7 @@ def build(model, cfg):
     if not isinstance(subspace_lr, (int, float)) or not math.isfinite(subspace_lr) or subspace_lr < 0:
         raise ValueError(f"subspace_lr={subspace_lr!r} is out of range: must be a finite number >= 0")
     oasis_cfg = OasisConfig(rank=rank, subspace_lr=float(subspace_lr),
+                            oja_norm=one_of(cfg, "oja_norm", OJA_NORMS),
                             update_every=positive_int(cfg, "update_every"), init=one_of(cfg, "init", INITS),
                             transport=one_of(cfg, "transport", TRANSPORTS), targets=LLAMA_PROJECTIONS,
                             share_inputs=bool(cfg["share_inputs"]), seed=int(cfg["seed"]),

@@ -121,6 +121,8 @@ def _bases_in(layers: list, idx: list[int], weights: list[Tensor]) -> dict[int, 
 def _oja_key(tracker):
     if type(tracker) is not OjaTracker:  # a subclass may move otherwise: alone
         return None
+    if tracker.normalization == "centred":  # needs its own mean statistic: moves alone (`_next_basis`)
+        return None
     settings = tuple(sorted(tracker.oja_settings().items()))
     return (tracker.d_in, tracker.rank, tracker.basis.dtype, tracker.basis.device, settings)
 

@@ -28,8 +28,10 @@ class OasisConfig:
     """OASIS hyper-parameters (DESIGN §3.1).
 
     rank: basis size r per layer (group). subspace_lr: Oja step η, relative (see `OjaTracker`); 0 freezes the
-    basis after init. update_every: move the basis every k optimizer steps. init: "pca" (top-r directions of
-    the first batch), "random" (seeded orthonormal) or "identity" (first r coordinates; for tests).
+    basis after init. oja_norm: how the Oja step is normalised, one of `OJA_NORMS` (see
+    `oasis.subspace.oja_step`). update_every: move the basis every k optimizer steps. init: "pca" (top-r
+    directions of the first batch), "random" (seeded orthonormal) or "identity" (first r coordinates; for
+    tests).
     transport: "ldadam" or "none". targets: names of the nn.Linear modules to compress (matched on the last
     component of the module path). share_inputs: q/k/v and gate/up share one basis and one stored projection.
     compress_lm_head: also compress `lm_head` like any linear layer (its input projected, its gradient and
@@ -40,6 +42,7 @@ class OasisConfig:
 
     rank: int = 32
     subspace_lr: float = 0.1
+    oja_norm: str = "sanger"
     update_every: int = 1
     init: str = "pca"
     transport: str = "ldadam"
@@ -124,8 +127,8 @@ def prepare(model: nn.Module, cfg: OasisConfig | None = None, *, lr: float = 1e-
     cfg = cfg or OasisConfig()
 
     def make_tracker(name: str, d_in: int, rank: int) -> OjaTracker:
-        return OjaTracker(name, d_in, rank, subspace_lr=cfg.subspace_lr, update_every=cfg.update_every,
-                          init=cfg.init, seed=cfg.seed)
+        return OjaTracker(name, d_in, rank, subspace_lr=cfg.subspace_lr, normalization=cfg.oja_norm,
+                          update_every=cfg.update_every, init=cfg.init, seed=cfg.seed)
 
     targets = tuple(cfg.targets)
     if cfg.compress_lm_head and LM_HEAD not in targets:

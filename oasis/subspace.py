@@ -9,7 +9,8 @@ When a basis moves is a per-tracker policy (`refresh_in_forward`):
 
 * statistics at the step (the default; OASIS): every training forward of a step — every micro-batch, all
   projected on the same U — adds its activation statistics, in float32, while X is alive:
-  S_sum += Xᵀ Z (d_in × r), K_sum += Zᵀ Z (r × r), N += rows of X. `optimizer.step()` first does the Adam
+  S_sum += Xᵀ Z (d_in × r), K_sum += Zᵀ Z (r × r), N += rows of X (and, for the "centred" Oja step only,
+  the sum of the rows, d_in). `optimizer.step()` first does the Adam
   update in the current basis, then moves the basis from S = S_sum/N, K = K_sum/N (the statistics of the
   whole step) and transports the moments at once. Nothing but the new basis survives the step: the
   statistics are dropped, no rotation and no old basis is kept.
@@ -96,15 +97,6 @@ def top_eigenvalue(m: Tensor, squarings: int = SQUARINGS) -> Tensor:
     num = torch.diagonal(m @ p2, dim1=-2, dim2=-1).sum(-1)
     den = torch.diagonal(p2, dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(m.dtype).tiny)
     return (num / den).clamp_min(0)
-
-
-def oja_step(basis: Tensor, s: Tensor, k: Tensor, subspace_lr: float) -> Tensor:
-    """One Oja step, before orthonormalisation: U + η (S − U K) / σ_max(S), for U (..., n, r), S = C U
-    (..., n, r) and K = Uᵀ C U (..., r, r); a leading batch dim is allowed, and nothing reads a value back
-    to the host. See `OjaTracker` for the normalisation."""
-    # clamp: activations that are all zero give S = 0 and a zero step, not a division by zero
-    sigma = top_singular_value(s).clamp_min(torch.finfo(s.dtype).tiny)
-    return basis + (subspace_lr / sigma)[..., None, None] * (s - basis @ k)
 
 
 def top_eigvecs(gram: Tensor, rank: int) -> Tensor:
@@ -356,27 +348,86 @@ class SubspaceTracker:
         raise NotImplementedError
 
 
+# How the Oja step is normalised (the paper is silent; see `oja_step` and results/oja/README.md)
+OJA_NORMS = ("sigma_max", "sanger", "trace", "centred", "none")
+
+
+def oja_step(basis: Tensor, s: Tensor, k: Tensor, subspace_lr: float, normalization: str = "sanger",
+             mean: Tensor | None = None) -> Tensor:
+    """One Oja subspace step, not yet re-orthonormalised: U + η (S − U K) / norm, batched over any leading
+    dims and free of host syncs. basis U: ... × d × r (orthonormal); s = C U, k = Uᵀ C U with C = XᵀX / N
+    the uncentred covariance of the step; mean: ... × d, the mean row of X (needed by "centred" only).
+
+    `S − U K = (I − U Uᵀ) C U` is the part of C U outside span(U): only it moves the subspace, and near
+    the top-r eigenspace V of C the tangent E (U = V + V_⊥ E) contracts per step entrywise as
+    e_kj ← e_kj (1 − h (λ_j − λ_k)), h the step's η / norm. The normalisations:
+
+    * "sigma_max": norm = σ_max(S) (≈ λ_1). Scale-free, every step's tangent ≤ η; but every direction
+      contracts at η (λ_j − λ_k)/λ_1, so when one direction dominates (the mean of the activations, a
+      massive activation) all the others move λ_1/λ_j times slower.
+    * "sanger" (the default, chosen by measurement: results/oja/README.md): Sanger's generalised Hebbian
+      rule, S − U triu(K) (column j deflated by columns 1..j only, so columns converge to eigenvectors in
+      order, largest first, as the PCA init orders them), each column divided by its own ‖C u_j‖ ≥ its
+      Rayleigh quotient u_jᵀ C u_j. Scale-free, each column's tangent ≤ η, and column j contracts at
+      about η (λ_j − λ_k)/λ_j: a dominant direction slows only itself.
+    * "trace": norm = tr(K) = Σ_j u_jᵀ C u_j (free: K is there; tr(C) would need a statistic more and adds
+      the whole d − r tail, slower still). Scale-free; tr(K) ≥ σ_max(S) at the fixed point, so never
+      faster than "sigma_max" there (up to r times slower).
+    * "centred": "sigma_max" on the covariance of the centred activations, C − μμᵀ (S − μ(μᵀU),
+      K − (Uᵀμ)(Uᵀμ)ᵀ): the mean no longer dominates, but the basis then tracks the top-r subspace of
+      the *centred* covariance, which need not contain the mean direction the weight gradient δᵀX has.
+    * "none": norm = 1, plain η. Not scale-free: the step grows with the square of the activation scale,
+      so one η cannot suit layers whose activations differ by orders of magnitude.
+    """
+    if normalization not in OJA_NORMS:
+        raise ValueError(f"normalization must be one of {', '.join(OJA_NORMS)}, got {normalization!r}")
+    tiny = torch.finfo(s.dtype).tiny
+    if normalization == "centred":
+        if mean is None:
+            raise ValueError("normalization='centred' needs the mean activation (mean=...)")
+        projected_mean = mean.unsqueeze(-2) @ basis  # ... × 1 × r: μᵀU
+        s = s - mean.unsqueeze(-1) * projected_mean
+        k = k - projected_mean.mT @ projected_mean
+    if normalization == "sanger":
+        residual = s - basis @ torch.triu(k)
+        column_norms = torch.linalg.vector_norm(s, dim=-2, keepdim=True)  # ‖C u_j‖, ... × 1 × r
+        return basis + residual * (subspace_lr / column_norms.clamp_min(tiny))
+    residual = s - basis @ k
+    if normalization == "none":
+        return basis + subspace_lr * residual
+    if normalization == "trace":
+        norm = torch.diagonal(k, dim1=-2, dim2=-1).sum(-1)
+    else:  # sigma_max, centred
+        norm = top_singular_value(s)
+    # clamp: activations that are all zero give S = 0 and a zero step, not a division by zero
+    step = subspace_lr / norm.clamp_min(tiny)
+    return basis + step[..., None, None] * residual
+
+
 class OjaTracker(SubspaceTracker):
-    """Oja's subspace rule on the uncentred activation covariance C = XᵀX/N of a whole optimizer step.
+    """Oja's subspace rule on the activation covariance C = XᵀX/N of a whole optimizer step.
 
-        S = C U = Σ Xᵀ Z / N,   K = Uᵀ C U = Σ Zᵀ Z / N,   U' = qr(U + η (S − U K) / σ_max(S))
+        S = C U = Σ Xᵀ Z / N,   K = Uᵀ C U = Σ Zᵀ Z / N,   U' = qr(U + η (S − U K) / norm)
 
-    (`oja_step`, then Cholesky-QR2 for qr; the same Q as a QR with diag(R) > 0).
-
-    (sums over the step's micro-batches, and across ranks through `reduce`). Normalisation (the paper is
-    silent): dividing by σ_max(S), the largest singular value of C U, makes the step scale-free —
-    multiplying the activations by any constant leaves U' unchanged — and bounds the largest step to η, so
-    η ∈ (0, 1] is a relative step length with the same meaning in every layer and at every activation
-    scale. η → 0 freezes the basis; η ≈ 1 approaches one block power-iteration step. σ_max(S) ≤ λ_max(C),
-    with equality once U holds the top eigenvector, so near convergence this is Oja's rule with the
-    classic η/λ_max step.
+    (sums over the step's micro-batches, and across ranks through `reduce`). The normalisation (the paper
+    is silent) is `normalization`, one of `OJA_NORMS`, see `oja_step`; the default "sanger" (each column
+    deflated by the columns before it and divided by its own ‖C u_j‖) follows a moving subspace where
+    "sigma_max" (the step divided by σ_max(S)) lags behind a dominant direction (results/oja/README.md).
+    "centred" adds one statistic, the sum of the step's rows (d_in floats, reduced across ranks with S and
+    K). η → 0 freezes the basis; for the scale-free normalisations η ∈ (0, 1] is a relative step length,
+    the same in every layer.
+    (`oja_step`, then Cholesky-QR2 for the qr: the same Q as a QR with diag(R) > 0.)
     """
 
-    def __init__(self, name: str, d_in: int, rank: int, *, subspace_lr: float = 0.1, **kwargs):
+    def __init__(self, name: str, d_in: int, rank: int, *, subspace_lr: float = 0.1,
+                 normalization: str = "sanger", **kwargs):
         super().__init__(name, d_in, rank, **kwargs)
         if not subspace_lr >= 0 or math.isinf(subspace_lr):
             raise ValueError(f"subspace_lr must be a finite number >= 0, got {subspace_lr}")
+        if normalization not in OJA_NORMS:
+            raise ValueError(f"normalization must be one of {', '.join(OJA_NORMS)}, got {normalization!r}")
         self.subspace_lr = subspace_lr
+        self.normalization = normalization
 
     @property
     def moves(self) -> bool:
@@ -385,10 +436,27 @@ class OjaTracker(SubspaceTracker):
     def oja_settings(self) -> dict:
         """The keyword arguments of `oja_step` besides the tensors: trackers with equal settings, shapes
         and class move together in one batched step (`oasis.grouped`)."""
-        return {"subspace_lr": self.subspace_lr}
+        return {"subspace_lr": self.subspace_lr, "normalization": self.normalization}
+
+    def _accumulate(self, x2d: Tensor, z: Tensor) -> None:
+        fresh = self.stats is None
+        super()._accumulate(x2d, z)
+        if self.normalization == "centred":
+            row_sum = x2d.sum(0, dtype=torch.float32)
+            if fresh:
+                self.stats.append(row_sum)
+            else:
+                self.stats[3].add_(row_sum)
+
+    def statistics(self) -> list[Tensor]:
+        stats = super().statistics()
+        if stats and self.normalization == "centred" and len(stats) == 3:  # no forward this step: zeros
+            stats.append(torch.zeros(self.d_in, device=stats[0].device))
+        return stats
 
     def _next_basis(self) -> Tensor:
-        s_sum, k_sum, count = self.stats
+        s_sum, k_sum, count = self.stats[:3]
         count = count.clamp_min(1)  # no rows seen: S = K = 0, a zero step (no data-dependent branch)
-        s, k = s_sum / count, k_sum / count
-        return orthonormalize_cholesky(oja_step(self.basis, s, k, **self.oja_settings()))
+        mean = self.stats[3] / count if self.normalization == "centred" else None
+        return orthonormalize_cholesky(oja_step(self.basis, s_sum / count, k_sum / count, mean=mean,
+                                                **self.oja_settings()))

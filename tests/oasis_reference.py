@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from oasis.optim import OasisAdamW, adam_direction, local
-from oasis.subspace import OjaTracker
+from oasis.subspace import OjaTracker, oja_step
 
 
 def reference_orthonormalize(u: Tensor) -> Tensor:
@@ -41,6 +41,10 @@ class ReferenceOjaTracker(OjaTracker):
         count = count.clamp_min(1)
         s, k = s_sum / count, k_sum / count
         u = self.basis
+        if self.normalization != "sigma_max":
+            # the normalisations added after the batched step: their formula is pinned against its
+            # definition in tests/test_oja_streams.py; here one tracker at a time, Householder QR
+            return reference_orthonormalize(oja_step(u, s, k, self.subspace_lr, self.normalization))
         sigma = torch.linalg.svdvals(s)[0].clamp_min(torch.finfo(s.dtype).tiny)
         return reference_orthonormalize(u + (self.subspace_lr / sigma) * (s - u @ k))
 

@@ -1,5 +1,5 @@
 """The batched, sync-free OASIS step (`oasis.grouped`) equals the per-layer step it replaced
-(`tests/oasis_reference.py`): weights, moments and bases after 20 steps with basis moves, to 1e-6 relative in
+(`tests/oasis_reference.py`; σ_max as it was, the later normalisations one tracker at a time): weights, moments and bases after 20 steps with basis moves, to 1e-6 relative in
 float32 and 1e-12 in float64; also without transport, moving every 3 steps, with q/k/v and gate/up sharing a
 basis or not, with two micro-batches per step, and with the refresh-in-forward policy (periodic PCA)."""
 
@@ -29,12 +29,12 @@ def _model(dtype):
 
 
 def _build(model, optimizer_cls, tracker_cls, *, transport="ldadam", update_every=1, share_inputs=True,
-           pca=False, subspace_lr=0.1):
+           pca=False, subspace_lr=0.1, normalization="sigma_max"):
     def make_tracker(name, d_in, rank):
         if pca:
             return PeriodicPCATracker(name, d_in, rank, update_every=update_every)
         return tracker_cls(name, d_in, rank, subspace_lr=subspace_lr, update_every=update_every,
-                           init="random")
+                           init="random", normalization=normalization)
 
     layers = compress(model, LLAMA_TARGETS, 8, make_tracker, share_inputs=share_inputs)
     return optimizer_cls(model, layers, transport=transport, **HP)
@@ -56,6 +56,8 @@ def _relative(a, b):
 
 CASES = {
     "moves every step": {},
+    "sanger (the default)": {"normalization": "sanger"},
+    "trace": {"normalization": "trace"},
     "no transport": {"transport": "none"},
     "moves every 3 steps": {"update_every": 3},
     "no shared bases": {"share_inputs": False},
@@ -140,7 +142,7 @@ def test_oja_step_batched_equals_one_at_a_time():
     x = torch.randn(3, 50, 20, dtype=torch.float64, generator=gen)
     c = x.mT @ x / 50
     s, k = c @ u, u.mT @ c @ u
-    batched = oja_step(u, s, k, subspace_lr=0.3)
+    batched = oja_step(u, s, k, subspace_lr=0.3, normalization="sigma_max")
     for i in range(3):
         sigma = torch.linalg.svdvals(s[i])[0]
         expected = u[i] + (0.3 / sigma) * (s[i] - u[i] @ k[i])

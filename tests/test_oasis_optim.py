@@ -195,7 +195,8 @@ def test_moments_follow_a_moving_basis_as_a_float64_reference_says():
     model.add_module("proj", torch.nn.Linear(d_in, d_out, bias=False).double())
     with torch.no_grad():
         model.proj.weight.copy_(torch.from_numpy(w0))
-    opt = prepare(model, OasisConfig(rank=rank, subspace_lr=eta, init="identity", targets=("proj",)),
+    opt = prepare(model, OasisConfig(rank=rank, subspace_lr=eta, init="identity", targets=("proj",),
+                                     oja_norm="sigma_max"),
                   lr=lr, betas=betas, eps=eps, weight_decay=wd)
     layer = model.proj
     angles = []

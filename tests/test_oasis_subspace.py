@@ -100,7 +100,7 @@ def test_pca_init_is_the_top_r_eigenspace_and_identity_init_is_exact():
 
 def test_basis_moves_at_the_step_from_the_statistics_of_every_micro_batch():
     gen = torch.Generator().manual_seed(4)
-    tracker = OjaTracker("t", 10, 2, subspace_lr=0.7, init="random")
+    tracker = OjaTracker("t", 10, 2, subspace_lr=0.7, init="random", normalization="sigma_max")
     xs = [torch.randn(n, 10, generator=gen) for n in (30, 50, 7)]  # unequal micro-batches
     z = tracker.project(xs[0])  # initialises
     start = tracker.basis.clone()
