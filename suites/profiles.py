@@ -56,6 +56,15 @@ _TRAIN = dict(
     eval_tokens=4096,  # held-out tokens for the c4 suite's validation loss
     exec_timeout=5.0,  # seconds per HumanEval program
 )
+# Keys added after records were committed: a resolved config carries one only when it differs from its
+# default here, so every config that leaves them alone keeps the hash (and the resumable record) it had.
+_OPTIONAL = dict(
+    eval_every=0,  # evaluate the suite's headline metric every N optimizer steps into the loss curve (0: off)
+    val_tokens=0,  # tokens of a validation slice of the training corpus (c4: `val_loss`; 0: off)
+    track_points=0,  # steps of the tracking diagnostic (suites.tracking), spread over the run (0: off)
+    track_tokens=1024,  # held-out tokens the tracking diagnostic measures each basis on
+)
+_TRAIN.update(_OPTIONAL)
 
 # Extras' learning rates. adam-mini and qlora take adam's and lora's. APOLLO's update is the raw gradient
 # scaled towards Adam's per-channel step size from an r-dimensional projection, which at r << d is smaller
@@ -472,7 +481,7 @@ def resolve(suite: str, profile_name: str, prof: dict, method: str, defaults: di
     method does not use never changes its hash and a resumed sweep still skips it.
     """
     cfg = {"suite": suite, "profile": profile_name, "method": method, "device": device}
-    cfg.update({k: prof[k] for k in _TRAIN})
+    cfg.update({k: prof[k] for k in _TRAIN if k not in _OPTIONAL or prof[k] != _OPTIONAL[k]})
     cfg.update(SUITE_FIELDS.get(suite, {}))
     for key, value in defaults.items():
         if key in PER_METHOD_KEYS:

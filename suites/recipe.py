@@ -233,6 +233,7 @@ def train(session: Session) -> TrainResult:
                 result.memory = meter.result()
         for step in range(window + 1, cfg["steps"]):
             _timed_step(session, step, result, progress)
+            _periodic_eval(session, step, result)
     except Diverged as exc:
         result.curve.append([exc.step, exc.loss, None])
         result.status, result.error = "diverged", str(exc)
@@ -332,6 +333,16 @@ def _timed_step(session: Session, step: int, result: TrainResult, progress) -> N
     if progress is not None:
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / seconds:.0f}", refresh=False)
+
+
+def _periodic_eval(session: Session, step: int, result: TrainResult) -> None:
+    """With `eval_every` N > 0, the suite's held-out loss after every N-th optimizer step goes into the loss
+    curve's third column (outside the memory window and the step timings; the last step's value is the
+    final evaluation's)."""
+    every = session.cfg.get("eval_every", 0)
+    if every and (step + 1) % every == 0 and step < session.cfg["steps"] - 1 and distributed.is_main():
+        result.curve[-1][2] = session.suite.heldout_loss(session.model, session.tokenizer, session.cfg,
+                                                         session.device)
 
 
 def _synchronize(device: str) -> None:

@@ -37,6 +37,14 @@ def before_training(model, tokenizer, cfg: dict, device: str) -> dict:
     return evaluate(model, tokenizer, cfg, device)
 
 
+def heldout_loss(model, tokenizer, cfg: dict, device: str) -> float:
+    """`eval_loss` alone: the loss curve's periodic point (`eval_every`)."""
+    batches = data.heldout_batches(
+        "wikipedia", tokenizer, n_tokens=cfg["eval_tokens"], batch=cfg["eval_batch"], seq_len=cfg["seq_len"]
+    )
+    return mean_nll(model, batches, device)
+
+
 def evaluate(model, tokenizer, cfg: dict, device: str) -> dict:
     metrics = {}
     for corpus, name in (("wikipedia", "eval"), ("c4", "c4_sample")):

@@ -103,6 +103,11 @@ def answer_scores(model, tokenizer, cfg: dict, device: str) -> dict:
             "gen_ceiling": sum(end <= cfg["max_gen_toks"] for _, end in spans) / len(pairs)}
 
 
+def heldout_loss(model, tokenizer, cfg: dict, device: str) -> float:
+    """`answer_nll` alone: the loss curve's periodic point (`eval_every`)."""
+    return answer_scores(model, tokenizer, cfg, device)["answer_nll"]
+
+
 def lm_eval_accuracy(model, tokenizer, cfg: dict, device: str) -> dict:
     """Run lm-eval's gsm8k definition on the first `eval_limit` test problems (all when None)."""
     import lm_eval
