@@ -66,6 +66,11 @@ _OPTIONAL = dict(
 )
 _TRAIN.update(_OPTIONAL)
 
+
+def option(cfg: dict, key: str):
+    """A resolved config's value of an optional key (`_OPTIONAL`): absent means its default."""
+    return cfg.get(key, _OPTIONAL[key])
+
 # Extras' learning rates. adam-mini and qlora take adam's and lora's. APOLLO's update is the raw gradient
 # scaled towards Adam's per-channel step size from an r-dimensional projection, which at r << d is smaller
 # than Adam's step by about sqrt(r/d) (its published scale 1 assumes r = d/4); like GaLore's scale-0.25

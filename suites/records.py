@@ -157,9 +157,13 @@ def now() -> str:
 def make_record(config: dict, *, status: str, error: str | None = None, metrics: dict | None = None,
                 memory: dict | None = None, speed: dict | None = None, curve: list | None = None,
                 drift: list | None = None, started_at: str, wall_s: float,
-                base_checksum: str | None = None, comm: dict | None = None) -> dict:
+                base_checksum: str | None = None, comm: dict | None = None,
+                tracking: dict | None = None) -> dict:
     """A run record (DESIGN §3.4) in the schema's key order; the one place a record is assembled.
-    `comm` (bytes all-reduced per step) exists in data-parallel records only."""
+    `comm` (bytes all-reduced per step) exists in data-parallel records only; `subspace` holds the drift
+    of an optimizer that reports it and the tracking diagnostic's `refreshes` and `tracking` rows
+    (`suites.tracking`), None when there is neither."""
+    subspace = {**({"drift": drift} if drift is not None else {}), **(tracking or {})} or None
     return {
         "schema": SCHEMA,
         "run_id": run_id(config),
@@ -175,7 +179,7 @@ def make_record(config: dict, *, status: str, error: str | None = None, metrics:
         **({"comm": comm} if comm is not None else {}),
         "speed": speed,
         "curve": curve if curve is not None else [],
-        "subspace": {"drift": drift} if drift is not None else None,
+        "subspace": subspace,
         "env": {**environment(config["device"], config["dtype"]), "base_checksum": base_checksum},
         "started_at": started_at,
         "wall_s": wall_s,
