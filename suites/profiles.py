@@ -125,6 +125,10 @@ _PRETRAIN_METHOD_KEYS = {"train_unadapted": True}
 # tuned on the same relative grid around its own published rate (the paper profiles)
 PAPER_LR_GRID = (0.5, 1.0, 2.0)
 
+# optimizer steps of the c4 `study` profile (4 x 128 tokens each): the horizon the adam pilot measured
+# (suites/study.py says how)
+STUDY_STEPS = 2000
+
 PROFILES: dict[str, dict[str, dict]] = {
     "c4": {
         "smoke": dict(
@@ -149,6 +153,32 @@ PROFILES: dict[str, dict[str, dict]] = {
             rank=32,
             eval_tokens=16384,
             eval_batch=8,
+            lrs=dict(_LRS_PT),
+            **_PRETRAIN_METHOD_KEYS,
+        ),
+        # the committed study v2 (suites.study): the cpu profile's model, batch and sequence, trained long
+        # enough that adam ends >= 0.5 nats below the unigram reference of its own training tokens, with
+        # PCA's and GaLore's period at 50 (their published 200 would refresh fewer than 10 times inside the
+        # horizon; the study ablates 20 / 50 / 200), a validation slice for choosing learning rates
+        # (`val_loss`), the loss curve every STUDY_STEPS / 10 steps and the tracking diagnostic at 6 steps
+        "study": dict(
+            _TRAIN,
+            model="llama-cpu",
+            steps=STUDY_STEPS,
+            mem_window=11,
+            batch=4,
+            seq_len=128,
+            warmup_steps=STUDY_STEPS // 20,
+            rank=32,
+            eval_tokens=16384,
+            eval_batch=8,
+            val_tokens=16384,
+            eval_every=STUDY_STEPS // 10,
+            track_points=6,
+            track_tokens=1024,
+            refresh_every=50,
+            update_proj_gap=50,
+            lr_grid=PAPER_LR_GRID,
             lrs=dict(_LRS_PT),
             **_PRETRAIN_METHOD_KEYS,
         ),
