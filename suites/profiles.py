@@ -127,7 +127,7 @@ PAPER_LR_GRID = (0.5, 1.0, 2.0)
 
 # optimizer steps of the c4 `study` profile (4 x 128 tokens each): the horizon the adam pilot measured
 # (suites/study.py says how)
-STUDY_STEPS = 2000
+STUDY_STEPS = 800
 
 PROFILES: dict[str, dict[str, dict]] = {
     "c4": {
@@ -160,7 +160,7 @@ PROFILES: dict[str, dict[str, dict]] = {
         # enough that adam ends >= 0.5 nats below the unigram reference of its own training tokens, with
         # PCA's and GaLore's period at 50 (their published 200 would refresh fewer than 10 times inside the
         # horizon; the study ablates 20 / 50 / 200), a validation slice for choosing learning rates
-        # (`val_loss`), the loss curve every STUDY_STEPS / 10 steps and the tracking diagnostic at 6 steps
+        # (`val_loss`), the loss curve every STUDY_STEPS / 8 steps and the tracking diagnostic at 6 steps
         "study": dict(
             _TRAIN,
             model="llama-cpu",
@@ -173,7 +173,7 @@ PROFILES: dict[str, dict[str, dict]] = {
             eval_tokens=16384,
             eval_batch=8,
             val_tokens=16384,
-            eval_every=STUDY_STEPS // 10,
+            eval_every=STUDY_STEPS // 8,
             track_points=6,
             track_tokens=1024,
             refresh_every=50,

@@ -12,16 +12,19 @@ Stages, in the order a process runs them (every run is one `suites.run` config; 
 so an interrupted study resumes, and two processes into the same --out share the work, each run claimed
 by a lock: start two on a 2-core machine):
 
-  lr             the eight methods (the six + oasis-frozen + oasis-notransport) at 0.5x, 1x and 2x their
-                 profile rate (`--lr-grid`), seed 0. Each method's rate is then chosen on `val_loss`, the
-                 loss on a validation slice of Wikipedia (the tokens after the eval_loss tokens of the
-                 validation file: never trained on, never reported as a result; `suites.selection`).
+  lr             the six methods at 0.5x, 1x and 2x their profile rate (`--lr-grid`), seed 0. Each
+                 method's rate is then chosen on `val_loss`, the loss on a validation slice of Wikipedia
+                 (the tokens after the eval_loss tokens of the validation file: never trained on, never
+                 reported as a result; `suites.selection`). oasis-frozen and oasis-notransport, ablations
+                 of oasis, take oasis's chosen rate (RATE_FROM): they isolate the basis update and the
+                 moment transport at the same step size.
   period-pca     pca with refresh_every 20 / 50 / 200, seed 0 (published: 200; the study's rows use 50 so
   period-galore  that >= 10 refreshes fall inside the horizon); galore likewise with update_proj_gap.
   rank           oasis, pca, galore, lora at rank 8 / 16 / 32 / 64 / 128, seed 0, 1x rate.
   subspace-lr    oasis at subspace_lr 0.001 / 0.01 / 0.1 / 1 (three decades), seed 0, 1x rate.
-  main           each method at its chosen rate, seeds 0, 1, 2 (seed 0 is the lr stage's run). A process
-                 that reaches a method whose lr runs another process still holds waits for them.
+  main           the six methods plus oasis-frozen and oasis-notransport, each at its chosen rate, seeds
+                 0, 1, 2 (seed 0 of the six is the lr stage's run). A process that reaches a method whose
+                 lr runs another process still holds waits for them.
 
 Budget: ablations run one seed (0) to fit the 2-core machine; every ablation's reference point is a run
 of the lr stage (same config hash), so it costs nothing extra. `python -m suites.study --plan` lists the
@@ -47,6 +50,8 @@ from suites import cli, profiles, records, run, selection
 PROG = "python -m suites.study"
 SUITE, PROFILE = "c4", "study"
 METHODS = "all,oasis-frozen,oasis-notransport"
+TUNED = "all"  # the methods with their own learning-rate ablation
+RATE_FROM = {"oasis-frozen": "oasis", "oasis-notransport": "oasis"}  # ablations at their method's rate
 MAIN_SEEDS = (0, 1, 2)
 ABLATION_SEED = 0
 WAIT_S = 30.0  # how often a process waiting for another's lr runs looks again
@@ -65,7 +70,7 @@ def _seed(*seeds) -> str:
 
 
 STAGES = [
-    Stage("lr", METHODS, [_seed(ABLATION_SEED)], lr_grid=True),
+    Stage("lr", TUNED, [_seed(ABLATION_SEED)], lr_grid=True),
     Stage("period-pca", "pca", [_seed(ABLATION_SEED), "refresh_every=20,50,200"]),
     Stage("period-galore", "galore", [_seed(ABLATION_SEED), "update_proj_gap=20,50,200"]),
     Stage("rank", "oasis,pca,galore,lora", [_seed(ABLATION_SEED), "rank=8,16,32,64,128"]),
@@ -131,21 +136,28 @@ def measured_costs(timings: Path) -> tuple[dict[str, float], float, int]:
         used += 1
         t = rec["speed"]["step_time_s"]
         steps.setdefault(rec["method"], []).append(t)
+        steps.setdefault((rec["method"], c.get("rank")), []).append(t)
         overhead.append(max(0.0, rec["wall_s"] - c["steps"] * t))
     return ({m: statistics.median(v) for m, v in steps.items()},
             statistics.median(overhead) if overhead else 0.0, used)
 
 
+def step_time(step_s: dict, cfg: dict, slowest: float) -> float:
+    """The measured step time of a config: its method at its rank, else its method, else the slowest."""
+    return step_s.get((cfg["method"], cfg["rank"]), step_s.get(cfg["method"], slowest))
+
+
 def plan_rows(out: str) -> list[tuple[str, list[dict]]]:
     """(stage, its configs) with the main stage at each method's profile rate (its cost does not depend on
-    the rate); configs of an earlier stage are not counted again."""
+    the rate, and the chosen rate's seed-0 run is an lr-stage run whichever it is); configs of an earlier
+    stage are not counted again."""
     seen, rows = set(), []
     for stage in STAGES:
         fresh = [c for c in stage_configs(stage, out) if records.config_hash(c) not in seen]
         seen |= {records.config_hash(c) for c in fresh}
         rows.append((stage.name, fresh))
     main = configs_of(argv_of(METHODS, [_seed(*MAIN_SEEDS)], out))
-    rows.append((MAIN, [c for c in main if c["seed"] != ABLATION_SEED]))
+    rows.append((MAIN, [c for c in main if records.config_hash(c) not in seen]))
     return rows
 
 
@@ -154,15 +166,15 @@ def print_plan(out: str, timings: Path, processes: int) -> None:
     if not step_s:
         raise cli.UsageError(f"--timings {timings}: no ok c4 record of llama-cpu at batch 4 x 128 to take "
                              "step times from; run one (python -m suites.run c4 --profile cpu ...) first")
-    slowest = max(step_s.values())
+    slowest = max(v for k, v in step_s.items() if isinstance(k, str))
     print(f"# study v2: c4, profile {PROFILE}, {profiles.STUDY_STEPS} steps of 4 x 128 tokens per run")
-    print(f"# cost per run = steps x the method's median step time + {overhead_s:.0f} s overhead, from "
-          f"{used} record(s) under {timings}; a method without a record costs the slowest one's "
-          f"{slowest:.3f} s/step")
+    print(f"# cost per run = steps x the median step time of its method at its rank (else of its method) + "
+          f"{overhead_s:.0f} s overhead, from {used} record(s) under {timings}; a method without a record "
+          f"costs the slowest one's {slowest:.3f} s/step")
     print(f"# {'stage':<14} {'runs':>5} {'steps':>8} {'hours (1 process)':>18}")
     total_runs = total_s = 0
     for name, cfgs in plan_rows(out):
-        seconds = sum(c["steps"] * step_s.get(c["method"], slowest) + overhead_s for c in cfgs)
+        seconds = sum(c["steps"] * step_time(step_s, c, slowest) + overhead_s for c in cfgs)
         total_runs, total_s = total_runs + len(cfgs), total_s + seconds
         print(f"  {name:<14} {len(cfgs):>5} {sum(c['steps'] for c in cfgs):>8} {seconds / 3600:>18.2f}")
     print(f"  {'total':<14} {total_runs:>5} {'':>8} {total_s / 3600:>18.2f}")
@@ -240,7 +252,7 @@ def _run_main(out: str) -> int:
     while pending:
         ready = []
         for method in pending:
-            found, unfinished = lr_records(method, out)
+            found, unfinished = lr_records(RATE_FROM.get(method, method), out)
             if not unfinished:
                 ready.append((method, found))
         if not ready:

@@ -21,9 +21,11 @@ def _hashes(configs):
 
 def test_the_lr_stage_is_every_method_at_half_one_and_two_times_its_rate_on_seed_0():
     configs = _stage("lr")
-    assert {c["method"] for c in configs} == set(study.methods())
-    assert len(study.methods()) == 8 and {"oasis-frozen", "oasis-notransport"} <= set(study.methods())
-    for method in study.methods():
+    tuned = {c["method"] for c in configs}
+    assert tuned == {"adam", "lora", "galore", "ldadam", "pca", "oasis"}
+    assert set(study.methods()) == tuned | {"oasis-frozen", "oasis-notransport"}
+    assert set(study.RATE_FROM.values()) <= tuned
+    for method in tuned:
         rates = sorted(c["lr"] for c in configs if c["method"] == method)
         assert rates == pytest.approx([rates[1] * 0.5, rates[1], rates[1] * 2])
     assert {c["seed"] for c in configs} == {0}
@@ -53,6 +55,7 @@ def test_the_subspace_step_ablation_spans_three_decades():
 
 def test_main_rows_at_a_chosen_rate_reuse_the_lr_stages_seed_0_run():
     lr_runs = {(c["method"], c["lr"]): records.config_hash(c) for c in _stage("lr")}
+    assert len(lr_runs) == 18
     for (method, lr), digest in lr_runs.items():
         main = study.configs_of(study.main_argv(method, lr, "unused-out"))
         assert sorted(c["seed"] for c in main) == [0, 1, 2]
@@ -86,8 +89,9 @@ def test_plan_hours_follow_the_measured_step_times(tmp_path, capsys):
     (tmp_path / "a.json").write_text(json.dumps(_record("adam", 0.5, 60, 60 * 0.5 + 10)))
     assert study.main(["--plan", "--timings", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    # 8 methods x 3 rates + pca 2 + galore 2 + 4 methods x 4 ranks + oasis 3 steps + 8 methods x 2 seeds
-    runs = 24 + 2 + 2 + 16 + 3 + 16
+    # 6 methods x 3 rates + pca 2 + galore 2 + 4 methods x 4 ranks + oasis 3 steps + 6 methods x 2 seeds
+    # + 2 oasis ablations x 3 seeds
+    runs = 18 + 2 + 2 + 16 + 3 + 12 + 6
     hours = runs * (profiles.STUDY_STEPS * 0.5 + 10) / 3600
     total = [line for line in out.splitlines() if line.strip().startswith("total")][0].split()
     assert int(total[1]) == runs
@@ -103,3 +107,38 @@ def test_plan_refuses_without_measured_step_times(tmp_path, capsys):
 def test_only_refuses_an_unknown_stage(capsys):
     assert study.main(["--only", "rnak", "--list"]) == 2
     assert "unknown stage 'rnak'" in capsys.readouterr().err
+
+
+def test_main_runs_each_method_at_its_validated_rate_and_waits_for_unfinished_lr_runs(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    lr_configs = _stage("lr")
+    held = None
+    for c in lr_configs:
+        # val_loss lowest at 2x for oasis, at 0.5x for every other method
+        factor = c["lr"] / min(x["lr"] for x in lr_configs if x["method"] == c["method"])  # 1, 2 or 4
+        val = {"oasis": {1: 6.0, 2: 5.9, 4: 5.5}}.get(c["method"], {1: 5.0, 2: 5.1, 4: 5.2})[factor]
+        rec = {"schema": records.SCHEMA, "run_id": records.run_id(c), "config_hash": records.config_hash(c),
+               "status": "ok", "metrics": {"val_loss": val, "eval_loss": 1.0}, "started_at": "t"}
+        if c["method"] == "oasis" and factor == 4:
+            held = rec  # another process is still running it
+            continue
+        (tmp_path / f"{rec['run_id']}.json").write_text(json.dumps(rec))
+    ran, waits = [], []
+
+    def fake_sweep(configs, columns, out_dir, desc):
+        ran.extend(configs)
+        return 0
+
+    def fake_sleep(seconds):
+        waits.append(seconds)
+        (tmp_path / f"{held['run_id']}.json").write_text(json.dumps(held))
+
+    monkeypatch.setattr(study.run, "sweep", fake_sweep)
+    monkeypatch.setattr(study.time, "sleep", fake_sleep)
+    assert study._run_main(out) == 0
+    rates = {c["method"]: sorted({x["lr"] for x in ran if x["method"] == c["method"]}) for c in ran}
+    base = {c["method"]: min(x["lr"] for x in lr_configs if x["method"] == c["method"]) for c in lr_configs}
+    assert rates["oasis"] == [pytest.approx(base["oasis"] * 4)]
+    assert rates["oasis-frozen"] == rates["oasis-notransport"] == rates["oasis"]
+    assert rates["adam"] == [pytest.approx(base["adam"])]
+    assert len(waits) == 1 and len(ran) == 8 * 3
