@@ -408,12 +408,12 @@ def save_model(session: Session, save_dir: str) -> None:
 
 
 def record(spec: dict, result: TrainResult, metrics: dict, *, started_at: str, wall_s: float,
-           base_checksum: str | None = None) -> dict:
+           base_checksum: str | None = None, commit: str | None = None) -> dict:
     """Write the run's record to spec["out_dir"] (rank 0 of a data-parallel run) and return it."""
     rec = records.make_record(
         spec["config"], status=result.status, error=result.error, metrics=metrics, memory=result.memory,
         speed=result.speed, curve=result.curve, drift=result.drift, started_at=started_at, wall_s=wall_s,
-        base_checksum=base_checksum, comm=result.comm, tracking=result.tracking,
+        base_checksum=base_checksum, comm=result.comm, tracking=result.tracking, commit=commit,
     )
     if distributed.is_main():
         records.write_record(rec, spec["out_dir"])
@@ -466,6 +466,7 @@ def measure_memory_pass(spec: dict, pass_cfg: dict) -> TrainResult:
 def run(spec: dict) -> dict:
     """[memory pass ->] setup -> train -> evaluate (when training ended ok) -> record; returns the record."""
     started_at, t0 = records.now(), time.perf_counter()
+    commit = records.git_commit()  # the code this process imported, not the checkout when it ends
     result, metrics, session = TrainResult(), {}, None
     try:
         pass_cfg = memory_pass_config(spec["config"])
@@ -505,6 +506,6 @@ def run(spec: dict) -> dict:
     try:
         return record(spec, result, metrics, started_at=started_at,
                       wall_s=round(time.perf_counter() - t0, 3),
-                      base_checksum=session.base_checksum if session is not None else None)
+                      base_checksum=session.base_checksum if session is not None else None, commit=commit)
     finally:
         distributed.close()
