@@ -37,6 +37,11 @@ PROJ_TYPES = ("std", "reverse_std", "right", "left")
 class _ProjectorStateMixin:
     """`state_dict()` holds each `GaLoreProjector` as its matrix; loading rebuilds it from the param group."""
 
+    def gradient_projectors(self):
+        """[(weight, its current projector matrix)] for the tracking diagnostic (`suites.tracking`)."""
+        return [(p, st["projector"].ortho_matrix) for p, st in self.state.items()
+                if "projector" in st and st["projector"].ortho_matrix is not None]
+
     def state_dict(self):
         sd = super().state_dict()
         sd["state"] = {k: ({**v, "projector": v["projector"].ortho_matrix} if "projector" in v else v)

@@ -126,6 +126,10 @@ class LDAdamW(torch.optim.Optimizer):
         self._moved = {}
         return float(angles.sum()) / weights
 
+    def gradient_projectors(self):
+        """[(weight, its current projector P_t)] for the tracking diagnostic (`suites.tracking`)."""
+        return [(p, st["proj"]) for p, st in self.state.items() if "proj" in st]
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Like torch's, except that a gradient tensor holding an error buffer is kept (it IS the buffer)."""
         for group in self.param_groups:

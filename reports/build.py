@@ -43,6 +43,7 @@ from reports.tables import (
     main_table,
     paired_table,
     published_tables,
+    references_table,
     runs_table,
     sweep_table,
 )
@@ -80,9 +81,9 @@ def build(results: Path, out: Path, log=print, warn=None) -> dict:
         table, notes = main_table(comp)
         written += table.write(out)
         table_notes += notes
-        detail = paired_table(comp)
-        if detail:
-            written += detail.write(out)
+        for detail in (paired_table(comp), references_table(comp)):
+            if detail:
+                written += detail.write(out)
         written += runs_table(comp).write(out)
     for t in published_tables({c.suite for c in comps}):
         written += t.write(out)
@@ -98,15 +99,23 @@ def build(results: Path, out: Path, log=print, warn=None) -> dict:
     for _, paths in sorted(figures.subspace_lr_ablation(comps, out).items()):
         written += paths
     for key, stem, title in (("rank", "table3_rank_ablation", "Rank ablation"),
-                             ("subspace_lr", "table4_subspace_lr", "Subspace learning-rate ablation")):
+                             ("subspace_lr", "table4_subspace_lr", "Subspace learning-rate ablation"),
+                             ("lr", "table5_lr_ablation", "Learning-rate ablation (the main rows use the "
+                                                          "rate with the lowest validation-slice loss)"),
+                             ("refresh_every", "table6_refresh_period", "Refresh-period ablation (pca)"),
+                             ("update_proj_gap", "table6_update_proj_gap",
+                              "Projector-period ablation (galore)")):
         for comp in comps:
             lines = comp.sweeps.get(key)
             if lines:
                 metrics = figures.panel_metrics([g for _, pts in lines for g in pts], comp.headline())
+                if key == "lr":  # the selection metric beside the headline: why a row's rate was chosen
+                    metrics = list(dict.fromkeys(["val_loss", *metrics]))
                 caption = f"{title}: {comp.suite} ({comp.profile} profile), {comp.seeds_caption}"
                 written += sweep_table(f"{stem}_{comp.suite}_{comp.profile}", caption, comp, key,
                                        metrics).write(out)
-    for d in (figures.loss_curves(comps, out), figures.subspace_drift(comps, out)):
+    for d in (figures.loss_curves(comps, out), figures.subspace_drift(comps, out),
+              figures.tracking_quality(comps, out)):
         for _, paths in sorted(d.items()):
             written += paths
 

@@ -28,7 +28,11 @@ from reports.style import metric_style, ordered_metrics
 # Continuous metrics first: at CPU scale strict accuracy and pass@1 sit at the floor for every method.
 HEADLINE = {"gsm8k": ("answer_nll", "accuracy"), "humaneval": ("canonical_nll", "pass@1"),
             "c4": ("eval_loss", "c4_sample_loss", "c4_eval_loss")}
-SWEEP_KEYS = ("rank", "subspace_lr")
+SWEEP_KEYS = ("rank", "subspace_lr", "lr", "refresh_every", "update_proj_gap")
+# paired differences against a chosen reference besides adam: what isolates OASIS's mechanism (its own
+# frozen basis, its basis without moment transport) and the periodic alternative it replaces (pca)
+REFERENCE_PAIRS = (("oasis", "oasis-frozen"), ("oasis", "pca"), ("oasis", "oasis-notransport"),
+                   ("pca", "oasis-frozen"))
 RATIO_KEYS = ("model", "dtype", "batch", "seq_len")  # an adam row compared with another row matches these
 
 
@@ -116,6 +120,18 @@ class Comparison:
             return None
         return paired(g.by_seed(*keys), a.by_seed(*keys))[0]
 
+    def row_of(self, method: str) -> Group | None:
+        """The main-table row of `method` (its reference configuration); None unless exactly one."""
+        rows = [g for g in self.rows if g.method == method]
+        return rows[0] if len(rows) == 1 else None
+
+    def vs_reference(self, method: str, reference: str, metric: str) -> Stat | None:
+        """Paired per-seed difference method − reference on `metric` over the seeds both recorded."""
+        mine, ref = self.row_of(method), self.row_of(reference)
+        if mine is None or ref is None:
+            return None
+        return paired(mine.by_seed("metrics", metric), ref.by_seed("metrics", metric))[0]
+
     def memory_ratio(self, g: Group) -> float | None:
         a = self.adam_for(g, same_source=True)
         mine, ref = g.stat("memory", "peak_bytes"), a and a.stat("memory", "peak_bytes")
@@ -177,7 +193,9 @@ def _compare(suite: str, profile: str, gs: list[Group]) -> Comparison:
             prov.append(f"{where}: tokens/s of {labels[id(g.full)]} not shown: {speed(g)[1]}")
     prov += _base_notes(where, rows, labels)
     for key in SWEEP_KEYS:
-        comp.sweeps[key] = _sweep(comp, key)
+        lines = _sweep(comp, key)
+        if lines or key in ("rank", "subspace_lr"):  # the paper's two ablations are always listed
+            comp.sweeps[key] = lines
     return comp
 
 
@@ -208,10 +226,20 @@ def _sweep(comp: Comparison, key: str) -> list[tuple[Group, list[Group]]]:
     """Ablation lines on the comparison's seeds; points lacking one of them are dropped (and named)."""
     if not comp.seeds:
         return []
-    want = set(comp.seeds)
     out = []
     for first, pts in sweep_lines(comp.groups, key):
         label = labels_for([first], ignore=(key,))[id(first)]
+        want = set(comp.seeds)
+        shared = set.intersection(*(set(p.seeds) for p in pts))
+        short = [p for p in pts if not want <= set(p.all_seeds)]
+        if 2 * len(short) > len(pts) and shared and shared < want:
+            # most points lack seeds of the main rows: an ablation run on fewer seeds by design (the
+            # study's one-seed ablations), drawn on the seeds all its points have and said so; a line
+            # with a few points short of seeds keeps the main rows' seeds and drops those points
+            comp.seed_notes.append(f"{comp.where}: {key} ablation, {label}: on seed(s) "
+                                   f"{seeds_text(sorted(shared, key=seed_order))}, the seeds all its points "
+                                   f"have (the main rows use {seeds_text(comp.seeds)})")
+            want = shared
         kept = []
         for p in pts:
             lacking = sorted(want - set(p.all_seeds), key=seed_order)
@@ -224,11 +252,11 @@ def _sweep(comp: Comparison, key: str) -> list[tuple[Group, list[Group]]]:
             if extra:
                 comp.seed_notes.append(f"{at}: seed(s) {seeds_text(extra)} not used "
                                        "(outside the reference seed set)")
-            kept.append(p.restrict(comp.seeds))
+            kept.append(p.restrict(sorted(want, key=seed_order)))
         if len(kept) >= 2:
             out.append((kept[0], kept))
         elif pts:
             comp.seed_notes.append(f"{comp.where}: {key} ablation line {label} not drawn: fewer than two "
-                                   f"points have every seed of {seeds_text(comp.seeds)}")
+                                   f"points have every seed of {seeds_text(sorted(want, key=seed_order))}")
     return out
 

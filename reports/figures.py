@@ -29,6 +29,7 @@ from reports.load import (  # noqa: E402
 from reports.stats import Stat  # noqa: E402
 from reports.style import (  # noqa: E402
     CATEGORY_COLORS,
+    METHOD_MARKERS,
     memory_unit,
     method_color,
     method_linestyle,
@@ -68,10 +69,17 @@ _labels = labels_for
 def panel_metrics(groups: list[Group], first: str | None = None) -> list[str]:
     """The metrics an ablation figure plots: `first` (the comparison's headline metric) if recorded, then
     the first other shown metrics these groups recorded."""
-    shown = ordered_metrics(metric_names(groups), shown_only=True)
+    shown = [m for m in ordered_metrics(metric_names(groups), shown_only=True) if not _all_zero(groups, m)]
     if first in shown:
         shown = [first] + [m for m in shown if m != first]
     return shown[:MAX_METRIC_PANELS]
+
+
+def _all_zero(groups: list[Group], metric: str) -> bool:
+    """Every recorded value of `metric` is exactly 0 (e.g. strict accuracy at CPU scale): a panel of it
+    would plot a flat line on a meaningless axis, so figures leave it out (the tables still show it)."""
+    values = [v for g in groups for v in g.values("metrics", metric)]
+    return bool(values) and all(v == 0 for v in values)
 
 
 def _suptitle(fig, text):
@@ -439,4 +447,81 @@ def subspace_drift(comps: list[Comparison], out: Path) -> dict[tuple, list[Path]
                        f"{comp.seeds_caption}")
         fig.tight_layout(rect=(0, 0, 1, 0.93))
         produced[(suite, profile)] = save(fig, out, f"fig6_subspace_drift_{suite}_{profile}", ref)
+    return produced
+
+
+TRACKING_METHODS = ("oasis", "pca", "oasis-frozen", "compact")  # bases of layer inputs (suites.tracking)
+TRACKING_VARIED = ("subspace_lr", "refresh_every")  # each eta of oasis, each period of pca: one line each
+TRACKING_PANELS = (("captured", "captured variance ‖XU‖² / ‖XU*‖²\n(1 = the exact top-r basis)"),
+                   ("overlap_init", "net overlap with the initial basis\n‖U₀ᵀU‖² / r"))
+
+
+def tracking_series(g: Group, score: str, role: str = "mean") -> tuple[list, list[Stat]]:
+    """Per diagnostic step, mean and 95% interval over the group's ok seeds of `score` in the records'
+    `subspace.tracking` rows of `role` (steps every seed measured)."""
+    per_seed = []
+    for r in g.ok_runs:
+        rows = r.get("subspace", "tracking")
+        if isinstance(rows, list):
+            pts = {row["step"]: row[score] for row in rows
+                   if isinstance(row, dict) and row.get("role") == role
+                   and isinstance(row.get(score), (int, float))}
+            if pts:
+                per_seed.append(pts)
+    if not per_seed:
+        return [], []
+    steps = sorted(set.intersection(*(set(p) for p in per_seed)))
+    return steps, [Stat.of([p[s] for p in per_seed]) for s in steps]
+
+
+def tracking_groups(comp: Comparison) -> list[Group]:
+    """The groups the tracking figure draws: per method in TRACKING_METHODS, its main-table row and every
+    group that differs from it only in TRACKING_VARIED keys (oasis at each subspace_lr, pca at each
+    period), restricted to the seeds each has; only groups whose records carry the diagnostic."""
+    out = []
+    for ref in comp.rows:
+        if ref.method not in TRACKING_METHODS:
+            continue
+        def fixed(config):
+            return {k: v for k, v in config.items() if k not in TRACKING_VARIED}
+
+        for g in comp.groups:
+            if g.method == ref.method and fixed(g.config) == fixed(ref.config) \
+                    and tracking_series(g, "captured")[0]:
+                out.append(g)
+    return sorted(out, key=lambda g: (TRACKING_METHODS.index(g.method),
+                                      [g.config.get(k) or 0 for k in TRACKING_VARIED]))
+
+
+def tracking_quality(comps: list[Comparison], out: Path) -> dict[tuple, list[Path]]:
+    """The tracking diagnostic over training: captured variance against the exact top-r eigenbasis of the
+    current activations, and net overlap with the initial basis, mean over bases (layer roles) and seeds."""
+    produced = {}
+    for comp in comps:
+        groups = tracking_groups(comp)
+        if not groups:
+            continue
+        fig, axes = plt.subplots(1, len(TRACKING_PANELS), figsize=(11, 3.9), squeeze=False)
+        labels = _labels(groups, ignore=("rank",))
+        widths = [1.0, 1.6, 2.2, 0.6, 2.8]
+        count = defaultdict(int)
+        for g in groups:
+            lw = widths[count[g.method] % len(widths)]
+            count[g.method] += 1
+            label = f"{labels[id(g)]} (n={len(g.seeds)})"
+            for ax, (score, _) in zip(axes[0], TRACKING_PANELS, strict=True):
+                steps, stats = tracking_series(g, score)
+                _band(ax, steps, stats, method_color(g.method), label, linewidth=lw,
+                      linestyle=method_linestyle(g.method), marker=METHOD_MARKERS.get(g.method, "o"),
+                      markersize=3)
+        for ax, (_, ylabel) in zip(axes[0], TRACKING_PANELS, strict=True):
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel(ylabel)
+            ax.set_ylim(0, 1.05)
+        _legend_below(fig, axes[0])
+        _suptitle(fig, f"Tracking quality: {comp.suite} ({comp.profile} profile), held-out batch, "
+                       "mean over layer roles; 95% band over seeds")
+        fig.tight_layout(rect=(0, 0.12, 1, 0.93))
+        produced[(comp.suite, comp.profile)] = save(fig, out, f"fig7_tracking_{comp.suite}_{comp.profile}",
+                                                    groups)
     return produced

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reports.stats import Stat
+from suites import selection
 
 # Fields without which a file cannot be placed in any table or figure.
 REQUIRED = ("schema", "run_id", "suite", "profile", "method", "status", "config", "config_hash")
@@ -447,8 +448,38 @@ def labels_for(groups: list[Group], ignore=()) -> dict[int, str]:
     return out
 
 
+def lr_line(gs: list[Group]) -> tuple[list[Group], list]:
+    """Of one method's groups, the learning-rate ablation: the most points (then runs) of groups identical
+    but for `lr`, with the seeds every point has; ([], []) when there is none."""
+    lines = defaultdict(list)
+    for g in gs:
+        rest = {k: v for k, v in g.config.items() if k != "lr"}
+        lines[json.dumps(rest, sort_keys=True, default=str)].append(g)
+    lines = [pts for pts in lines.values() if len({json.dumps(g.config.get("lr")) for g in pts}) >= 2]
+    if not lines:
+        return [], []
+    pts = max(lines, key=lambda pts: (len(pts), sum(len(g.runs) for g in pts)))
+    common = set.intersection(*(set(g.seeds) for g in pts))
+    return sorted(pts, key=lambda g: g.config.get("lr")), sorted(common, key=seed_order)
+
+
+def validated_lr(gs: list[Group]) -> float | None:
+    """The learning rate chosen on the validation split (`suites.selection`: lowest mean `val_loss` over
+    the seeds every rate of the method's lr ablation has); None when there is no such ablation or no
+    `val_loss` in its records (older records: the modal rule below decides)."""
+    pts, common = lr_line(gs)
+    scored = {}
+    for g in pts:
+        vals = g.by_seed("metrics", selection.METRIC)
+        if common and all(s in vals for s in common):
+            scored[g.config.get("lr")] = [vals[s] for s in common]
+    return selection.best_rate(scored) if len(scored) >= 2 else None
+
+
 def reference_groups(groups: list[Group]) -> list[Group]:
-    """Per method, the groups at its reference configuration: for each config key (REFERENCE_KEYS first)
+    """Per method, the groups at its reference configuration: the learning rate chosen on the validation
+    split where the records hold a learning-rate ablation (`validated_lr`), then for each config key
+    (REFERENCE_KEYS first)
     the value most of its groups use (a one-at-a-time sweep varies one key around the default, so the
     default is the mode); ties go to the value most runs of the suite/profile use (the profile default,
     shared by every method), then to PREFERRED. Keys it cannot resolve stay unresolved: those groups
@@ -460,7 +491,8 @@ def reference_groups(groups: list[Group]) -> list[Group]:
     out = []
     for (suite, profile, _), gs in by_method.items():
         everyone = by_setting[(suite, profile)]
-        cands = list(gs)
+        lr = validated_lr(gs)
+        cands = [g for g in gs if g.config.get("lr") == lr] if lr is not None else list(gs)
         others = sorted({k for g in gs for k in g.config} - set(REFERENCE_KEYS))
         for key in (*REFERENCE_KEYS, *others):
             counts = Counter(json.dumps(g.config.get(key), default=str) for g in gs)

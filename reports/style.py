@@ -85,7 +85,13 @@ METRICS = {
     "c4_sample_loss": MetricStyle(f"loss on the {C4_SAMPLE} (nats/token)"),
     "c4_eval_loss": MetricStyle("loss on a C4 train-split sample, recorded as c4_eval_loss; "
                                 "not C4 validation (nats/token)"),
+    "val_loss": MetricStyle("validation-slice loss, chooses the learning rate (nats/token)"),
     "eval_ppl": MetricStyle("held-out perplexity", decimals=2, shown=False),
+    # the unigram reference (suites/unigram.py): shown as its own row under the metric it refers to
+    "unigram_eval_loss": MetricStyle("unigram reference of the held-out loss", shown=False),
+    "unigram_c4_sample_loss": MetricStyle("unigram reference on the C4 sample", shown=False),
+    "unigram_val_loss": MetricStyle("unigram reference on the validation slice", shown=False),
+    "unigram_answer_nll": MetricStyle("unigram reference of the answer NLL", shown=False),
     "c4_sample_ppl": MetricStyle(f"perplexity on the {C4_SAMPLE}", decimals=2, shown=False),
     "c4_eval_ppl": MetricStyle("perplexity on a C4 train-split sample (c4_eval_ppl)", decimals=2,
                                shown=False),
@@ -99,6 +105,12 @@ METRIC_ORDER = tuple(METRICS)
 EVAL_SIZES = {"eval_problems": "problems", "eval_tokens": "tokens", "gen_ceiling": "generation ceiling",
               "passed": None}
 HELD_OUT = ("eval_loss", "eval_ppl")  # labelled with config.train_corpus / config.eval_corpus
+
+
+# metric -> the record's unigram reference of it (the same tokens scored by an add-1/2 unigram model of the
+# run's own training tokens): the "unigram" row of the quality tables
+UNIGRAM_OF = {"eval_loss": "unigram_eval_loss", "c4_sample_loss": "unigram_c4_sample_loss",
+              "val_loss": "unigram_val_loss", "answer_nll": "unigram_answer_nll"}
 
 
 def metric_style(name: str) -> MetricStyle:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reports import published as pub
-from reports.compare import Comparison, speed
+from reports.compare import REFERENCE_PAIRS, Comparison, speed
 from reports.load import (
     CATEGORIES,
     REL_TOL,
@@ -34,12 +34,14 @@ from reports.stats import Stat, paired
 from reports.style import (
     DAGGER,
     EVAL_SIZES,
+    UNIGRAM_OF,
     fmt_bytes,
     fmt_diff,
     fmt_metric,
     fmt_rate,
     memory_unit,
     metric_label,
+    metric_style,
     ordered_metrics,
 )
 
@@ -230,6 +232,28 @@ def step0_row(comp: Comparison, metrics: list[str]) -> tuple[dict, list[str]]:
     return out, notes
 
 
+def unigram_row(comp: Comparison, metrics: list[str]) -> tuple[dict, list[str]]:
+    """Per metric with a unigram reference (`UNIGRAM_OF`), the Stat over the table's seeds of the records'
+    `metrics.unigram_*` (the same for every method of a seed: it depends on the training tokens only); a
+    metric whose records carry none (older records) maps to None, shown as "–"."""
+    out, notes = {}, []
+    for m in metrics:
+        if m not in UNIGRAM_OF:
+            continue
+        per_seed = defaultdict(list)
+        for g in comp.rows:
+            for s, v in g.by_seed("metrics", UNIGRAM_OF[m]).items():
+                per_seed[s].append(v)
+        split = [s for s, vs in per_seed.items()
+                 if any(not math.isclose(v, vs[0], rel_tol=REL_TOL) for v in vs)]
+        if split:
+            notes.append(f"{comp.where}: the unigram reference of {m} differs between methods on seed(s) "
+                         f"{seeds_text(sorted(split, key=seed_order))} (different training tokens?)")
+        ordered = sorted(per_seed, key=seed_order)
+        out[m] = Stat.of([per_seed[s][0] for s in ordered]) if per_seed and not split else None
+    return out, notes
+
+
 def main_table(comp: Comparison) -> tuple[Table, list[str]]:
     """One row per method at its reference configuration, all on the comparison's seeds; returns the
     table and notes for MISSING.md."""
@@ -243,6 +267,8 @@ def main_table(comp: Comparison) -> tuple[Table, list[str]]:
     unit = memory_unit(max(peaks, default=0))
     found = _published(comp, groups, all_metrics)
     step0, notes = step0_row(comp, metrics)
+    unigram, unigram_notes = unigram_row(comp, metrics)
+    notes += unigram_notes
     reserved = any(g.values("memory", "reserved_bytes") for g in groups)  # CUDA runs record it
     names = corpora(groups)
     header = (["method", *cols, "n", "status", f"peak memory ({unit[0]})", "memory source", "memory / adam"]
@@ -289,6 +315,12 @@ def main_table(comp: Comparison) -> tuple[Table, list[str]]:
                      "", "", "", ""] + ([""] if reserved else [])
                     + [fmt_metric(m, step0.get(m)) for m in metrics] + ([""] if sizes else []) + [""]
                     + (["", ""] if head else []) + ([""] if found else []))
+    if unigram and comp.rows:
+        rows.append(["unigram of the training tokens (reference)", *["" for _ in cols],
+                     str(max((u.n for u in unigram.values() if u is not None), default=0)),
+                     "", "", "", ""] + ([""] if reserved else [])
+                    + [fmt_metric(m, unigram.get(m)) if m in unigram else "" for m in metrics]
+                    + ([""] if sizes else []) + [""] + (["", ""] if head else []) + ([""] if found else []))
     caption = (f"{_banner(groups)}{comp.suite} ({comp.profile} profile): peak memory, quality and throughput "
                f"per method at its reference configuration, {comp.seeds_caption}")
     table_notes = [
@@ -309,6 +341,11 @@ def main_table(comp: Comparison) -> tuple[Table, list[str]]:
     if step0:
         table_notes.append("before training (step 0): the same evaluation on the model each run started from "
                            "(metrics.step0), so the rows show what training changed.")
+    if unigram:
+        table_notes.append("unigram of the training tokens (reference): the same tokens scored by an add-½ "
+                           "smoothed unigram model of each run's own training tokens (metrics.unigram_*, "
+                           "recorded by the harness); a model that does not beat it learnt token frequencies "
+                           "only. – where the records carry none (recorded since issue 20).")
     table_notes += _published_notes(comp, found)
     if len({g.config.get("model") for g in groups}) > 1:
         table_notes.append("Rows cover several models; compare within a model.")
@@ -352,6 +389,44 @@ def paired_table(comp: Comparison) -> Table | None:
              f"(method − adam) per seed; {DAGGER} marks an interval that excludes 0.",
              "Accuracy-type metrics in percentage points."]
     return Table(f"table1_paired_{comp.suite}_{comp.profile}", caption, header, rows, csv_header, raw, notes)
+
+
+def references_table(comp: Comparison) -> Table | None:
+    """Paired differences against chosen references besides adam (`REFERENCE_PAIRS`): oasis against its
+    frozen basis, pca and its no-transport ablation, on every shown quality metric."""
+    groups = comp.rows
+    metrics = ordered_metrics(metric_names(groups), shown_only=True)
+    pairs = [(a, b) for a, b in REFERENCE_PAIRS if comp.row_of(a) and comp.row_of(b)]
+    if not metrics or not pairs:
+        return None
+    names = corpora(groups)
+    header = ["method", "reference", "metric", "n", "Δ method − reference (paired, 95% CI)",
+              "distinguishable?"]
+    csv_header = ["method", "reference", "metric", *DIFF_COLS, "verdict"]
+    rows, raw = [], []
+    for a, b in pairs:
+        for m in metrics:
+            d = comp.vs_reference(a, b, m)
+            if d is None:
+                continue
+            if d.n < 2:
+                verdict = f"cannot tell (n={d.n})"
+            elif not d.excludes_zero:
+                verdict = "no: 95% interval includes 0"
+            else:
+                better = (d.mean > 0) == metric_style(m).higher_is_better
+                verdict = f"yes: {a} {'better' if better else 'worse'}"
+            rows.append([a, b, metric_label(m, names), str(d.n), fmt_diff(m, d), verdict])
+            raw.append([a, b, m, *_diff_cols(d), verdict])
+    if not rows:
+        return None
+    caption = (f"{_banner(groups)}{comp.suite} ({comp.profile} profile): paired differences against chosen "
+               f"references, {comp.seeds_caption}")
+    notes = [f"Δ: mean [95% t-interval] of (method − reference) per seed, each at its main-table "
+             f"configuration; {DAGGER} marks an interval that excludes 0. oasis − oasis-frozen isolates the "
+             "online basis update; oasis − pca compares online tracking with periodic recomputation."]
+    return Table(f"table1_references_{comp.suite}_{comp.profile}", caption, header, rows, csv_header, raw,
+                 notes)
 
 
 def runs_table(comp: Comparison) -> Table:

@@ -56,6 +56,20 @@ _TRAIN = dict(
     eval_tokens=4096,  # held-out tokens for the c4 suite's validation loss
     exec_timeout=5.0,  # seconds per HumanEval program
 )
+# Keys added after records were committed: a resolved config carries one only when it differs from its
+# default here, so every config that leaves them alone keeps the hash (and the resumable record) it had.
+_OPTIONAL = dict(
+    eval_every=0,  # evaluate the suite's headline metric every N optimizer steps into the loss curve (0: off)
+    val_tokens=0,  # tokens of a validation slice of the training corpus (c4: `val_loss`; 0: off)
+    track_points=0,  # steps of the tracking diagnostic (suites.tracking), spread over the run (0: off)
+    track_tokens=1024,  # held-out tokens the tracking diagnostic measures each basis on
+)
+_TRAIN.update(_OPTIONAL)
+
+
+def option(cfg: dict, key: str):
+    """A resolved config's value of an optional key (`_OPTIONAL`): absent means its default."""
+    return cfg.get(key, _OPTIONAL[key])
 
 # Extras' learning rates. adam-mini and qlora take adam's and lora's. APOLLO's update is the raw gradient
 # scaled towards Adam's per-channel step size from an r-dimensional projection, which at r << d is smaller
@@ -111,6 +125,10 @@ _PRETRAIN_METHOD_KEYS = {"train_unadapted": True}
 # tuned on the same relative grid around its own published rate (the paper profiles)
 PAPER_LR_GRID = (0.5, 1.0, 2.0)
 
+# optimizer steps of the c4 `study` profile (4 x 128 tokens each): the horizon the adam pilot measured
+# (suites/study.py says how)
+STUDY_STEPS = 800
+
 PROFILES: dict[str, dict[str, dict]] = {
     "c4": {
         "smoke": dict(
@@ -135,6 +153,32 @@ PROFILES: dict[str, dict[str, dict]] = {
             rank=32,
             eval_tokens=16384,
             eval_batch=8,
+            lrs=dict(_LRS_PT),
+            **_PRETRAIN_METHOD_KEYS,
+        ),
+        # the committed study v2 (suites.study): the cpu profile's model, batch and sequence, trained long
+        # enough that adam ends >= 0.5 nats below the unigram reference of its own training tokens, with
+        # PCA's and GaLore's period at 50 (their published 200 would refresh fewer than 10 times inside the
+        # horizon; the study ablates 20 / 50 / 200), a validation slice for choosing learning rates
+        # (`val_loss`), the loss curve every STUDY_STEPS / 8 steps and the tracking diagnostic at 6 steps
+        "study": dict(
+            _TRAIN,
+            model="llama-cpu",
+            steps=STUDY_STEPS,
+            mem_window=11,
+            batch=4,
+            seq_len=128,
+            warmup_steps=STUDY_STEPS // 20,
+            rank=32,
+            eval_tokens=16384,
+            eval_batch=8,
+            val_tokens=16384,
+            eval_every=STUDY_STEPS // 8,
+            track_points=6,
+            track_tokens=1024,
+            refresh_every=50,
+            update_proj_gap=50,
+            lr_grid=PAPER_LR_GRID,
             lrs=dict(_LRS_PT),
             **_PRETRAIN_METHOD_KEYS,
         ),
@@ -475,7 +519,7 @@ def resolve(suite: str, profile_name: str, prof: dict, method: str, defaults: di
     method does not use never changes its hash and a resumed sweep still skips it.
     """
     cfg = {"suite": suite, "profile": profile_name, "method": method, "device": device}
-    cfg.update({k: prof[k] for k in _TRAIN})
+    cfg.update({k: prof[k] for k in _TRAIN if k not in _OPTIONAL or prof[k] != _OPTIONAL[k]})
     cfg.update(SUITE_FIELDS.get(suite, {}))
     for key, value in defaults.items():
         if key in PER_METHOD_KEYS:

@@ -42,9 +42,9 @@ from typing import Any
 
 import torch
 
-from suites import distributed, files, models, records
+from suites import distributed, files, models, records, tracking
 from suites.meters import Meter, make_meter
-from suites.profiles import PERIODIC_KEYS
+from suites.profiles import PERIODIC_KEYS, option
 from suites.registry import build_method
 from suites.tasks import get as get_suite
 
@@ -78,6 +78,7 @@ class Session:
     base_checksum: str | None = None  # records.weights_checksum of the weights the run starts from
     position: int = 1  # row of the progress bar (the sweep's bar is row 0)
     data_parallel: distributed.DataParallel | None = None  # the DDP wrapper when world_size > 1
+    tracking: tracking.Tracking | None = None  # the tracking diagnostic (track_points > 0, one process)
 
     @property
     def train_model(self) -> torch.nn.Module:
@@ -111,7 +112,18 @@ def setup(spec: dict) -> Session:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return Session(cfg, suite, tokenizer, batches, model, optimizer, scheduler, meter, step0=step0,
                    base_checksum=base_checksum, position=spec.get("position", 1),
-                   data_parallel=data_parallel)
+                   data_parallel=data_parallel,
+                   tracking=build_tracking(cfg, suite, tokenizer, model, optimizer))
+
+
+def build_tracking(cfg: dict, suite: ModuleType, tokenizer, model, optimizer) -> tracking.Tracking | None:
+    """The tracking diagnostic (`suites.tracking`) when `track_points` > 0, in a one-process run (a sharded
+    model cannot run the diagnostic's forward on one rank alone); it measures whatever bases the optimizer
+    exposes, nothing when it exposes none."""
+    if not option(cfg, "track_points") or cfg["world_size"] > 1:
+        return None
+    points = tracking.points(cfg["steps"], cfg["mem_window"], option(cfg, "track_points"))
+    return tracking.Tracking(model, optimizer, suite.tracking_batch(tokenizer, cfg), points, cfg["device"])
 
 
 def build_parallel_method(cfg: dict, model: torch.nn.Module, base_dir: str | None):
@@ -204,6 +216,7 @@ class TrainResult:
     error: str | None = None
     curve: list = field(default_factory=list)  # [step, train_loss, eval_loss|None]
     drift: list | None = None  # [step, radians] when the optimizer tracks a basis
+    tracking: dict | None = None  # {refreshes, tracking: [...]} of the tracking diagnostic (suites.tracking)
     memory: dict | None = None
     speed: dict | None = None
     comm: dict | None = None  # bytes all-reduced per optimizer step (data-parallel runs)
@@ -233,6 +246,7 @@ def train(session: Session) -> TrainResult:
                 result.memory = meter.result()
         for step in range(window + 1, cfg["steps"]):
             _timed_step(session, step, result, progress)
+            _periodic_eval(session, step, result)
     except Diverged as exc:
         result.curve.append([exc.step, exc.loss, None])
         result.status, result.error = "diverged", str(exc)
@@ -244,6 +258,8 @@ def train(session: Session) -> TrainResult:
         if progress is not None:
             progress.close()
     result.speed = _speed(result.timings, window)
+    if session.tracking is not None:
+        result.tracking = session.tracking.result() or None
     if session.data_parallel is not None:
         _merge_ranks(session, result)
     return result
@@ -328,10 +344,22 @@ def _timed_step(session: Session, step: int, result: TrainResult, progress) -> N
     result.curve.append([step, loss, None])
     if result.drift is not None:
         result.drift.append([step, float(session.optimizer.subspace_drift())])
+    if session.tracking is not None:  # after the step's timing: the diagnostic is not part of the method
+        session.tracking.maybe_measure(step)
     result.steps_done = step + 1
     if progress is not None:
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / seconds:.0f}", refresh=False)
+
+
+def _periodic_eval(session: Session, step: int, result: TrainResult) -> None:
+    """With `eval_every` N > 0, the suite's held-out loss after every N-th optimizer step goes into the loss
+    curve's third column (outside the memory window and the step timings; the last step's value is the
+    final evaluation's)."""
+    every = option(session.cfg, "eval_every")
+    if every and (step + 1) % every == 0 and step < session.cfg["steps"] - 1 and distributed.is_main():
+        result.curve[-1][2] = session.suite.heldout_loss(session.model, session.tokenizer, session.cfg,
+                                                         session.device)
 
 
 def _synchronize(device: str) -> None:
@@ -367,6 +395,9 @@ def evaluate(session: Session) -> dict:
     from suites import sources
 
     metrics = session.suite.evaluate(session.model, session.tokenizer, session.cfg, session.device)
+    reference = getattr(session.suite, "reference", None)  # the suite's unigram reference (suites.unigram)
+    if reference is not None:
+        metrics.update(reference(session.tokenizer, session.cfg))
     # the source, row count and row digest of every split the run read (training and evaluation)
     return {**metrics, "step0": session.step0, "data": sources.used()}
 
@@ -380,12 +411,12 @@ def save_model(session: Session, save_dir: str) -> None:
 
 
 def record(spec: dict, result: TrainResult, metrics: dict, *, started_at: str, wall_s: float,
-           base_checksum: str | None = None) -> dict:
+           base_checksum: str | None = None, commit: str | None = None) -> dict:
     """Write the run's record to spec["out_dir"] (rank 0 of a data-parallel run) and return it."""
     rec = records.make_record(
         spec["config"], status=result.status, error=result.error, metrics=metrics, memory=result.memory,
         speed=result.speed, curve=result.curve, drift=result.drift, started_at=started_at, wall_s=wall_s,
-        base_checksum=base_checksum, comm=result.comm,
+        base_checksum=base_checksum, comm=result.comm, tracking=result.tracking, commit=commit,
     )
     if distributed.is_main():
         records.write_record(rec, spec["out_dir"])
@@ -439,6 +470,7 @@ def measure_memory_pass(spec: dict, pass_cfg: dict) -> TrainResult:
 def run(spec: dict) -> dict:
     """[memory pass ->] setup -> train -> evaluate (when training ended ok) -> record; returns the record."""
     started_at, t0 = records.now(), time.perf_counter()
+    commit = records.git_commit()  # the code this process imported, not the checkout when it ends
     result, metrics, session = TrainResult(), {}, None
     try:
         pass_cfg = memory_pass_config(spec["config"])
@@ -478,6 +510,6 @@ def run(spec: dict) -> dict:
     try:
         return record(spec, result, metrics, started_at=started_at,
                       wall_s=round(time.perf_counter() - t0, 3),
-                      base_checksum=session.base_checksum if session is not None else None)
+                      base_checksum=session.base_checksum if session is not None else None, commit=commit)
     finally:
         distributed.close()

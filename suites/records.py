@@ -127,13 +127,14 @@ def code_digest(paths) -> str:
     return digest.hexdigest()[:16]
 
 
-def environment(device: str, dtype: str) -> dict:
+def environment(device: str, dtype: str, commit: str | None = None) -> dict:
+    """The record's `env`; `commit` is the checkout's state when the run started (read now if None)."""
     import torch
     import transformers
 
     machine_id, machine_desc = machine(device)
     env = {
-        "git_commit": git_commit(),
+        "git_commit": commit or git_commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -157,9 +158,14 @@ def now() -> str:
 def make_record(config: dict, *, status: str, error: str | None = None, metrics: dict | None = None,
                 memory: dict | None = None, speed: dict | None = None, curve: list | None = None,
                 drift: list | None = None, started_at: str, wall_s: float,
-                base_checksum: str | None = None, comm: dict | None = None) -> dict:
+                base_checksum: str | None = None, comm: dict | None = None,
+                tracking: dict | None = None, commit: str | None = None) -> dict:
     """A run record (DESIGN §3.4) in the schema's key order; the one place a record is assembled.
-    `comm` (bytes all-reduced per step) exists in data-parallel records only."""
+    `comm` (bytes all-reduced per step) exists in data-parallel records only; `subspace` holds the drift
+    of an optimizer that reports it and the tracking diagnostic's `refreshes` and `tracking` rows
+    (`suites.tracking`), None when there is neither. `commit`: `git_commit()` read when the run started
+    (the code it imported then); a checkout that changes during a long run does not rename its code."""
+    subspace = {**({"drift": drift} if drift is not None else {}), **(tracking or {})} or None
     return {
         "schema": SCHEMA,
         "run_id": run_id(config),
@@ -175,8 +181,8 @@ def make_record(config: dict, *, status: str, error: str | None = None, metrics:
         **({"comm": comm} if comm is not None else {}),
         "speed": speed,
         "curve": curve if curve is not None else [],
-        "subspace": {"drift": drift} if drift is not None else None,
-        "env": {**environment(config["device"], config["dtype"]), "base_checksum": base_checksum},
+        "subspace": subspace,
+        "env": {**environment(config["device"], config["dtype"], commit), "base_checksum": base_checksum},
         "started_at": started_at,
         "wall_s": wall_s,
     }

@@ -87,8 +87,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("suite", help=" | ".join(SUITES))
     p.add_argument("--methods", default="all", help="'all' or a comma list (see methods below)")
     p.add_argument("--profile", default="cpu",
-                   help="smoke (seconds, tests/CI) | cpu (minutes on a CPU) | gpu (gsm8k, humaneval: "
-                        "SmolLM2-135M on one GPU, minutes per method) | paper (GPUs, hub models)")
+                   help="smoke (seconds, tests/CI) | cpu (minutes on a CPU) | study (c4: the committed "
+                        "study v2, python -m suites.study) | gpu (gsm8k, humaneval: SmolLM2-135M on one "
+                        "GPU, minutes per method) | paper (GPUs, hub models)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a profile key or method hyper-parameter (repeatable)")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",

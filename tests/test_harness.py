@@ -250,13 +250,18 @@ def test_profiles_share_budgets_and_differ_only_in_lr():
 
 def test_quality_runs_keep_the_published_refresh_periods():
     """No profile pins a period (the memory pass puts the refresh in the window: tests/test_memory_pass.py);
-    every periodic method trains with the period its paper publishes."""
+    every periodic method trains with the period its paper publishes. The one exception is the c4 `study`
+    profile (issue 20): there every periodic method must refresh >= 10 times inside the horizon, so its
+    periods are 50 and suites.study ablates the published 200 (tests/test_study.py)."""
     from suites.registry import method_defaults
 
     published = {("galore", "update_proj_gap"): 200, ("pca", "refresh_every"): 200,
                  ("compact", "refresh_every"): 50, ("apollo", "update_proj_gap"): 200}
     for suite, table in profiles.PROFILES.items():
         for name, prof in table.items():
+            if (suite, name) == ("c4", "study"):
+                assert all((prof["steps"] - 1) // prof[k] >= 10 for k in profiles.PERIODIC_KEYS)
+                continue
             assert not set(profiles.PERIODIC_KEYS) & set(prof), (suite, name)
             for (method, key), period in published.items():
                 cfg = profiles.resolve(suite, name, prof, method, method_defaults(method), "cpu")

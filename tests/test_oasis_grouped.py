@@ -1,7 +1,8 @@
 """The batched, sync-free OASIS step (`oasis.grouped`) equals the per-layer step it replaced
-(`tests/oasis_reference.py`; σ_max as it was, the later normalisations one tracker at a time): weights, moments and bases after 20 steps with basis moves, to 1e-6 relative in
-float32 and 1e-12 in float64; also without transport, moving every 3 steps, with q/k/v and gate/up sharing a
-basis or not, with two micro-batches per step, and with the refresh-in-forward policy (periodic PCA)."""
+(`tests/oasis_reference.py`; σ_max as it was, the later normalisations one tracker at a time): weights,
+moments and bases after 20 steps with basis moves, to 1e-6 relative in float32 and 1e-12 in float64; also
+without transport, moving every 3 steps, with q/k/v and gate/up sharing a basis or not, with two
+micro-batches per step, and with the refresh-in-forward policy (periodic PCA)."""
 
 import copy
 

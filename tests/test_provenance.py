@@ -97,3 +97,13 @@ def test_git_commit_is_dirty_for_code_but_not_for_the_tools_outputs(tmp_path, mo
     (tmp_path / "reports" / "build.py").write_text("0")
     (tmp_path / "code.py").write_text("1")
     assert records.git_commit() == head + "+dirty"
+
+
+def test_a_record_names_the_commit_its_run_started_from(tmp_path, monkeypatch, one_thread):
+    """A checkout that changes while a long run trains (a later commit, an edit) does not rename the code
+    the run imported at its start."""
+    states = iter(["aaaa", "bbbb+dirty"])
+    monkeypatch.setattr(records, "git_commit", lambda: next(states, "bbbb+dirty"))
+    rec = recipe.run({"config": _config("c4"), "out_dir": str(tmp_path), "position": 0})
+    assert rec["status"] == "ok", rec["error"]
+    assert rec["env"]["git_commit"] == "aaaa"

@@ -1,41 +1,144 @@
-"""The study command (`suites.study`): its sweeps are valid suites.run input, every point has the same
-seeds, and an ablation's reference point is the main row's run (same config hash), so the study never runs
-it twice."""
+"""The study command (`suites.study`, v2): its stages are valid suites.run input, every ablation's
+reference point is a run of the lr stage (same config hash), the main rows at a chosen rate reuse the lr
+stage's seed-0 run, the horizon gives every periodic method >= 10 refreshes, and --plan's hours follow
+from the measured step times it is given."""
 
-from collections import Counter
+import json
 
 import pytest
 
-from suites import records, run, study
+from suites import profiles, records, selection, study
 
 
-def _configs(name):
-    (_, suite, methods, sweeps), = [e for e in study.STUDY if e[0] == name]
-    return run.check_arguments(run.parser().parse_args(study.argv_of(suite, methods, sweeps, "unused-out")))
+def _stage(name):
+    (stage,) = [s for s in study.STAGES if s.name == name]
+    return study.stage_configs(stage, "unused-out")
 
 
-@pytest.mark.parametrize("suite", ["c4", "gsm8k"])
-def test_every_point_has_the_same_three_seeds(suite):
-    for kind in ("main", "rank", "subspace-lr"):
-        configs = _configs(f"{suite}-{kind}")
-        points = Counter((c["method"], c["rank"], c.get("subspace_lr")) for c in configs)
-        assert set(points.values()) == {3}, kind
-        assert {c["seed"] for c in configs} == {0, 1, 2}
-        assert {c["base_seed"] for c in configs} == {0}
+def _hashes(configs):
+    return {records.config_hash(c) for c in configs}
 
 
-@pytest.mark.parametrize("suite", ["c4", "gsm8k"])
-def test_ablation_reference_points_are_the_main_runs(suite):
-    main = {records.config_hash(c) for c in _configs(f"{suite}-main")}
-    references = (("rank", lambda c: c["rank"] == 32), ("subspace-lr", lambda c: c["subspace_lr"] == 0.1))
-    for kind, ref in references:
-        configs = _configs(f"{suite}-{kind}")
-        refs = [c for c in configs if ref(c)]
-        assert refs and {records.config_hash(c) for c in refs} <= main, kind
-        others = [c for c in configs if not ref(c)]
-        assert others and not {records.config_hash(c) for c in others} & main, kind
+def test_the_lr_stage_is_every_method_at_half_one_and_two_times_its_rate_on_seed_0():
+    configs = _stage("lr")
+    tuned = {c["method"] for c in configs}
+    assert tuned == {"adam", "lora", "galore", "ldadam", "pca", "oasis"}
+    assert set(study.methods()) == tuned | {"oasis-frozen", "oasis-notransport"}
+    assert set(study.RATE_FROM.values()) <= tuned
+    for method in tuned:
+        rates = sorted(c["lr"] for c in configs if c["method"] == method)
+        assert rates == pytest.approx([rates[1] * 0.5, rates[1], rates[1] * 2])
+    assert {c["seed"] for c in configs} == {0}
 
 
-def test_only_refuses_an_unknown_sweep(capsys):
-    assert study.main(["--only", "c4-rnak", "--list"]) == 2
-    assert "unknown sweep 'c4-rnak'" in capsys.readouterr().err
+@pytest.mark.parametrize("name, key, reference, values", [
+    ("rank", "rank", 32, [8, 16, 32, 64, 128]),
+    ("subspace-lr", "subspace_lr", 0.1, [0.001, 0.01, 0.1, 1.0]),
+    ("period-pca", "refresh_every", 50, [20, 50, 200]),
+    ("period-galore", "update_proj_gap", 50, [20, 50, 200]),
+])
+def test_ablation_reference_points_are_lr_stage_runs(name, key, reference, values):
+    configs = _stage(name)
+    lr_runs = _hashes(_stage("lr"))
+    for method in {c["method"] for c in configs}:
+        assert sorted(c[key] for c in configs if c["method"] == method) == values
+    refs = [c for c in configs if c[key] == reference]
+    others = [c for c in configs if c[key] != reference]
+    assert refs and _hashes(refs) <= lr_runs
+    assert others and not _hashes(others) & lr_runs
+
+
+def test_the_subspace_step_ablation_spans_three_decades():
+    steps = [c["subspace_lr"] for c in _stage("subspace-lr")]
+    assert max(steps) / min(steps) >= 1000
+
+
+def test_main_rows_at_a_chosen_rate_reuse_the_lr_stages_seed_0_run():
+    lr_runs = {(c["method"], c["lr"]): records.config_hash(c) for c in _stage("lr")}
+    assert len(lr_runs) == 18
+    for (method, lr), digest in lr_runs.items():
+        main = study.configs_of(study.main_argv(method, lr, "unused-out"))
+        assert sorted(c["seed"] for c in main) == [0, 1, 2]
+        (seed0,) = [c for c in main if c["seed"] == 0]
+        assert records.config_hash(seed0) == digest, (method, lr)
+
+
+def test_periodic_methods_refresh_at_least_ten_times_inside_the_horizon():
+    prof = profiles.profile("c4", "study")
+    assert prof["steps"] == profiles.STUDY_STEPS
+    for c in _stage("lr"):
+        for key in profiles.PERIODIC_KEYS:
+            if key in c:
+                assert (c["steps"] - 1) // c[key] >= 10, (c["method"], key, c[key])
+    assert prof["val_tokens"] > 0 and prof["track_points"] >= 3 and prof["eval_every"] > 0
+
+
+def test_best_rate_is_the_lowest_mean_validation_loss():
+    assert selection.best_rate({1e-3: [5.0, 5.2], 2e-3: [5.05], 5e-4: [float("nan")]}) == 2e-3
+    assert selection.best_rate({1e-3: [5.0], 2e-3: [5.0]}) == 1e-3  # a tie goes to the smaller rate
+    assert selection.best_rate({1e-3: []}) is None
+
+
+def _record(method, step_time, steps, wall):
+    return {"schema": records.SCHEMA, "run_id": method, "suite": "c4", "profile": "cpu", "method": method,
+            "status": "ok", "config": {"model": "llama-cpu", "batch": 4, "seq_len": 128, "steps": steps},
+            "speed": {"step_time_s": step_time}, "wall_s": wall, "started_at": "t"}
+
+
+def test_plan_hours_follow_the_measured_step_times(tmp_path, capsys):
+    (tmp_path / "a.json").write_text(json.dumps(_record("adam", 0.5, 60, 60 * 0.5 + 10)))
+    assert study.main(["--plan", "--timings", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    # 6 methods x 3 rates + pca 2 + galore 2 + 4 methods x 4 ranks + oasis 3 steps + 6 methods x 2 seeds
+    # + 2 oasis ablations x 3 seeds
+    runs = 18 + 2 + 2 + 16 + 3 + 12 + 6
+    hours = runs * (profiles.STUDY_STEPS * 0.5 + 10) / 3600
+    total = [line for line in out.splitlines() if line.strip().startswith("total")][0].split()
+    assert int(total[1]) == runs
+    assert float(total[2]) == pytest.approx(hours, abs=0.01)
+    assert f"about {hours / 2:.2f} hours" in out
+
+
+def test_plan_refuses_without_measured_step_times(tmp_path, capsys):
+    assert study.main(["--plan", "--timings", str(tmp_path)]) == 2
+    assert "no ok c4 record" in capsys.readouterr().err
+
+
+def test_only_refuses_an_unknown_stage(capsys):
+    assert study.main(["--only", "rnak", "--list"]) == 2
+    assert "unknown stage 'rnak'" in capsys.readouterr().err
+
+
+def test_main_runs_each_method_at_its_validated_rate_and_waits_for_unfinished_lr_runs(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    lr_configs = _stage("lr")
+    held = None
+    for c in lr_configs:
+        # val_loss lowest at 2x for oasis, at 0.5x for every other method
+        factor = c["lr"] / min(x["lr"] for x in lr_configs if x["method"] == c["method"])  # 1, 2 or 4
+        val = {"oasis": {1: 6.0, 2: 5.9, 4: 5.5}}.get(c["method"], {1: 5.0, 2: 5.1, 4: 5.2})[factor]
+        rec = {"schema": records.SCHEMA, "run_id": records.run_id(c), "config_hash": records.config_hash(c),
+               "status": "ok", "metrics": {"val_loss": val, "eval_loss": 1.0}, "started_at": "t"}
+        if c["method"] == "oasis" and factor == 4:
+            held = rec  # another process is still running it
+            continue
+        (tmp_path / f"{rec['run_id']}.json").write_text(json.dumps(rec))
+    ran, waits = [], []
+
+    def fake_sweep(configs, columns, out_dir, desc):
+        ran.extend(configs)
+        return 0
+
+    def fake_sleep(seconds):
+        waits.append(seconds)
+        (tmp_path / f"{held['run_id']}.json").write_text(json.dumps(held))
+
+    monkeypatch.setattr(study.run, "sweep", fake_sweep)
+    monkeypatch.setattr(study.time, "sleep", fake_sleep)
+    assert study._run_main(out) == 0
+    rates = {c["method"]: sorted({x["lr"] for x in ran if x["method"] == c["method"]}) for c in ran}
+    base = {c["method"]: min(x["lr"] for x in lr_configs if x["method"] == c["method"]) for c in lr_configs}
+    assert rates["oasis"] == [pytest.approx(base["oasis"] * 4)]
+    assert rates["oasis-frozen"] == rates["oasis-notransport"] == rates["oasis"]
+    assert rates["adam"] == [pytest.approx(base["adam"])]
+    assert len(waits) == 1 and len(ran) == 8 * 3

@@ -15,12 +15,19 @@ corpora the profiles were made for.
 
 from __future__ import annotations
 
-from suites import data, sources
+import torch
+
+from suites import data, sources, unigram
+from suites.profiles import option
 from suites.tasks._eval import mean_nll, ppl
 
 FINETUNE = False
 HEADLINE = "eval_loss"
 SUMMARY = ("eval_loss", "c4_sample_loss")  # the summary table
+# held-out corpus of each evaluated metric prefix (`evaluate`); `val` (val_tokens > 0) is the slice of the
+# Wikipedia validation file after the eval_loss tokens: disjoint from training and from eval_loss, so a
+# learning rate can be chosen on it without looking at the reported numbers
+CORPORA = (("wikipedia", "eval"), ("c4", "c4_sample"))
 
 
 def check_data() -> None:
@@ -44,14 +51,58 @@ def before_training(model, tokenizer, cfg: dict, device: str) -> dict:
     return evaluate(model, tokenizer, cfg, device)
 
 
+def heldout_loss(model, tokenizer, cfg: dict, device: str) -> float:
+    """`eval_loss` alone: the loss curve's periodic point (`eval_every`)."""
+    batches = data.heldout_batches(
+        "wikipedia", tokenizer, n_tokens=cfg["eval_tokens"], batch=cfg["eval_batch"], seq_len=cfg["seq_len"]
+    )
+    return mean_nll(model, batches, device)
+
+
+def eval_batches(corpus: str, tokenizer, cfg: dict) -> list[dict]:
+    return data.heldout_batches(
+        corpus, tokenizer, n_tokens=cfg["eval_tokens"], batch=cfg["eval_batch"], seq_len=cfg["seq_len"]
+    )
+
+
+def validation_batches(tokenizer, cfg: dict) -> list[dict]:
+    """`val_tokens` tokens of the Wikipedia validation file right after the `eval_loss` tokens (the file is
+    packed in order, so the first blocks of a longer read are exactly the eval blocks)."""
+    seq = cfg["seq_len"]
+    n_eval, n_val = max(1, cfg["eval_tokens"] // seq), max(1, option(cfg, "val_tokens") // seq)
+    blocks = torch.cat([b["input_ids"] for b in data.heldout_batches(
+        "wikipedia", tokenizer, n_tokens=(n_eval + n_val) * seq, batch=cfg["eval_batch"], seq_len=seq)])
+    return [{"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()}
+            for b in blocks[n_eval:].split(cfg["eval_batch"])]
+
+
 def evaluate(model, tokenizer, cfg: dict, device: str) -> dict:
     metrics = {}
-    for corpus, name in (("wikipedia", "eval"), ("c4", "c4_sample")):
-        batches = data.heldout_batches(
-            corpus, tokenizer, n_tokens=cfg["eval_tokens"], batch=cfg["eval_batch"], seq_len=cfg["seq_len"]
-        )
+    for corpus, name in CORPORA:
+        batches = eval_batches(corpus, tokenizer, cfg)
         loss = mean_nll(model, batches, device)
         metrics[f"{name}_loss"] = loss
         metrics[f"{name}_ppl"] = ppl(loss)
     metrics["eval_tokens"] = sum(int(b["attention_mask"].sum()) for b in batches)
+    if option(cfg, "val_tokens"):
+        metrics["val_loss"] = mean_nll(model, validation_batches(tokenizer, cfg), device)
     return metrics
+
+
+def reference(tokenizer, cfg: dict) -> dict:
+    """The unigram reference (`suites.unigram`) of the run's own training tokens on each evaluated corpus."""
+    train = train_batches(tokenizer, {**cfg, "steps": cfg["steps"] * cfg["grad_accum"]})
+    size = unigram.vocab_size(tokenizer)
+    out = {f"unigram_{name}_loss": unigram.unigram_nll(train, eval_batches(corpus, tokenizer, cfg), size)
+           for corpus, name in CORPORA}
+    if option(cfg, "val_tokens"):
+        out["unigram_val_loss"] = unigram.unigram_nll(train, validation_batches(tokenizer, cfg), size)
+    return out
+
+
+def tracking_batch(tokenizer, cfg: dict) -> dict:
+    """The tracking diagnostic's held-out batch (`suites.tracking`): the first `track_tokens` tokens of the
+    C4 sample, one batch."""
+    seq = cfg["seq_len"]
+    rows = max(1, option(cfg, "track_tokens") // seq)
+    return data.heldout_batches("c4", tokenizer, n_tokens=rows * seq, batch=rows, seq_len=seq)[0]

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from suites import data, files, sources
+from suites.profiles import option
 from suites.tasks._eval import ppl, scored_batches
 
 FINETUNE = True
@@ -100,6 +101,29 @@ def answer_scores(model, tokenizer, cfg: dict, device: str) -> dict:
     nll = total / max(1, count)
     return {"answer_nll": nll, "answer_ppl": ppl(nll), "final_answer_acc_tf": correct / len(pairs),
             "gen_ceiling": sum(end <= cfg["max_gen_toks"] for _, end in spans) / len(pairs)}
+
+
+def reference(tokenizer, cfg: dict) -> dict:
+    """The unigram reference (`suites.unigram`): the run's own training answer tokens, scored on the answer
+    tokens of the evaluated test problems (the tokens `answer_nll` scores)."""
+    from suites import unigram
+
+    train = train_batches(tokenizer, {**cfg, "steps": cfg["steps"] * cfg["grad_accum"]})
+    pairs = data.gsm8k_eval_pairs(tokenizer, cfg["eval_limit"], prompt_format(cfg))
+    scored = [data.supervised_batch(pairs[i : i + 16], tokenizer) for i in range(0, len(pairs), 16)]
+    return {"unigram_answer_nll": unigram.unigram_nll(train, scored, unigram.vocab_size(tokenizer))}
+
+
+def tracking_batch(tokenizer, cfg: dict) -> dict:
+    """The tracking diagnostic's held-out batch (`suites.tracking`): the first test problems, prompt and
+    answer, `track_tokens // seq_len` of them (at least one), right-padded."""
+    rows = max(1, option(cfg, "track_tokens") // cfg["seq_len"])
+    return data.supervised_batch(data.gsm8k_eval_pairs(tokenizer, rows, prompt_format(cfg)), tokenizer)
+
+
+def heldout_loss(model, tokenizer, cfg: dict, device: str) -> float:
+    """`answer_nll` alone: the loss curve's periodic point (`eval_every`)."""
+    return answer_scores(model, tokenizer, cfg, device)["answer_nll"]
 
 
 def lm_eval_accuracy(model, tokenizer, cfg: dict, device: str) -> dict:
