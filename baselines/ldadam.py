@@ -210,12 +210,17 @@ class LDAdamW(torch.optim.Optimizer):
 
         g_low = torch.stack([project(P_i, a, left) for P_i, a in zip(P.unbind(0), grads)])
         if group["error_feedback"]:  # all in place on a: the buffer costs no m x n temporary
+            # a -= lift(P, g~) (gradient-compression error) and, with a previous projector, the
+            # optimizer-state-compression error (generalised EF): a += coef (lift(P_old, m) - lift(P, m~)),
+            # i.e. a -= lift([P | P_old], [g~ + coef m~ ; -coef m]): one GEMM per weight, over 2r
             coef = beta1 / (1 - beta1)
-            for i, (a, st) in enumerate(zip(grads, states)):
-                add_lifted_(a, P[i], g_low[i], left, -1.0)  # gradient-compression error
-                if m is not None:  # optimizer-state-compression error (generalised EF)
-                    add_lifted_(a, P_old[i], m[i], left, coef)
-                    add_lifted_(a, P[i], m_new[i], left, -coef)
+            if m is None:
+                bases, lows = P, g_low
+            else:
+                bases = torch.cat([P, P_old], dim=-1)
+                lows = torch.cat([torch.add(g_low, m_new, alpha=coef), m * -coef], dim=-2 if left else -1)
+            for a, st, basis, low in zip(grads, states, bases.unbind(0), lows.unbind(0)):
+                add_lifted_(a, basis, low, left, -1.0)
                 st["error"] = a
 
         if m_new is None:

@@ -13,8 +13,9 @@ from tests.ldadam_reference import ReferenceLDAdamW
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# equal shapes batch together: three "left" (m <= n), two "right", two square, one alone
-SHAPES = [(8, 20), (20, 8), (8, 20), (12, 12), (20, 8), (8, 20), (12, 12), (7, 9)]
+# equal shapes batch together: three "left" (m <= n), two "right" and one square in the first group; two
+# square and one alone (7 x 9) in the second
+SHAPES = [(8, 20), (20, 8), (8, 20), (12, 12), (20, 8), (8, 20), (12, 12), (7, 9), (12, 12)]
 STEPS = 20
 
 
@@ -28,10 +29,11 @@ def _params(dtype):
 
 
 def _optimizer(cls, weights, biases):
-    # two compressed groups with different hyperparameters, one with error feedback off in spirit of the
-    # config switch; the biases get AdamW
+    # two compressed groups with different hyperparameters (the second without error feedback); the biases
+    # get AdamW
     return cls([{"params": weights[:6], "rank": 3},
-                {"params": weights[6:], "rank": 2, "lr": 3e-3, "weight_decay": 0.0, "rho": 0.5},
+                {"params": weights[6:], "rank": 2, "lr": 3e-3, "weight_decay": 0.0, "rho": 0.5,
+                 "error_feedback": False},
                 {"params": biases, "rank": None}],
                lr=1e-2, betas=(0.908, 0.99), weight_decay=0.1)
 
