@@ -21,6 +21,13 @@ gradient into it, so gradient plus buffer cost one m x n tensor. The same tensor
 or a freshly loaded optimizer) the buffer is added back to the new gradient, with the same result.
 Parameters other than the attention/MLP weights (embeddings, norms, lm_head) get plain AdamW with the same
 betas, as in the authors' training script.
+
+The step is batched (issue 21): weights of equal shape, dtypes, device and step count are stepped together
+(stacked power step and Cholesky-QR2, moment transport, Adam direction); only the products with each m x n
+gradient, the error update and the lifted weight update run per weight, so the gradients are never
+stacked (copied). Each weight's state stays its own (`state[p]`, saved by `state_dict()`); after a step
+its tensors are views of the batch's stacks. The per-weight step it replaced is kept as the test reference
+(tests/ldadam_reference.py).
 """
 
 from __future__ import annotations
