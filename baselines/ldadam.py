@@ -21,6 +21,13 @@ gradient into it, so gradient plus buffer cost one m x n tensor. The same tensor
 or a freshly loaded optimizer) the buffer is added back to the new gradient, with the same result.
 Parameters other than the attention/MLP weights (embeddings, norms, lm_head) get plain AdamW with the same
 betas, as in the authors' training script.
+
+The step is batched (issue 21): weights of equal shape, dtypes, device and step count are stepped together
+(stacked power step and Cholesky-QR2, moment transport, Adam direction); only the products with each m x n
+gradient, the error update and the lifted weight update run per weight, so the gradients are never
+stacked (copied). Each weight's state stays its own (`state[p]`, saved by `state_dict()`); after a step
+its tensors are views of the batch's stacks. The per-weight step it replaced is kept as the test reference
+(tests/ldadam_reference.py).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from baselines._common import adam_kwargs, check_rank, split_params, unit_interval
-from oasis.grouped import adamw_step
+from oasis.grouped import _by, adamw_step
 from oasis.optim import adam_direction, transport_moments
 
 __all__ = ["LDAdamW", "adam_direction", "build", "lift", "power_step", "project", "top_subspace",
@@ -61,10 +68,12 @@ def _factor_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _orthonormal(x: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """Orthonormal columns spanning `x`, by Cholesky-QR2 in float64 (no host sync, unlike a QR that may
-    synchronise on CUDA; column signs differ from Householder's, which LDAdam's transport is blind to):
-    exact to working precision while cond(x) < ~1e7. Where a Cholesky factorisation fails (x singular or
-    worse conditioned) the projector stays `fallback`, decided on the device."""
+    """Orthonormal columns spanning `x` (..., m, r; a leading batch dim allowed), by Cholesky-QR2 in float64
+    (`oasis.subspace.orthonormalize_cholesky`'s two passes, keeping the factorisations' infos: no host sync,
+    unlike a QR that may synchronise on CUDA; column signs differ from Householder's, which LDAdam's
+    transport is blind to): exact to working precision while cond(x) < ~1e7. Where a Cholesky
+    factorisation fails (x singular or worse conditioned) the projector stays `fallback`, decided on the
+    device, per matrix."""
     a = x.to(torch.float64)
     infos = []
     for _ in range(2):
@@ -72,7 +81,8 @@ def _orthonormal(x: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
         a = torch.linalg.solve_triangular(chol.mT, a, upper=True, left=False)
         infos.append(info)
     dtype = _factor_dtype(x)
-    return torch.where((infos[0] == 0) & (infos[1] == 0), a.to(dtype), fallback.to(dtype))
+    ok = ((infos[0] == 0) & (infos[1] == 0))[..., None, None]
+    return torch.where(ok, a.to(dtype), fallback.to(dtype))
 
 
 def top_subspace(a: torch.Tensor, rank: int, left: bool) -> torch.Tensor:
@@ -81,18 +91,30 @@ def top_subspace(a: torch.Tensor, rank: int, left: bool) -> torch.Tensor:
     return (U[:, :rank] if left else Vh[:rank].T).to(a.dtype)
 
 
+def _times(a, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """aᵀx (`transpose`) or ax; `a` one tensor (batch dims allowed) or a list of m x n tensors, one per x[i]
+    of a stack (the gradients stay where they are: stacking them would copy every m x n buffer)."""
+    if isinstance(a, torch.Tensor):
+        return (a.mT if transpose else a) @ x
+    return torch.stack([(ai.T if transpose else ai) @ xi for ai, xi in zip(a, x.unbind(0), strict=True)])
+
+
 def power_step(P_prev, m_prev, c_m: float, a, c_a: float, left: bool) -> torch.Tensor:
     """One block power-iteration step, warm-started at P_prev, then QR, on B B^T (left) or B^T B (right) for
     B = c_m * lift(P_prev, m_prev) + c_a * a. B (m x n) is never formed: with P_prev^T P_prev = I,
       left:  B^T P_prev = c_m m_prev^T + c_a a^T P_prev,   B V = c_m P_prev (m_prev V) + c_a a V
-      right: B P_prev   = c_m m_prev   + c_a a P_prev,     B^T U = c_m P_prev (m_prev^T U) + c_a a^T U"""
+      right: B P_prev   = c_m m_prev   + c_a a P_prev,     B^T U = c_m P_prev (m_prev^T U) + c_a a^T U
+    Batched: P_prev and m_prev stacked (k, ...) and `a` a list of k gradients (or a stacked tensor)."""
+    dtype = a.dtype if isinstance(a, torch.Tensor) else a[0].dtype
     if left:
-        V = torch.add(a.T @ P_prev, m_prev.T, alpha=c_m / c_a) if c_a else m_prev.T * c_m
-        Y = torch.add(a @ V, P_prev @ (m_prev @ V), alpha=c_m / c_a) if c_a else P_prev @ (m_prev @ V)
+        V = torch.add(_times(a, P_prev, True), m_prev.mT, alpha=c_m / c_a) if c_a else m_prev.mT * c_m
+        Y = (torch.add(_times(a, V, False), P_prev @ (m_prev @ V), alpha=c_m / c_a) if c_a
+             else P_prev @ (m_prev @ V))
     else:
-        U = torch.add(a @ P_prev, m_prev, alpha=c_m / c_a) if c_a else m_prev * c_m
-        Y = torch.add(a.T @ U, P_prev @ (m_prev.T @ U), alpha=c_m / c_a) if c_a else P_prev @ (m_prev.T @ U)
-    return _orthonormal(Y, P_prev).to(a.dtype)  # overall scale (c_a) does not change the span
+        U = torch.add(_times(a, P_prev, False), m_prev, alpha=c_m / c_a) if c_a else m_prev * c_m
+        Y = (torch.add(_times(a, U, True), P_prev @ (m_prev.mT @ U), alpha=c_m / c_a) if c_a
+             else P_prev @ (m_prev.mT @ U))
+    return _orthonormal(Y, P_prev).to(dtype)  # overall scale (c_a) does not change the span
 
 
 class LDAdamW(torch.optim.Optimizer):
@@ -120,11 +142,13 @@ class LDAdamW(torch.optim.Optimizer):
         if not self._moved:
             return 0.0
         weights = len(self._moved)
-        rotations = torch.stack([c.float() for cs in self._moved.values() for c in cs])
-        # smallest singular value of C = cos(largest angle), in float32 as ever
-        angles = torch.linalg.svdvals(rotations)[..., -1].clamp(-1.0, 1.0).arccos()
+        # one stack per rank (param groups may differ); smallest singular value of C = cos(largest angle),
+        # in float32 as ever
+        total = sum(torch.linalg.svdvals(torch.stack(rotations))[..., -1].clamp(-1.0, 1.0).arccos().sum()
+                    for rotations in _by((c.float() for cs in self._moved.values() for c in cs),
+                                         lambda c: (c.shape, c.device)).values())
         self._moved = {}
-        return float(angles.sum()) / weights
+        return float(total) / weights
 
     def gradient_projectors(self):
         """[(weight, its current projector P_t)] for the tracking diagnostic (`suites.tracking`)."""
@@ -153,46 +177,68 @@ class LDAdamW(torch.optim.Optimizer):
                 if params:
                     adamw_step(params, [self.state[p] for p in params], group, lambda t: t)
                 continue
-            for p in params:
-                self._ldadam(p, group)
+            self._ldadam(params, group)
         return loss
 
-    def _ldadam(self, p, group):
-        st = self.state[p]
+    def _ldadam(self, params, group):
+        """One batched step per set of weights of equal shape, dtypes, device and step count; only the
+        products with the m x n gradients and the lifted updates run per weight (in-place GEMMs)."""
+        states = [self.state[p] for p in params]
+        grads = []
+        for p, st in zip(params, states):
+            a = p.grad  # gradient + error buffer (accumulated in place by autograd, or added just below)
+            if "error" in st and st["error"] is not a:
+                a.add_(st["error"])
+            grads.append(a)
+        key = lambda i: (tuple(params[i].shape), params[i].dtype, grads[i].dtype, grads[i].device,  # noqa: E731
+                         states[i].get("step", 0))
+        for (*_, k), idx in _by(range(len(params)), key).items():
+            self._ldadam_batch([params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx],
+                               group, k)
+
+    def _ldadam_batch(self, params, grads, states, group, k):
         beta1 = group["betas"][0]
         rank, rho = group["rank"], group["rho"]
-        left = p.shape[0] <= p.shape[1]  # compress the smaller side
-        a = p.grad  # gradient + error buffer (accumulated in place by autograd, or added just below)
-        if "error" in st and st["error"] is not a:
-            a.add_(st["error"])
-        k = st.get("step", 0)  # steps taken before this one
-
-        if k == 0:
-            P = top_subspace(a, rank, left)
+        left = params[0].shape[0] <= params[0].shape[1]  # compress the smaller side
+        # k = steps taken before this one; the projectors, moments and rotations are stacked (..., r-sized)
+        if k == 0:  # one SVD per weight: a stacked SVD would hold every weight's factors at once
+            P = torch.stack([top_subspace(a, rank, left) for a in grads])
             P_old = m = m_new = v_new = None
         else:
-            P_old, m, v = st["proj"], st["exp_avg"], st["exp_avg_sq"]
+            P_old = torch.stack([st["proj"] for st in states])
+            m = torch.stack([st["exp_avg"] for st in states])
+            v = torch.stack([st["exp_avg_sq"] for st in states])
             # B = rho * (lifted, bias-corrected momentum) + (1 - rho) * (gradient + error buffer)
-            P = power_step(P_old, m, rho / (1 - beta1 ** k), a, 1 - rho, left)
-            C = P.T @ P_old
+            P = power_step(P_old, m, rho / (1 - beta1 ** k), grads, 1 - rho, left)
+            C = P.mT @ P_old
             m_new, v_new = transport_moments(m, v, C, k, group["betas"], left=left)
-            self._moved.setdefault(id(p), []).append(C)
+            for p, c in zip(params, C.unbind(0)):
+                self._moved.setdefault(id(p), []).append(c)
 
-        g_low = project(P, a, left)
+        g_low = torch.stack([project(P_i, a, left) for P_i, a in zip(P.unbind(0), grads)])
         if group["error_feedback"]:  # all in place on a: the buffer costs no m x n temporary
-            add_lifted_(a, P, g_low, left, -1.0)  # gradient-compression error
-            if m is not None:  # optimizer-state-compression error (generalised EF)
-                coef = beta1 / (1 - beta1)
-                add_lifted_(a, P_old, m, left, coef)
-                add_lifted_(a, P, m_new, left, -coef)
-            st["error"] = a
+            # a -= lift(P, g~) (gradient-compression error) and, with a previous projector, the
+            # optimizer-state-compression error (generalised EF): a += coef (lift(P_old, m) - lift(P, m~)),
+            # i.e. a -= lift([P | P_old], [g~ + coef m~ ; -coef m]): one GEMM per weight, over 2r
+            coef = beta1 / (1 - beta1)
+            if m is None:
+                bases, lows = P, g_low
+            else:
+                bases = torch.cat([P, P_old], dim=-1)
+                lows = torch.cat([torch.add(g_low, m_new, alpha=coef), m * -coef], dim=-2 if left else -1)
+            for a, st, basis, low in zip(grads, states, bases.unbind(0), lows.unbind(0)):
+                add_lifted_(a, basis, low, left, -1.0)
+                st["error"] = a
 
         if m_new is None:
             m_new, v_new = torch.zeros_like(g_low), torch.zeros_like(g_low)
         d, step_size = adam_direction(m_new, v_new, g_low, k + 1, group["betas"], group["eps"], group["lr"])
-        st["step"], st["proj"], st["exp_avg"], st["exp_avg_sq"] = k + 1, P, m_new, v_new
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        add_lifted_(p, P, d, left, -step_size)
+        for st, P_i, m_i, v_i in zip(states, P.unbind(0), m_new.unbind(0), v_new.unbind(0)):
+            st["step"], st["proj"], st["exp_avg"], st["exp_avg_sq"] = k + 1, P_i, m_i, v_i
+        if group["weight_decay"] != 0:  # (a factor 1 is exact: skipped)
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        for p, P_i, d_i in zip(params, P.unbind(0), d.unbind(0)):
+            add_lifted_(p, P_i, d_i, left, -step_size)
 
 
 def build(model, cfg):
