@@ -219,8 +219,8 @@ def load(results: Path) -> Loaded:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             skipped.append((rel, f"not valid JSON ({e})"))
             continue
-        if _is_companion(data):
-            continue  # memcheck's baseline, suites.memtable's points: files of other tools
+        if rel.split("/", 1)[0] in OTHER_TOOLS_FOLDERS or _is_companion(data):
+            continue  # memcheck's baseline, suites.memtable's points, ...: files of other tools
         est = _as_estimate(data)
         if est is not None:
             est["path"] = rel
@@ -235,6 +235,11 @@ def load(results: Path) -> Loaded:
     runs = [r for r in runs if r.profile not in SMOKE_PROFILES]
     runs, superseded, replicates = _resolve_replicates(runs)
     return Loaded(runs, estimates, skipped, superseded, smoke, replicates)
+
+
+# folders of results/ that hold other tools' outputs, no run records: suites.speed's tables and
+# suites.opcheck's baseline (speed/), tools/oja_study.py's measurements (oja/)
+OTHER_TOOLS_FOLDERS = ("speed", "oja")
 
 
 def _is_companion(data) -> bool:

@@ -497,3 +497,15 @@ def test_cli_refuses_an_out_that_is_a_file_before_building(tmp_path):
                            "--out", str(victim)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not a folder" in proc.stderr
     assert victim.read_text() == "kept" and sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+
+
+def test_other_tools_outputs_are_not_called_broken_records(tmp_path):
+    """results/speed (suites.speed, suites.opcheck) and results/oja (tools/oja_study.py) hold other tools'
+    JSON; a non-record anywhere else is still named as skipped."""
+    for rel, doc in (("speed/smollm2-135m.json", {"config": {"kind": "estimate"}, "results": []}),
+                     ("speed/opcheck-baseline.json", {"counts": {}, "history": []}),
+                     ("oja/train.json", {"note": "", "runs": []}),
+                     ("runs/stray.json", {"note": ""})):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(json.dumps(doc))
+    assert [name for name, _ in load(tmp_path).skipped] == ["runs/stray.json"]
