@@ -291,14 +291,45 @@ def _main(argv) -> int:
                     help="directory of run records, searched recursively (default: results)")
     ap.add_argument("--out", type=Path, default=Path("reports/out"),
                     help="where tables and figures go (default: reports/out)")
+    ap.add_argument("--check", action="store_true",
+                    help="build into a scratch folder and compare it with --out file by file, writing nothing "
+                         "there: exit 1, naming the files, when the committed artefacts are stale")
     args = ap.parse_args(argv)
     if not args.results.is_dir():
         raise UsageError(f"results directory {str(args.results)!r} does not exist")
     try:
+        if args.check:
+            return _check(args.results, args.out)
         check_output_dir(args.out)
         build(args.results, args.out)
     except (OutputError, NothingToBuild) as exc:
         raise UsageError(str(exc)) from None
+    return 0
+
+
+def _check(results: Path, out: Path) -> int:
+    """Exit status 1 when `out` differs from a fresh build of `results` (a file changed, missing or extra)."""
+    import filecmp
+    import tempfile
+
+    if not out.is_dir():
+        raise UsageError(f"--check: {str(out)!r} is not a folder of built reports")
+    with tempfile.TemporaryDirectory() as scratch:
+        fresh = Path(scratch) / "out"
+        build(results, fresh, log=lambda _: None, warn=lambda _: None)
+        built = {p.relative_to(fresh).as_posix() for p in fresh.rglob("*") if p.is_file()}
+        committed = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+        stale = sorted(name for name in built & committed
+                       if not filecmp.cmp(fresh / name, out / name, shallow=False))
+    problems = ([f"differs: {n}" for n in stale] + [f"missing: {n}" for n in sorted(built - committed)]
+                + [f"not built any more: {n}" for n in sorted(committed - built)])
+    for line in problems:
+        print(line)
+    if problems:
+        print(f"{PROG} --check: {str(out)!r} is stale ({len(problems)} file(s)); rebuild it with "
+              f"`python -m reports.build` and commit", file=sys.stderr)
+        return 1
+    print(f"{PROG} --check: {str(out)!r} equals a rebuild from {str(results)!r}")
     return 0
 
 

@@ -509,3 +509,21 @@ def test_other_tools_outputs_are_not_called_broken_records(tmp_path):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(json.dumps(doc))
     assert [name for name, _ in load(tmp_path).skipped] == ["runs/stray.json"]
+
+
+def test_check_fails_when_the_built_reports_are_stale(tmp_path, capsys):
+    from reports.build import main
+
+    out = tmp_path / "out"
+    args = ["--results", str(FIXTURES), "--out", str(out)]
+    assert main(args) == 0
+    assert main([*args, "--check"]) == 0
+    table = out / "table1_main_gsm8k_cpu.md"
+    table.write_text(table.read_text() + "\nedited by hand\n")
+    (out / "INDEX.md").unlink()
+    (out / "extra.md").write_text("no longer built\n")
+    capsys.readouterr()
+    assert main([*args, "--check"]) == 1
+    printed = capsys.readouterr().out
+    assert "differs: table1_main_gsm8k_cpu.md" in printed and "missing: INDEX.md" in printed
+    assert "not built any more: extra.md" in printed
