@@ -292,8 +292,8 @@ def _main(argv) -> int:
     ap.add_argument("--out", type=Path, default=Path("reports/out"),
                     help="where tables and figures go (default: reports/out)")
     ap.add_argument("--check", action="store_true",
-                    help="build into a scratch folder and compare it with --out file by file, writing nothing "
-                         "there: exit 1, naming the files, when the committed artefacts are stale")
+                    help="build into a scratch folder and compare it with --out file by file, writing "
+                         "nothing there: exit 1, naming the files, when the committed artefacts are stale")
     args = ap.parse_args(argv)
     if not args.results.is_dir():
         raise UsageError(f"results directory {str(args.results)!r} does not exist")
