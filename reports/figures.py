@@ -25,6 +25,7 @@ from reports.load import (  # noqa: E402
     describe_estimate,
     labels_for,
     metric_names,
+    model_label,
 )
 from reports.stats import Stat  # noqa: E402
 from reports.style import (  # noqa: E402
@@ -95,7 +96,8 @@ def memory_breakdown(comps: list[Comparison], estimates: list[dict], out: Path) 
     for comp in comps:
         for title, g, stats in breakdown_rows([comp]):
             peak = g.stat("memory", "peak_bytes")
-            title_ = f"{title}: {g.config.get('model', '?')}, {'/'.join(g.sources())}, {comp.seeds_caption}"
+            model = model_label(g.config.get("model", "?"))
+            title_ = f"{title}: {model}, {'/'.join(g.sources())}, {comp.seeds_caption}"
             panels[title_].append(
                 (g, g.method, {c: (s.mean if s else 0.0) for c, s in stats.items()},
                  peak.mean if peak else None))

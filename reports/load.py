@@ -392,12 +392,20 @@ SOURCE_WORDS = {"estimate": "FakeTensorMode estimate, nothing allocated",
                 "cpu-tracked": "CPU tracked tensor bytes", "cuda": "CUDA max_memory_allocated"}
 
 
+def model_label(model) -> str:
+    """A model as a reader knows it: a preset or hub id as given, a local file or folder by its name (a path
+    on the machine that made the record, e.g. `.devdata/x.config.json`, means nothing to a reader)."""
+    text = str(model)
+    local = text.startswith((".", "/", "~")) or text.endswith((".json", ".gguf")) or text.count("/") > 1
+    return Path(text).name if local else text
+
+
 def describe_estimate(est: dict) -> tuple[str, str]:
     """(setting, source) of a memory-estimate file in words, e.g. ("model=llama-2-7b, batch=8, seq=512,
     rank=32, dtype=bf16, activation checkpointing", "FakeTensorMode estimate, nothing allocated")."""
     meta = est["meta"]
     keys = ("model", "batch", "seq", "seq_len", "rank", "dtype")
-    parts = [f"{k}={fmt_value(meta[k])}" for k in keys if k in meta]
+    parts = [f"{k}={model_label(meta[k]) if k == 'model' else fmt_value(meta[k])}" for k in keys if k in meta]
     if meta.get("checkpointing"):
         parts.append("activation checkpointing")
     if meta.get("layerwise"):

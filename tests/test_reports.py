@@ -527,3 +527,13 @@ def test_check_fails_when_the_built_reports_are_stale(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "differs: table1_main_gsm8k_cpu.md" in printed and "missing: INDEX.md" in printed
     assert "not built any more: extra.md" in printed
+
+
+def test_models_are_named_by_preset_hub_id_or_file_name():
+    from reports.load import model_label
+
+    assert model_label(".devdata/smollm2-135m.config.json") == "smollm2-135m.config.json"
+    assert model_label("/data/models/smollm2-135m-instruct-q4_1/model.gguf") == "model.gguf"
+    assert model_label("../shared/data/models/smollm2") == "smollm2"
+    assert model_label("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
+    assert model_label("llama-2-7b") == "llama-2-7b"
