@@ -1,12 +1,23 @@
 """Run untrusted Python programs (HumanEval completions with their tests) in a contained child process.
 
-A program *passes* only if its code ran to the end: the harness hands the child a per-run random token on
-a pipe that the child reads only after the program has returned from `exec`, and the child writes it back
-on a second pipe. An early exit with status 0 in any form (`sys.exit(0)`, `exit(0)`, `raise SystemExit(0)`,
-`os._exit(0)`, a signal) leaves the token unwritten, so it fails. The token is never in the program's
-memory while the program runs; a program that deliberately reads the harness's pipes by file-descriptor
-number could forge it, which is out of scope (the threat is careless or misbehaving code, not an attacker
-who knows this module).
+Threat model: careless or misbehaving code, not an attacker who knows this module. The sandbox contains a
+program's side effects (files, processes, signals, network, memory, CPU, output; the defences below) and
+catches *accidental* early exits; it does not stop a program that deliberately forges a pass.
+
+Early exits: the harness hands the child a per-run random token on a pipe that the child reads only after
+the program has returned from `exec`, and the child writes it back on a second pipe. An early exit with
+status 0 in any form (`sys.exit(0)`, `exit(0)`, `raise SystemExit(0)`, `os._exit(0)`, a signal) leaves the
+token unwritten, so it fails. The token is never in the program's memory while the program runs.
+
+Forgery (known limitation): the token's reader, its pipes and the program share one process, so a program
+written against this module can pass without running `check`. Three such programs are pinned as passing in
+tests/test_sandbox.py, each ending in `os._exit(0)`: one reads the token pipe named in `sys.argv` and writes
+it to the result pipe; one scans descriptors 3-19 for a 32-byte read and writes it to every descriptor; one
+takes the child's own `read`/`write` and descriptors from its caller's frame (`sys._getframe(1).f_locals`).
+No in-process measure closes this; it needs a verdict produced where the program cannot reach (`check` run
+in a process that holds the token, the candidate in a child that returns only values), which changes how
+`check` sees the candidate (copied arguments, values passed back as data) and so is not done here. A
+pass@1 from this sandbox therefore trusts that the model's completions do not target it.
 
 Defences, each pinned by a test in tests/test_sandbox.py:
 
@@ -69,8 +80,8 @@ class Limits:
 
 @dataclass(frozen=True)
 class Outcome:
-    passed: bool  # exit status 0, the token came back, and no timeout
-    finished: bool  # the token came back: the program returned from its last statement
+    passed: bool  # exit status 0, the token came back, and no timeout (forgeable: see the module docstring)
+    finished: bool  # the token came back: the program returned from its last statement, or forged it
     returncode: int  # negative: killed by that signal (-9 at the timeout)
     timed_out: bool
     pgid: int  # the process group that was killed when the run ended

@@ -3,7 +3,8 @@
 Each hostile completion is placed in front of (or around) problem 0's canonical solution, so that a program
 whose attack is *not* contained would pass; "fails" below therefore also means "the attack was stopped".
 Where a defence is layered (guard and kernel), the tests switch the other layer off to show each one holding
-on its own. The mechanisms themselves are described in suites/sandbox.py.
+on its own. The mechanisms themselves are described in suites/sandbox.py. The one exception is the
+section on deliberate forgery: those programs *pass*, pinning the documented limit of the threat model.
 """
 
 from __future__ import annotations
@@ -104,6 +105,59 @@ def test_an_early_exit_with_status_zero_fails(problems, how):
 def test_the_same_program_without_the_exit_passes(problems):
     outcome = sandbox.run(program(problems), 10.0)
     assert outcome.passed and outcome.finished and outcome.returncode == 0
+
+
+# --------------------------------------------------------------------- known limitation: deliberate forgery
+
+# The sandbox's threat model is careless code (accidental exits, side effects), not a program that knows
+# this module: the token's reader runs in the program's own process, so each of these writes the token back
+# without running `check`. They are pinned here so that the documented limit stays exactly as documented;
+# a design that closes them (the verdict produced where the program cannot reach) must turn these around.
+FORGERIES = {
+    "the token pipe named in sys.argv": """
+        import os, sys
+        os.write(int(sys.argv[2]), os.read(int(sys.argv[1]), 64))
+    """,
+    "a scan of descriptors 3-19": """
+        import os
+        token = b''
+        for fd in range(3, 20):
+            try:
+                os.set_blocking(fd, False)
+                data = os.read(fd, 64)
+            except OSError:
+                continue
+            if len(data) == 32:
+                token = data
+        for fd in range(3, 20):
+            try:
+                os.write(fd, token)
+            except OSError:
+                pass
+    """,
+    "the child's read, write and descriptors from the caller's frame": """
+        import sys
+        harness = sys._getframe(1).f_locals
+        harness['write'](harness['result_fd'], harness['read'](harness['token_fd'], 64))
+    """,
+}
+
+
+def wrong_program(problems, before: str = "") -> str:
+    """Problem 0 with a body that fails its tests: it passes only if `check` never runs."""
+    return textwrap.dedent(before) + "\n" + humaneval.program_for(problems[0], "    return None\n")
+
+
+def test_a_wrong_program_without_a_forgery_fails(problems):
+    outcome = sandbox.run(wrong_program(problems), 10.0)
+    assert not outcome.passed and not outcome.finished and outcome.returncode == 1
+
+
+@pytest.mark.parametrize("how", FORGERIES)
+def test_known_limitation_a_deliberate_forgery_passes_without_running_check(problems, how):
+    forged = FORGERIES[how] + "\n        import os\n        os._exit(0)\n"
+    outcome = sandbox.run(wrong_program(problems, before=forged), 10.0)
+    assert outcome.passed and outcome.finished and outcome.returncode == 0  # a pass the sandbox cannot tell
 
 
 # --------------------------------------------------------------------------------- files outside the scratch

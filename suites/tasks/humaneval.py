@@ -8,7 +8,9 @@ template and continues the assistant turn from the fenced prompt code (`data.enc
 generation and canonical NLL alike.
 pass@1: one greedy completion per problem (`max_gen_toks` new tokens, cut at the usual stop strings),
 executed with the problem's tests in `suites.sandbox` (a contained child process per program, a pool of
-them at a time, never inside the harness process); a program passes only if its tests ran to the end.
+them at a time, never inside the harness process); a program passes only if it exits 0 after its last
+statement, so an accidental early exit fails (a program written to forge a pass is not stopped: see
+`suites.sandbox`).
 `canonical_nll`: token-weighted NLL of the canonical solutions given their prompts.
 """
 
@@ -76,7 +78,10 @@ def greedy_completions(
 
 
 def run_program(program: str, timeout: float) -> bool:
-    """True when `program` ran to its end and exited 0 within `timeout` seconds, in the sandbox."""
+    """True when `program` exited 0 after its last statement within `timeout` s, in the sandbox.
+
+    An accidental early exit fails; a program written to forge a pass is not stopped (`suites.sandbox`).
+    """
     return sandbox.run(program, timeout).passed
 
 
