@@ -432,15 +432,8 @@ def run(args, log, commit: str | None = None) -> dict:
     return report
 
 
-def _dtype(text: str) -> str:
-    try:
-        return dtypes.canonical(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def parser() -> argparse.ArgumentParser:
-    from suites.memory import _key_value
+    from suites.memory import _dtype, _key_value
 
     p = cli.Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
