@@ -12,7 +12,9 @@ Stages, in the order a process runs them (every run is one `suites.run` config; 
 so an interrupted study resumes, and two processes into the same --out share the work, each run claimed
 by a lock: start two on a 2-core machine):
 
-  lr             the six methods at 0.5x, 1x and 2x their profile rate (`--lr-grid`), seed 0. Each
+  lr             the six methods at 0.5x, 1x and 2x their profile rate (`--lr-grid`), seed 0; a method
+                 whose best rate is an edge of the rates tried gets its half or double, at most twice
+                 (selection.beyond_the_edge; run by the main stage before it chooses). Each
                  method's rate is then chosen on `val_loss`, the loss on a validation slice of Wikipedia
                  (the tokens after the eval_loss tokens of the validation file: never trained on, never
                  reported as a result; `suites.selection`). oasis-frozen and oasis-notransport, ablations
@@ -20,7 +22,8 @@ by a lock: start two on a 2-core machine):
                  moment transport at the same step size.
   period-pca     pca with refresh_every 20 / 50 / 200, seed 0 (published: 200; the study's rows use 50 so
   period-galore  that >= 10 refreshes fall inside the horizon); galore likewise with update_proj_gap.
-  rank           oasis, pca, galore, lora at rank 8 / 16 / 32 / 64 / 128, seed 0, 1x rate.
+  rank           oasis and pca (its periodic counterpart) at rank 8 / 16 / 32 / 64 / 128, seed 0, 1x rate
+                 (galore and lora left out of the 4-hour budget).
   subspace-lr    oasis at subspace_lr 0.001 / 0.01 / 0.1 / 1 (three decades), seed 0, 1x rate.
   main           the six methods plus oasis-frozen and oasis-notransport, each at its chosen rate, seeds
                  0, 1, 2 (seed 0 of the six is the lr stage's run). A process that reaches a method whose
@@ -73,7 +76,7 @@ STAGES = [
     Stage("lr", TUNED, [_seed(ABLATION_SEED)], lr_grid=True),
     Stage("period-pca", "pca", [_seed(ABLATION_SEED), "refresh_every=20,50,200"]),
     Stage("period-galore", "galore", [_seed(ABLATION_SEED), "update_proj_gap=20,50,200"]),
-    Stage("rank", "oasis,pca,galore,lora", [_seed(ABLATION_SEED), "rank=8,16,32,64,128"]),
+    Stage("rank", "oasis,pca", [_seed(ABLATION_SEED), "rank=8,16,32,64,128"]),
     Stage("subspace-lr", "oasis", [_seed(ABLATION_SEED), "subspace_lr=0.001,0.01,0.1,1.0"]),
 ]
 MAIN = "main"
@@ -87,7 +90,9 @@ def argv_of(methods: str, sweeps: list[str], out: str, sets: list[str] = (),
 
 
 def configs_of(argv: list[str]) -> list[dict]:
-    return run.check_arguments(run.parser().parse_args(argv))
+    """The configs as a run records them (device, model source and tokenizer filled in): their hashes are
+    the records' `config_hash`."""
+    return run.plan(run.parser().parse_args(argv))[0]
 
 
 def stage_configs(stage: Stage, out: str) -> list[dict]:
@@ -104,19 +109,37 @@ def main_argv(method: str, lr: float, out: str) -> list[str]:
     return argv_of(method, [_seed(*MAIN_SEEDS)], out, sets=[f"lr={lr!r}"])
 
 
-def lr_records(method: str, out: str) -> tuple[dict[float, list[float]], int]:
-    """(rate -> val_loss of its ok runs, how many of the method's lr-stage configs have no record yet)
-    from the records in `out`."""
-    wanted = {records.config_hash(c): c["lr"] for c in stage_configs(STAGES[0], out) if c["method"] == method}
-    found: dict[float, list[float]] = {}
-    finished = set()
+def lr_argv(method: str, lr: float, out: str) -> list[str]:
+    """One lr-stage point as a suites.run command (the same config hash as the --lr-grid run at that rate)."""
+    return argv_of(method, [_seed(ABLATION_SEED)], out, sets=[f"lr={lr!r}"])
+
+
+def lr_records(method: str, out: str) -> tuple[dict[float, list[float]], list[dict]]:
+    """(rate -> val_loss of its ok runs, the lr-stage configs of `method` with no record yet in `out`). The
+    stage is the profile's grid, grown by one factor of 2 past a winner at its edge
+    (selection.beyond_the_edge) once every rate before has a record."""
+    by_hash: dict[str, list[dict]] = {}
     for rec in records.load_records(out, recursive=False):
-        if rec["config_hash"] in wanted:
-            finished.add(rec["config_hash"])
-            values = found.setdefault(wanted[rec["config_hash"]], [])
-            if rec["status"] == "ok" and selection.METRIC in rec["metrics"]:
-                values.append(rec["metrics"][selection.METRIC])
-    return found, len(wanted) - len(finished)
+        by_hash.setdefault(rec["config_hash"], []).append(rec)
+    configs = [c for c in stage_configs(STAGES[0], out) if c["method"] == method]
+    grid = len(configs)
+    while True:
+        found: dict[float, list[float]] = {}
+        missing = []
+        for c in configs:
+            recs = by_hash.get(records.config_hash(c))
+            if not recs:
+                missing.append(c)
+                continue
+            values = found.setdefault(c["lr"], [])
+            values += [r["metrics"][selection.METRIC] for r in recs
+                       if r["status"] == "ok" and selection.METRIC in r["metrics"]][-1:]
+        if missing:
+            return found, missing
+        beyond = selection.beyond_the_edge(found, len(configs) - grid)
+        if beyond is None:
+            return found, []
+        configs += configs_of(lr_argv(method, beyond, out))
 
 
 # ------------------------------------------------------------------------------------------- plan
@@ -247,32 +270,43 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _run_main(out: str) -> int:
-    """Each method at the rate chosen on its lr runs, seeds 0-2; waits for lr runs another process holds."""
+    """Each method at the rate chosen on its lr runs (the grid first grown past an edge winner), seeds 0-2;
+    waits for lr runs another process holds."""
     status, pending = 0, methods()
     while pending:
-        ready = []
-        for method in pending:
-            found, unfinished = lr_records(RATE_FROM.get(method, method), out)
-            if not unfinished:
-                ready.append((method, found))
-        if not ready:
-            print(f"main: waiting for the lr runs of {', '.join(pending)} (another process holds them)",
-                  file=sys.stderr)
-            time.sleep(WAIT_S)
-            continue
-        for method, found in ready:
+        progressed = False
+        for method in list(pending):
+            owner = RATE_FROM.get(method, method)
+            found, missing = lr_records(owner, out)
+            if missing and owner == method:
+                for cfg in missing:  # grid points not run yet, or a rate past the edge
+                    print(f"\n== lr: {method} at lr {cfg['lr']:g} ==")
+                    configs, columns = run.plan(run.parser().parse_args(lr_argv(method, cfg["lr"], out)))
+                    code = run.sweep(configs, columns, Path(out), desc=f"lr-{method}")
+                    if code == cli.EXIT_INTERRUPTED:
+                        return code
+                before = {records.config_hash(c) for c in missing}
+                found, missing = lr_records(owner, out)
+                progressed |= {records.config_hash(c) for c in missing} != before  # not all held elsewhere
+            if missing:
+                continue
             pending.remove(method)
+            progressed = True
             lr = selection.best_rate(found)
             if lr is None:
                 print(f"main: {method} has no ok lr run with {selection.METRIC}; not run", file=sys.stderr)
                 status = max(status, 1)
                 continue
-            print(f"\n== main: {method} at lr {lr:g} (lowest mean {selection.METRIC}) ==")
+            print(f"\n== main: {method} at lr {lr:g} (best {selection.METRIC} of {len(found)} rates) ==")
             configs, columns = run.plan(run.parser().parse_args(main_argv(method, lr, out)))
             code = run.sweep(configs, columns, Path(out), desc=f"main-{method}")
             if code == cli.EXIT_INTERRUPTED:
                 return code
             status = max(status, code)
+        if pending and not progressed:
+            print(f"main: waiting for the lr runs of {', '.join(pending)} (another process holds them)",
+                  file=sys.stderr)
+            time.sleep(WAIT_S)
     return status
 
 
