@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from suites import profiles, records, registry
+from suites import profiles, records
 from suites import run as cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -544,14 +544,18 @@ def test_gpu_profile_is_one_epoch_of_gsm8k_and_the_whole_test_set():
     assert profiles.profile("humaneval", "gpu")["eval_limit"] is None
 
 
-def test_nproc_2_runs_every_method_data_parallel(tmp_path):
+def test_nproc_2_runs_data_parallel(tmp_path):
     """`--nproc 2`: each run is two torchrun ranks (gloo) on the global batch; ok records with world_size 2,
-    the peak of the larger rank, and the bytes all-reduced per step (OASIS's far below adam's)."""
+    the peak of the larger rank, and the bytes all-reduced per step (OASIS's far below adam's). Through the
+    CLI for the reference, OASIS and a peft-wrapped model; every method's two ranks equal one process in
+    tests/test_distributed.py (in one spawn, a fraction of the time of a torchrun per method here)."""
     out = tmp_path / "out"
-    proc = run_cli("c4", "--profile", "smoke", "--methods", "all", "--nproc", "2", "--out", str(out))
+    methods = ("adam", "oasis", "lora")
+    proc = run_cli("c4", "--profile", "smoke", "--methods", ",".join(methods), "--nproc", "2",
+                   "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = {r["method"]: r for r in records.load_records(out)}
-    assert sorted(recs) == sorted(registry.MISSION_METHODS)
+    assert sorted(recs) == sorted(methods)
     for method, rec in recs.items():
         assert rec["status"] == "ok", (method, rec["error"])
         assert rec["config"]["world_size"] == 2 and rec["config"]["strategy"] == "ddp"
@@ -586,11 +590,11 @@ def test_submitit_jobs_write_into_out_and_a_rerun_resumes(tmp_path):
 
 def test_parallel_runs_share_the_sweep(tmp_path):
     out = tmp_path / "out"
-    proc = run_cli("c4", "--profile", "smoke", "--methods", "adam,oasis,pca", "--parallel", "2",
+    proc = run_cli("c4", "--profile", "smoke", "--methods", "adam,oasis", "--parallel", "2",
                    "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = records.load_records(out)
-    assert sorted(r["method"] for r in recs) == ["adam", "oasis", "pca"]
+    assert sorted(r["method"] for r in recs) == ["adam", "oasis"]
     assert all(r["status"] == "ok" for r in recs)
     # two at a time: some run started before another had ended
     spans = sorted((datetime.fromisoformat(r["started_at"]).timestamp(), r["wall_s"]) for r in recs)
