@@ -254,6 +254,25 @@ def unigram_row(comp: Comparison, metrics: list[str]) -> tuple[dict, list[str]]:
     return out, notes
 
 
+def not_beyond_unigram(comp: Comparison, unigram: dict) -> list[str]:
+    """One line per metric on which no method's mean beats the unigram reference's mean: those rows show a
+    model of token frequencies, not what a method learnt (issue 20), and the tables say so."""
+    lines = []
+    for m, ref in unigram.items():
+        means = {g.method: st.mean for g in comp.rows if (st := g.stat("metrics", m)) is not None}
+        if ref is None or not means:
+            continue
+        higher = metric_style(m).higher_is_better
+        better = max if higher else min
+        best = better(means, key=means.get)
+        beats = means[best] > ref.mean if higher else means[best] < ref.mean
+        if not beats:
+            lines.append(f"{comp.where}: no method beats the unigram reference on {m} (best: {best} "
+                         f"{means[best]:.3f}, unigram {ref.mean:.3f}); these rows compare models of token "
+                         f"frequencies, not what the methods learnt")
+    return lines
+
+
 def main_table(comp: Comparison) -> tuple[Table, list[str]]:
     """One row per method at its reference configuration, all on the comparison's seeds; returns the
     table and notes for MISSING.md."""
@@ -269,6 +288,8 @@ def main_table(comp: Comparison) -> tuple[Table, list[str]]:
     step0, notes = step0_row(comp, metrics)
     unigram, unigram_notes = unigram_row(comp, metrics)
     notes += unigram_notes
+    frequencies_only = not_beyond_unigram(comp, unigram)
+    notes += frequencies_only
     reserved = any(g.values("memory", "reserved_bytes") for g in groups)  # CUDA runs record it
     names = corpora(groups)
     header = (["method", *cols, "n", "status", f"peak memory ({unit[0]})", "memory source", "memory / adam"]
@@ -346,6 +367,7 @@ def main_table(comp: Comparison) -> tuple[Table, list[str]]:
                            "smoothed unigram model of each run's own training tokens (metrics.unigram_*, "
                            "recorded by the harness); a model that does not beat it learnt token frequencies "
                            "only. – where the records carry none (recorded since issue 20).")
+    table_notes += [f"Token frequencies only: {line.split(': ', 1)[1]}" for line in frequencies_only]
     table_notes += _published_notes(comp, found)
     if len({g.config.get("model") for g in groups}) > 1:
         table_notes.append("Rows cover several models; compare within a model.")

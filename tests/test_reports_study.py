@@ -78,6 +78,26 @@ def test_the_unigram_row_shows_the_records_reference(results):
     assert row[col].startswith(f"{mean:.3f} ± ")
 
 
+def test_rows_that_beat_the_unigram_carry_no_frequencies_only_note(results):
+    table, notes = main_table(_comp(results))
+    assert not any("unigram reference on" in n for n in notes + table.notes)
+
+
+def test_rows_that_do_not_beat_the_unigram_are_flagged_in_the_table_and_missing(tmp_path):
+    """Every method above the unigram reference (as gsm8k's answer NLL on CPU): the table and MISSING.md say
+    the rows compare models of token frequencies, with the best row's number and the reference's."""
+    root = tmp_path / "results"
+    root.mkdir()
+    for method, loss in (("adam", 7.7), ("oasis", 7.65)):
+        _write(root, method, 0, {"eval_loss": loss, "unigram_eval_loss": 7.6})
+    table, notes = main_table(_comp(root))
+    (line,) = [n for n in notes if "no method beats the unigram reference on eval_loss" in n]
+    assert "best: oasis 7.650, unigram 7.600" in line
+    assert any(n.startswith("Token frequencies only") and "oasis 7.650" in n for n in table.notes)
+    build(root, tmp_path / "out")
+    assert "no method beats the unigram reference on eval_loss" in (tmp_path / "out" / "MISSING.md").read_text()
+
+
 def test_oasis_against_its_frozen_basis_and_pca_is_paired_by_seed(results):
     table = references_table(_comp(results))
     rows = {(r[0], r[1]): r for r in table.rows if r[2].startswith("held-out loss")}
