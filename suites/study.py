@@ -52,7 +52,9 @@ from suites import cli, profiles, records, run, selection
 
 PROG = "python -m suites.study"
 SUITE, PROFILE = "c4", "study"
-METHODS = "all,oasis-frozen,oasis-notransport"
+# the main stage's order: the comparisons the study is for first (oasis against adam, its frozen basis and
+# periodic PCA), so that a study cut short by its budget still answers them
+METHODS = "adam,oasis,oasis-frozen,pca,oasis-notransport,galore,ldadam,lora"
 TUNED = "all"  # the methods with their own learning-rate ablation
 RATE_FROM = {"oasis-frozen": "oasis", "oasis-notransport": "oasis"}  # ablations at their method's rate
 MAIN_SEEDS = (0, 1, 2)
