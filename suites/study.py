@@ -116,10 +116,12 @@ def lr_argv(method: str, lr: float, out: str) -> list[str]:
     return argv_of(method, [_seed(ABLATION_SEED)], out, sets=[f"lr={lr!r}"])
 
 
-def lr_records(method: str, out: str) -> tuple[dict[float, list[float]], list[dict]]:
+def lr_records(method: str, out: str, given_up: frozenset = frozenset()
+               ) -> tuple[dict[float, list[float]], list[dict]]:
     """(rate -> val_loss of its ok runs, the lr-stage configs of `method` with no record yet in `out`). The
     stage is the profile's grid, grown by one factor of 2 past a winner at its edge
-    (selection.beyond_the_edge) once every rate before has a record."""
+    (selection.beyond_the_edge) once every rate before has a record. A config in `given_up` (hashes: this
+    process ran it and it left no record) counts as finished without a value."""
     by_hash: dict[str, list[dict]] = {}
     for rec in records.load_records(out, recursive=False):
         by_hash.setdefault(rec["config_hash"], []).append(rec)
@@ -131,7 +133,10 @@ def lr_records(method: str, out: str) -> tuple[dict[float, list[float]], list[di
         for c in configs:
             recs = by_hash.get(records.config_hash(c))
             if not recs:
-                missing.append(c)
+                if records.config_hash(c) in given_up:
+                    found.setdefault(c["lr"], [])
+                else:
+                    missing.append(c)
                 continue
             values = found.setdefault(c["lr"], [])
             values += [r["metrics"][selection.METRIC] for r in recs
@@ -274,12 +279,12 @@ def _main(argv: list[str] | None) -> int:
 def _run_main(out: str) -> int:
     """Each method at the rate chosen on its lr runs (the grid first grown past an edge winner), seeds 0-2;
     waits for lr runs another process holds."""
-    status, pending = 0, methods()
+    status, pending, given_up = 0, methods(), set()
     while pending:
         progressed = False
         for method in list(pending):
             owner = RATE_FROM.get(method, method)
-            found, missing = lr_records(owner, out)
+            found, missing = lr_records(owner, out, frozenset(given_up))
             if missing and owner == method:
                 for cfg in missing:  # grid points not run yet, or a rate past the edge
                     print(f"\n== lr: {method} at lr {cfg['lr']:g} ==")
@@ -288,7 +293,12 @@ def _run_main(out: str) -> int:
                     if code == cli.EXIT_INTERRUPTED:
                         return code
                 before = {records.config_hash(c) for c in missing}
-                found, missing = lr_records(owner, out)
+                found, missing = lr_records(owner, out, frozenset(given_up))
+                for cfg in missing:  # ran here and left no record (not held by another sweep): no value
+                    with records.run_lock(out, cfg) as free:
+                        if free:
+                            given_up.add(records.config_hash(cfg))
+                found, missing = lr_records(owner, out, frozenset(given_up))
                 progressed |= {records.config_hash(c) for c in missing} != before  # not all held elsewhere
             if missing:
                 continue

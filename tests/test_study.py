@@ -3,6 +3,7 @@ reference point is a run of the lr stage (same config hash), the main rows at a 
 stage's seed-0 run, the horizon gives every periodic method >= 10 refreshes, and --plan's hours follow
 from the measured step times it is given."""
 
+import contextlib
 import json
 
 import pytest
@@ -124,24 +125,33 @@ def test_main_runs_each_method_at_its_validated_rate_and_waits_for_unfinished_lr
             continue
         (tmp_path / f"{rec['run_id']}.json").write_text(json.dumps(rec))
     ran, waits = [], []
+    (held_cfg,) = [c for c in lr_configs if records.config_hash(c) == held["config_hash"]]
+    other_sweep = contextlib.ExitStack()
+    assert other_sweep.enter_context(records.run_lock(out, held_cfg))  # its lock, as a running sweep holds
 
     def fake_sweep(configs, columns, out_dir, desc):
-        ran.extend(configs)
+        for c in configs:  # as run.sweep: a config another sweep holds is skipped; a run here writes nothing
+            with records.run_lock(out_dir, c) as free:
+                if free:
+                    ran.append(c)
         return 0
 
     def fake_sleep(seconds):
         waits.append(seconds)
         (tmp_path / f"{held['run_id']}.json").write_text(json.dumps(held))
+        other_sweep.close()
 
     monkeypatch.setattr(study.run, "sweep", fake_sweep)
     monkeypatch.setattr(study.time, "sleep", fake_sleep)
     assert study._run_main(out) == 0
     rates = {c["method"]: sorted({x["lr"] for x in ran if x["method"] == c["method"]}) for c in ran}
     base = {c["method"]: min(x["lr"] for x in lr_configs if x["method"] == c["method"]) for c in lr_configs}
-    assert rates["oasis"] == [pytest.approx(base["oasis"] * 4)]
-    assert rates["oasis-frozen"] == rates["oasis-notransport"] == rates["oasis"]
-    assert rates["adam"] == [pytest.approx(base["adam"])]
-    assert len(waits) == 1 and len(ran) == 8 * 3
+    # every winner is at an edge: the rate past it runs first (here it leaves no record, so it has no value
+    # and the grid's winner stays), then the main rows at the winner
+    assert rates["oasis"] == [pytest.approx(base["oasis"] * 4), pytest.approx(base["oasis"] * 8)]
+    assert rates["oasis-frozen"] == rates["oasis-notransport"] == [pytest.approx(base["oasis"] * 4)]
+    assert rates["adam"] == [pytest.approx(base["adam"] / 2), pytest.approx(base["adam"])]
+    assert len(waits) == 1 and len(ran) == 8 * 3 + 6
 
 
 # ------------------------------------------------------------------------------- the grid past its edge
