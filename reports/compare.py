@@ -29,10 +29,11 @@ from reports.style import metric_style, ordered_metrics
 HEADLINE = {"gsm8k": ("answer_nll", "accuracy"), "humaneval": ("canonical_nll", "pass@1"),
             "c4": ("eval_loss", "c4_sample_loss", "c4_eval_loss")}
 SWEEP_KEYS = ("rank", "subspace_lr", "lr", "refresh_every", "update_proj_gap")
-# paired differences against a chosen reference besides adam: what isolates OASIS's mechanism (its own
-# frozen basis, its basis without moment transport) and the periodic alternative it replaces (pca)
-REFERENCE_PAIRS = (("oasis", "oasis-frozen"), ("oasis", "pca"), ("oasis", "oasis-notransport"),
-                   ("pca", "oasis-frozen"))
+# paired differences against chosen references, each on the seeds its pair has: adam again, what isolates
+# OASIS's mechanism (its own frozen basis, its basis without moment transport) and the periodic alternative
+# it replaces (pca)
+REFERENCE_PAIRS = (("oasis", "adam"), ("oasis", "oasis-frozen"), ("oasis", "pca"),
+                   ("oasis", "oasis-notransport"), ("pca", "oasis-frozen"))
 RATIO_KEYS = ("model", "dtype", "batch", "seq_len")  # an adam row compared with another row matches these
 
 
@@ -126,10 +127,13 @@ class Comparison:
         return rows[0] if len(rows) == 1 else None
 
     def vs_reference(self, method: str, reference: str, metric: str) -> Stat | None:
-        """Paired per-seed difference method − reference on `metric` over the seeds both recorded."""
+        """Paired per-seed difference method − reference on `metric` over the seeds *these two* recorded at
+        their main-table configurations (not only the seeds every method has: a method another pair does
+        not involve, short of seeds, does not shrink this pair's matched sample)."""
         mine, ref = self.row_of(method), self.row_of(reference)
         if mine is None or ref is None:
             return None
+        mine, ref = mine.full or mine, ref.full or ref
         return paired(mine.by_seed("metrics", metric), ref.by_seed("metrics", metric))[0]
 
     def memory_ratio(self, g: Group) -> float | None:

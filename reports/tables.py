@@ -414,8 +414,9 @@ def paired_table(comp: Comparison) -> Table | None:
 
 
 def references_table(comp: Comparison) -> Table | None:
-    """Paired differences against chosen references besides adam (`REFERENCE_PAIRS`): oasis against its
-    frozen basis, pca and its no-transport ablation, on every shown quality metric."""
+    """Paired differences against chosen references (`REFERENCE_PAIRS`): oasis against adam, its frozen
+    basis, pca and its no-transport ablation, on every shown quality metric, each pair on its own matched
+    seeds."""
     groups = comp.rows
     metrics = ordered_metrics(metric_names(groups), shown_only=True)
     pairs = [(a, b) for a, b in REFERENCE_PAIRS if comp.row_of(a) and comp.row_of(b)]
@@ -443,10 +444,12 @@ def references_table(comp: Comparison) -> Table | None:
     if not rows:
         return None
     caption = (f"{_banner(groups)}{comp.suite} ({comp.profile} profile): paired differences against chosen "
-               f"references, {comp.seeds_caption}")
+               f"references, each pair on the seeds both have (n per row)")
     notes = [f"Δ: mean [95% t-interval] of (method − reference) per seed, each at its main-table "
-             f"configuration; {DAGGER} marks an interval that excludes 0. oasis − oasis-frozen isolates the "
-             "online basis update; oasis − pca compares online tracking with periodic recomputation."]
+             f"configuration, over the seeds both methods have (n); {DAGGER} marks an interval that excludes "
+             "0. oasis − adam: does OASIS keep Adam's quality; oasis − oasis-frozen isolates the online "
+             "basis update; oasis − pca compares online tracking with periodic recomputation; oasis − "
+             "oasis-notransport isolates the moment transport."]
     return Table(f"table1_references_{comp.suite}_{comp.profile}", caption, header, rows, csv_header, raw,
                  notes)
 

@@ -13,11 +13,12 @@ Forgery (known limitation): the token's reader, its pipes and the program share 
 written against this module can pass without running `check`. Three such programs are pinned as passing in
 tests/test_sandbox.py, each ending in `os._exit(0)`: one reads the token pipe named in `sys.argv` and writes
 it to the result pipe; one scans its open descriptors (/proc/self/fd) for a 32-byte read and writes it to
-every descriptor; one takes the child's own `read`/`write` and descriptors from its caller's frame (`sys._getframe(1).f_locals`).
-No in-process measure closes this; it needs a verdict produced where the program cannot reach (`check` run
-in a process that holds the token, the candidate in a child that returns only values), which changes how
-`check` sees the candidate (copied arguments, values passed back as data) and so is not done here. A
-pass@1 from this sandbox therefore trusts that the model's completions do not target it.
+every descriptor; one takes the child's own `read`/`write` and descriptors from its caller's frame
+(`sys._getframe(1).f_locals`). No in-process measure closes this; it needs a verdict produced where the
+program cannot reach (`check` run in a process that holds the token, the candidate in a child that returns
+only values), which changes how `check` sees the candidate (copied arguments, values passed back as data)
+and so is not done here. A pass@1 from this sandbox therefore trusts that the model's completions do not
+target it.
 
 Defences, each pinned by a test in tests/test_sandbox.py:
 

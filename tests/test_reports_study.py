@@ -95,7 +95,8 @@ def test_rows_that_do_not_beat_the_unigram_are_flagged_in_the_table_and_missing(
     assert "best: oasis 7.650, unigram 7.600" in line
     assert any(n.startswith("Token frequencies only") and "oasis 7.650" in n for n in table.notes)
     build(root, tmp_path / "out")
-    assert "no method beats the unigram reference on eval_loss" in (tmp_path / "out" / "MISSING.md").read_text()
+    missing = (tmp_path / "out" / "MISSING.md").read_text()
+    assert "no method beats the unigram reference on eval_loss" in missing
 
 
 def test_oasis_against_its_frozen_basis_and_pca_is_paired_by_seed(results):
@@ -141,3 +142,18 @@ def test_tracking_series_and_figure_come_from_the_records(results, tmp_path):
     names = {p.name for p in out["written"]}
     assert {"fig7_tracking_c4_study.png", "table1_references_c4_study.md",
             "table5_lr_ablation_c4_study.md"} <= names
+
+
+def test_a_pair_is_compared_on_its_own_seeds_when_another_method_has_fewer(results):
+    """lora ran seed 0 only: the main table falls back to seed 0 (the seeds every method has), but oasis
+    against its frozen basis, pca and adam keeps its three matched seeds."""
+    _write(results, "lora", 0, {"eval_loss": 6.6, "val_loss": 6.5, "unigram_eval_loss": UNIGRAM[0]}, lr=1e-3)
+    comp = _comp(results)
+    assert comp.seeds == [0]
+    table = references_table(comp)
+    rows = {(r[0], r[1]): r for r in table.rows if r[2].startswith("held-out loss")}
+    for ref in ("oasis-frozen", "pca"):
+        diffs = [a - b for a, b in zip(LOSS["oasis"], LOSS[ref], strict=True)]
+        assert rows[("oasis", ref)][3] == "3"
+        assert rows[("oasis", ref)][4].startswith(f"{statistics.fmean(diffs):+.3f}".replace("-", "−"))
+    assert rows[("oasis", "adam")][3] == "3"
