@@ -6,12 +6,14 @@
 
 Op counts (`--kind estimate`, the default): the model and the method are built under FakeTensorMode as
 `suites.memory` builds them (same model specs, same policy: pure `--dtype`, SDPA, dropout stored as on
-CUDA), and one training step after a warm-up step runs under `suites.dispatch.DispatchCounter`: compute ops
+CUDA), and one training step after a warm-up step runs under `suites.measure.dispatch.DispatchCounter`:
+compute ops
 (forward, backward, optimizer = `step()` + `zero_grad()`), host synchronisations (the sync-class ops of
-`suites.dispatch`) and linalg calls. Nothing is allocated, so a 7B model is counted on a laptop.
+`suites.measure.dispatch`) and linalg calls. Nothing is allocated, so a 7B model is counted on a laptop.
   step     the second step at the method's trained refresh period (its registry default): the steady step
            of a periodic method; for a method that moves its basis every step (OASIS, LDAdam) a basis move
-  refresh  a step that recomputes the basis. A periodic method (`suites.memory.REFRESH_KEYS`) is built a
+  refresh  a step that recomputes the basis. A periodic method (`suites.measure.memory.REFRESH_KEYS`) is built
+  a
            second time with its period key set to 1, so that the counted step is a refresh: the trained
            build keeps its period, the forced one is only counted
   /step    amortised over the trained period p: ((p - 1) * step + refresh) / p
@@ -49,8 +51,9 @@ from pathlib import Path
 
 import torch
 
-from suites import cli, dtypes, files, lean, records
-from suites.dispatch import DispatchCounter
+from suites.core import cli, dtypes, files, records
+from suites.measure.dispatch import DispatchCounter
+from suites.train import lean
 
 PROG = "python -m suites.speed"
 KINDS = ("estimate", "cuda")
@@ -64,8 +67,8 @@ LAUNCH_BOUND = {"hidden": 64, "intermediate": 172, "layers": 30, "heads": 4, "vo
 def trained_config(method: str, rank: int, overrides: dict | None = None, *, refresh: bool = False) -> dict:
     """The method's config as `suites.memory` makes it, but at the trained refresh period (its registry
     default), or with the period key set to 1 when `refresh` (a refresh at every step)."""
-    from suites.memory import REFRESH_KEYS, method_config
-    from suites.registry import method_defaults
+    from suites.core.registry import method_defaults
+    from suites.measure.memory import REFRESH_KEYS, method_config
 
     cfg = method_config(method, rank, dict(overrides or {}))
     defaults = method_defaults(method)
@@ -77,8 +80,8 @@ def trained_config(method: str, rank: int, overrides: dict | None = None, *, ref
 
 def refresh_period(cfg: dict, method: str) -> int | None:
     """The trained refresh period of a periodic method, None for one without a period."""
-    from suites.memory import REFRESH_KEYS
-    from suites.registry import method_defaults
+    from suites.core.registry import method_defaults
+    from suites.measure.memory import REFRESH_KEYS
 
     keys = [k for k in REFRESH_KEYS if k in method_defaults(method)]
     return int(cfg[keys[0]]) if keys else None
@@ -124,9 +127,15 @@ def cuda_optimizer_defaults(optimizer) -> list[str]:
 def count_step(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: str = "bfloat16",
                attn: str = "sdpa", refresh: bool = False, overrides: dict | None = None) -> dict:
     """Ops, syncs and linalg calls per phase of the second training step under FakeTensorMode."""
-    from suites.memory import _masks_as_in_real_runs, build_model, cast_params, load_config, make_batch
-    from suites.meters import CudaDropout, fake_construction
-    from suites.registry import build_method
+    from suites.core.registry import build_method
+    from suites.measure.memory import (
+        _masks_as_in_real_runs,
+        build_model,
+        cast_params,
+        load_config,
+        make_batch,
+    )
+    from suites.measure.meters import CudaDropout, fake_construction
 
     torch_dtype = dtypes.torch_dtype(dtype)
     config = load_config(model)
@@ -184,7 +193,7 @@ def count_method(model: str, method: str, **kwargs) -> dict:
 # -- CPU time in a launch-bound shape -------------------------------------------------------------------
 
 def launch_bound_config(hidden: int):
-    from suites.models import llama_config
+    from suites.train.models import llama_config
 
     s = LAUNCH_BOUND
     return llama_config("llama-tiny", hidden_size=hidden, intermediate_size=s["intermediate"] * hidden // 64,
@@ -194,8 +203,8 @@ def launch_bound_config(hidden: int):
 
 def cpu_times(methods: list[str], *, hidden: int, rounds: int, warmup: int = 3, log=None) -> dict:
     """method -> {step_ms, optimizer_ms, ...}: medians of `rounds` interleaved steps on one thread."""
-    from suites.memory import build_model, make_batch
-    from suites.registry import build_method
+    from suites.core.registry import build_method
+    from suites.measure.memory import build_model, make_batch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -250,8 +259,8 @@ def cuda_times(model: str, method: str, *, batch: int, seq: int, rank: int, dtyp
                min_steps: int, warmup: int, try_graph: bool = False) -> dict:
     """CUDA-event times of a window of max(period, min_steps) steps at the trained period (amortised), the
     optimizer part of each step, CUDA's own count of syncs in one step, and a graph-capture attempt."""
-    from suites.memory import build_model, cast_params, load_config, make_batch
-    from suites.registry import build_method
+    from suites.core.registry import build_method
+    from suites.measure.memory import build_model, cast_params, load_config, make_batch
 
     require_cuda()
     device = torch.device("cuda", torch.cuda.current_device())
@@ -377,11 +386,13 @@ def format_table(report: dict, markdown: bool = False) -> str:
 
 
 NOTES = ("ops: ATen compute ops dispatched (views and allocation-only factories excluded; "
-         "suites.dispatch), one step after a warm-up, under FakeTensorMode; step = the second step at the "
+         "suites.measure.dispatch), one step after a warm-up, under FakeTensorMode; "
+         "step = the second step at the "
          "trained refresh period, refresh = a basis-recomputing step (period forced to 1 on a second build), "
          "/step = amortised over the period; /adam = the larger of step and refresh over adam's step; "
          "syncs: sync-class ops "
-         "(suites.dispatch.SYNC_OPS, tags, device changes); torch optimizers counted with foreach (CUDA "
+         "(suites.measure.dispatch.SYNC_OPS, tags, device changes); "
+         "torch optimizers counted with foreach (CUDA "
          "default); CPU: launch-bound shape, one thread, median of interleaved steps, ratio to adam in the "
          "same run.")
 
@@ -390,7 +401,7 @@ NOTES = ("ops: ATen compute ops dispatched (views and allocation-only factories 
 
 def run(args, log, commit: str | None = None) -> dict:
     """The report; `commit` is the tree's, read before measuring (edits during a long run do not count)."""
-    from suites.registry import resolve_methods
+    from suites.core.registry import resolve_methods
 
     methods = resolve_methods(args.methods)
     if args.kind == "cuda":
@@ -433,7 +444,6 @@ def run(args, log, commit: str | None = None) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    from suites.memory import _dtype, _key_value
 
     p = cli.Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
@@ -446,9 +456,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=cli.positive_int, default=8)
     p.add_argument("--seq", type=cli.positive_int, default=512)
     p.add_argument("--rank", type=cli.positive_int, default=32)
-    p.add_argument("--dtype", type=_dtype, default="bfloat16")
+    p.add_argument("--dtype", type=cli.dtype_name, default="bfloat16")
     p.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa")
-    p.add_argument("--set", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", action="append", type=cli.key_value, default=[], metavar="KEY=VALUE",
                    help="a method hyper-parameter (JSON value)")
     p.add_argument("--no-cpu-time", dest="cpu_time", action="store_false",
                    help="skip the launch-bound CPU timing (estimate kind)")
@@ -479,8 +489,8 @@ def _main(argv) -> int:
         if (args.json or args.md) and not args.allow_dirty and (commit is None or commit.endswith("+dirty")):
             raise ValueError("results name the commit that produced them; the tree is "
                              f"{commit or 'not git'}: commit first (or --allow-dirty for a trial)")
-        from suites.memory import load_config
-        from suites.registry import resolve_methods
+        from suites.core.registry import resolve_methods
+        from suites.measure.memory import load_config
 
         resolve_methods(args.methods)
         load_config(args.model)

@@ -5,8 +5,10 @@ estimate's arguments is checked on CPU; the CUDA meter itself only where a GPU e
 import pytest
 import torch
 
-from suites import memory, profiles, recipe
-from suites.registry import method_defaults
+from suites.core import profiles
+from suites.core.registry import method_defaults
+from suites.launch import recipe
+from suites.measure import memory
 
 
 def _config(method: str, **overrides) -> dict:
@@ -33,7 +35,7 @@ def test_estimate_of_a_run_is_the_estimate_of_its_configuration(method, extra, i
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_record_has_allocator_peaks_and_the_estimate(tmp_path):
     cfg = {**_config("adam"), "device": "cuda"}
-    from suites.models import run_fields
+    from suites.train.models import run_fields
 
     rec = recipe.run({"config": {**cfg, **run_fields(cfg)}, "out_dir": str(tmp_path), "position": 0})
     mem = rec["memory"]

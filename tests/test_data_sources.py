@@ -1,4 +1,5 @@
-"""Data from the Hub (`suites.sources`): the offline files, served as Hub-style datasets (a folder laid out
+"""Data from the Hub (`suites.train.sources`): the offline files, served as Hub-style datasets (a folder laid
+out
 like the Hub repository, with the README `configs` the Hub uses) and read through `datasets.load_dataset`,
 give every suite the same batches as the offline path, bit for bit; a record names the source and a digest of
 the rows; offline with neither source is one line naming both ways, exit 2."""
@@ -16,10 +17,11 @@ import datasets
 import pytest
 import torch
 
-from suites import data, run, sources
-from suites.tasks import c4, gsm8k
+from suites import run
+from suites.evaluate.tasks import c4, gsm8k
+from suites.train import data, sources
 
-OFFLINE = data.data_dir()
+OFFLINE = sources.data_dir()
 CFG = {"steps": 3, "batch": 2, "seq_len": 256, "seed": 1, "eval_tokens": 512, "eval_batch": 2}
 
 

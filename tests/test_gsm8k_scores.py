@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from suites import data
-from suites.tasks import gsm8k
+from suites.evaluate.tasks import gsm8k
+from suites.train import data
 
 LIMIT = 6
 CFG = {"eval_limit": LIMIT, "eval_batch": 4, "max_gen_toks": 256, "prompt_format": "plain"}

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from suites import data, models, profiles
 from suites import run as cli
+from suites.core import profiles
+from suites.train import data, models, sources
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOL = "smollm2-135m"
@@ -85,9 +86,9 @@ def smol():
 
 @pytest.mark.slow  # dequantizes SmolLM2 the first time (about a minute), then seconds
 def test_gguf_is_converted_once_into_a_cache_named_by_its_digest_and_is_pretrained(smol):
-    from suites.tasks import gsm8k
+    from suites.evaluate.tasks import gsm8k
 
-    path = data.data_dir() / models.WEIGHTS[SMOL]
+    path = sources.data_dir() / models.WEIGHTS[SMOL]
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert smol["model_source"] == {"kind": "gguf", "spec": SMOL, "file": path.name, "sha256": digest}
     cached = ROOT / ".cache" / "models" / f"{path.stem.lower()}-{digest[:12]}-c{models.CONVERSION}"
@@ -206,8 +207,9 @@ def test_plain_format_supervises_the_answer_after_the_lm_eval_prompt():
 
 TRAIN_SNIPPET = """
 import sys
-from suites import data
-texts = [d["text"] for d in data.read_jsonl(data.require("wikipedia-en/train-00000-of-00010.jsonl.gz"))][:40]
+from suites.train import data, sources
+texts = [d["text"] for d in
+sources.read_jsonl(sources.require("wikipedia-en/train-00000-of-00010.jsonl.gz"))][:40]
 sys.stdout.write(data.train_wiki_bpe(texts, 600).to_str())
 """
 
@@ -233,7 +235,7 @@ def test_bpe_cache_is_keyed_by_what_determines_it(tmp_path, monkeypatch):
     assert tok.oasis_id == again.oasis_id != other.oasis_id
     assert len(list((tmp_path / "tokenizers").iterdir())) == 2
     key = json.loads((tmp_path / "tokenizers" / tok.oasis_id / "key.json").read_text())
-    shard_bytes = (data.data_dir() / "wikipedia-en" / shard).read_bytes()
+    shard_bytes = (sources.data_dir() / "wikipedia-en" / shard).read_bytes()
     assert key["shard_sha256"] == hashlib.sha256(shard_bytes).hexdigest() and key["vocab"] == 500
     # special tokens sit where the Llama configs expect them, and BOS is prepended like LLaMA's
     assert [tok.pad_token_id, tok.bos_token_id, tok.eos_token_id] == [0, 1, 2]

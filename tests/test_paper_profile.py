@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from suites import data, records
-from suites.models import build_model, llama_config
+from suites.core import records
+from suites.train import data
+from suites.train.models import build_model, llama_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_KEYS = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",

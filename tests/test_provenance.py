@@ -6,10 +6,11 @@ import hashlib
 
 import torch
 
-from suites import profiles, recipe, records
 from suites import run as cli
-from suites.models import run_fields
-from suites.registry import method_defaults
+from suites.core import profiles, records
+from suites.core.registry import method_defaults
+from suites.launch import recipe
+from suites.train.models import run_fields
 
 
 def _config(suite: str, profile: str = "smoke", **overrides) -> dict:
@@ -72,7 +73,7 @@ def test_the_base_is_keyed_by_its_seed_and_code_not_by_the_run_seed(tmp_path, mo
 def test_git_commit_is_dirty_for_code_but_not_for_the_tools_outputs(tmp_path, monkeypatch):
     import subprocess
 
-    from suites import records
+    from suites.core import records
 
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,

@@ -20,8 +20,9 @@ import time
 
 import pytest
 
-from suites import data, sandbox
-from suites.tasks import humaneval
+from suites.evaluate import sandbox
+from suites.evaluate.tasks import humaneval
+from suites.train import data
 
 LANDLOCK = sandbox.landlock_abi()
 needs_landlock = pytest.mark.skipif(LANDLOCK < 1, reason="the kernel has no Landlock")
@@ -309,7 +310,7 @@ def test_an_output_flood_never_reaches_the_harness_memory(problems):
     # A fresh harness process, so that its peak RSS is its own and not pytest's. VmHWM is the peak of this
     # address space; ru_maxrss would also carry the peak of the pytest process it was forked from.
     harness = textwrap.dedent(f"""
-        from suites import sandbox
+        from suites.evaluate import sandbox
         outcome = sandbox.run({program(problems, before=flood)!r}, 30.0)
         peak_kib = next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:'))
         print(outcome.passed, int(peak_kib) * 1024)

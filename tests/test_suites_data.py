@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from suites import data
-from suites.tasks import humaneval
+from suites.evaluate.tasks import humaneval
+from suites.train import data, sources
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_wikipedia_batches_are_packed_and_seeded(tok):
 
 def test_missing_data_names_the_expected_path(tmp_path, monkeypatch):
     monkeypatch.setenv("OASIS_DATA_DIR", str(tmp_path))
-    with pytest.raises(data.DataMissing, match=str(tmp_path / "gsm8k" / "train.jsonl")):
+    with pytest.raises(sources.DataMissing, match=str(tmp_path / "gsm8k" / "train.jsonl")):
         data.gsm8k_examples("train")
 
 

@@ -59,7 +59,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from suites.patching import patched
+from suites.core.patching import patched
 
 CATEGORIES = ("params", "grads", "optimizer", "activations", "other")
 KINDS = ("cuda", "cpu", "estimate")
@@ -468,7 +468,7 @@ class EstimateMeter(Meter):
         fake_modes = {id(m): m for m in (getattr(p, "fake_mode", None) for p in model.parameters()) if m}
         if len(fake_modes) != 1:
             raise ValueError("the estimate meter needs a model made of fake tensors "
-                             "(build it and its method inside suites.meters.fake_construction())")
+                             "(build it and its method inside suites.measure.meters.fake_construction())")
         self.fake_mode = next(iter(fake_modes.values()))
 
     def _enter_modes(self, stack: ExitStack) -> None:

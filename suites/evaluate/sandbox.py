@@ -13,7 +13,8 @@ Forgery (known limitation): the token's reader, its pipes and the program share 
 written against this module can pass without running `check`. Three such programs are pinned as passing in
 tests/test_sandbox.py, each ending in `os._exit(0)`: one reads the token pipe named in `sys.argv` and writes
 it to the result pipe; one scans its open descriptors (/proc/self/fd) for a 32-byte read and writes it to
-every descriptor; one takes the child's own `read`/`write` and descriptors from its caller's frame (`sys._getframe(1).f_locals`).
+every descriptor; one takes the child's own `read`/`write` and descriptors from its caller's frame
+(`sys._getframe(1).f_locals`).
 No in-process measure closes this; it needs a verdict produced where the program cannot reach (`check` run
 in a process that holds the token, the candidate in a child that returns only values), which changes how
 `check` sees the candidate (copied arguments, values passed back as data) and so is not done here. A
@@ -59,8 +60,8 @@ import sys
 import warnings
 from dataclasses import dataclass
 
-from suites import sandbox_child
-from suites.sandbox_child import landlock_abi
+from suites.evaluate import sandbox_child
+from suites.evaluate.sandbox_child import landlock_abi
 
 __all__ = ["Limits", "Outcome", "landlock_abi", "nproc_enforced", "run", "run_many"]
 
