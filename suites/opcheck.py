@@ -4,7 +4,8 @@
     python -m suites.opcheck --baseline PATH           # another baseline file
     python -m suites.opcheck --update --reason "why"   # re-count and rewrite the baseline
 
-The counts come from `suites.speed.count_method` (FakeTensorMode, deterministic: the same code gives the same
+The counts come from `suites.measure.speed.count_method` (FakeTensorMode, deterministic: the same code gives
+the same
 counts on any machine). A count that grew by more than the tolerance (2%) is a regression; one that fell by
 more than it means the code got faster or the counter changed: both fail until the baseline is updated with
 `--update --reason "..."` (the reason, the date, the git commit and every changed count go into the
@@ -12,7 +13,8 @@ baseline's `history`), and the baseline is committed. A count of 0 (host syncs) 
 
 The baseline (JSON) holds
   tolerance   the relative change of a count, either way, that fails the check (at most 0.05)
-  configs     named count configs: keyword arguments of `suites.speed.count_method` (model, batch, seq, rank,
+  configs     named count configs: keyword arguments of `suites.measure.speed.count_method` (model, batch,
+  seq, rank,
               dtype, attn) plus `methods`; small shapes, so the check costs CI well under two minutes
   counts      config name -> method -> {ops, refresh_ops, syncs, refresh_syncs} (refresh_*: null for a
               method without a period; see `suites.speed`)
@@ -77,7 +79,7 @@ def check_configs(configs: dict) -> None:
 
 def count_all(configs: dict, log=print) -> dict:
     """config -> method -> {ops, refresh_ops, syncs, refresh_syncs}."""
-    from suites.speed import count_method
+    from suites.measure.speed import count_method
 
     out: dict = {}
     for name, cfg in configs.items():

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from suites.measure.meters import CATEGORIES, fake_construction, make_meter
+from suites.measure.meters import fake_construction, make_meter
+from suites.measure.trackers import CATEGORIES
 from suites.train.models import build_model
 
 F32 = 4

@@ -1,7 +1,8 @@
 """The memory meter against measures that know nothing of it: the C allocator's own books (CPU) and the CUDA
 caching allocator's statistics (GPU).
 
-The meter (`suites.measure.meters.TensorTracker`) counts tensor storages at the dispatcher. Every other memory
+The meter (`suites.measure.trackers.TensorTracker`) counts tensor storages at the dispatcher. Every other
+memory
 test
 compares it with itself (an estimate against the same tracker on real tensors). Here it meets an oracle:
 

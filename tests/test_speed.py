@@ -104,7 +104,7 @@ def micro_model(tmp_path_factory):
 
 
 def _count(model, method, **kw):
-    from suites.speed import count_step
+    from suites.measure.speed import count_step
 
     return count_step(model, method, batch=1, seq=8, rank=4, **kw)
 
@@ -129,7 +129,7 @@ def test_a_forced_refresh_step_runs_one_svd_per_projected_matrix_and_the_trained
 
 
 def test_count_method_amortises_over_the_trained_period(micro_model):
-    from suites.speed import count_method
+    from suites.measure.speed import count_method
 
     row = count_method(micro_model[2], "galore", batch=1, seq=8, rank=4)
     steady, refresh = row["step"]["ops"], row["refresh"]["ops"]

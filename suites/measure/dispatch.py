@@ -221,7 +221,7 @@ class DispatchCounter(TorchDispatchMode):
     # -- device provenance --
     def add_roots(self, roots) -> None:
         """Mark the tensors of `roots` as device tensors (module docstring)."""
-        from suites.measure.meters import _walk_tensors
+        from suites.measure.trackers import _walk_tensors
 
         for root in roots if isinstance(roots, (list, tuple)) else [roots]:
             if isinstance(root, nn.Module):

@@ -14,8 +14,9 @@ import torch
 
 from suites.core import dtypes
 from suites.core.patching import patched
-from suites.measure.meters import KERNEL_POLICIES, DistributedTracker, Meter, fake_construction, make_meter
+from suites.measure.meters import KERNEL_POLICIES, Meter, fake_construction, make_meter
 from suites.measure.ranks import STRATEGIES, DistributedEstimateMeter, process_group, wrap_ddp
+from suites.measure.trackers import DistributedTracker
 from suites.train import distributed, lean
 
 MASK_TRACING_CHECK = "is_tracing"  # the transformers.masking_utils function `_masks_as_in_real_runs` wraps
