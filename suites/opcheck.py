@@ -14,8 +14,7 @@ baseline's `history`), and the baseline is committed. A count of 0 (host syncs) 
 The baseline (JSON) holds
   tolerance   the relative change of a count, either way, that fails the check (at most 0.05)
   configs     named count configs: keyword arguments of `suites.measure.speed.count_method` (model, batch,
-  seq, rank,
-              dtype, attn) plus `methods`; small shapes, so the check costs CI well under two minutes
+  seq, rank, dtype, attn) plus `methods`; small shapes, so the check costs CI well under two minutes
   counts      config name -> method -> {ops, refresh_ops, syncs, refresh_syncs} (refresh_*: null for a
               method without a period; see `suites.speed`)
   history     one entry per `--update`: {date, commit, reason, changed}

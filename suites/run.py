@@ -2,8 +2,7 @@
 
 Every run (one method × one point of a sweep) is its own process (`suites.worker`, which runs
 `suites.launch.recipe`) and writes one JSON record under --out; this process only validates input, prepares
-the
-pretrained base once, orchestrates, and prints a summary. A sweep that is interrupted and started again
+the pretrained base once, orchestrates, and prints a summary. A sweep that is interrupted and started again
 skips every run whose config already has an `ok` record; two sweeps into the same --out never run the
 same config twice (each run is claimed with a lock file under <out>/.locks/).
 
@@ -29,8 +28,6 @@ from suites.launch import launchers, runs, sweep
 
 PROG = "python -m suites.run"
 SUITES = ("gsm8k", "humaneval", "c4")  # suites.evaluate.tasks.SUITES, without importing the task modules
-EXIT_INTERRUPTED = cli.EXIT_INTERRUPTED
-INTERRUPTED = "interrupted: finished runs are recorded; run the same command again to resume"
 ENVIRONMENT = (
     ("OASIS_DATA_DIR", "folder of the offline data (default <repo>/../shared/data)"),
     ("OASIS_THREADS", "intra-op threads of each run (default: half the cores, at least 1)"),
@@ -50,7 +47,8 @@ def _what_differs() -> str:
         "what differs between methods:\n"
         "  Every method of a profile shares data order, steps, tokens, batch, sequence length, schedule,\n"
         "  rank and evaluation. Per method: the learning rate (the profile's table `lrs` in\n"
-        "  suites/profiles.py; --set lr.METHOD=X), the method's own hyper-parameters (its DEFAULTS in\n"
+        "  suites/core/profiles.py; --set lr.METHOD=X), the method's own hyper-parameters "
+        "(its DEFAULTS in\n"
         "  baselines/), and the published optimizer constants that replace the profile's shared\n"
         f"  {', '.join(f'{k}={shared[k]}' for k in keys)} (--set KEY.METHOD=X overrides them):\n"
         f"    {own}\n"
@@ -73,7 +71,8 @@ def parser() -> argparse.ArgumentParser:
             f"methods:\n  all = {', '.join(registry.MISSION_METHODS)}\n"
             f"  extras: {', '.join(registry.EXTRA_METHODS)}\n\n"
             + _what_differs()
-            + "\nprofile keys (suites/profiles.py) and method hyper-parameters can be set with --set;\n"
+            + "\nprofile keys (suites/core/profiles.py) and method hyper-parameters can be set with "
+            "--set;\n"
             "'lr=X' sets every method's learning rate, 'lr.NAME=X' one method's.\n\n"
             f"environment:\n{env}\n\n"
             "exit status: 0 all runs ok, 1 some run diverged/oom/error, 2 bad input, 130 interrupted"

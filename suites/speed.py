@@ -13,8 +13,7 @@ compute ops
   step     the second step at the method's trained refresh period (its registry default): the steady step
            of a periodic method; for a method that moves its basis every step (OASIS, LDAdam) a basis move
   refresh  a step that recomputes the basis. A periodic method (`suites.measure.memory.REFRESH_KEYS`) is built
-  a
-           second time with its period key set to 1, so that the counted step is a refresh: the trained
+  a second time with its period key set to 1, so that the counted step is a refresh: the trained
            build keeps its period, the forced one is only counted
   /step    amortised over the trained period p: ((p - 1) * step + refresh) / p
 Counted as on CUDA: torch's own optimizers (AdamW for adam, lora, ...) default to foreach on CUDA and to the

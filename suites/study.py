@@ -1,13 +1,12 @@
 """The committed CPU study (v2), one command: `python -m suites.study`.
 
 What it is for (issue 20): a study in which OASIS's mechanism is exercised. On c4 with llama-cpu (the
-`study` profile of suites/profiles.py: batch 4 x 128 tokens, rank 32), every method trains for
+`study` profile of suites/core/profiles.py: batch 4 x 128 tokens, rank 32), every method trains for
 STUDY_STEPS optimizer steps, the horizon at which adam ends at least 0.5 nats below the unigram reference
 of its own training tokens (`metrics.unigram_eval_loss`, in every record). How the horizon was measured:
 one adam run with the loss curve every 200 steps (`--set eval_every=200`), see the README. The records
 carry the tracking diagnostic (suites.measure.tracking: captured variance, angle to the exact top-r
-eigenbasis,
-net overlap with the initial basis, refreshes) at 6 steps.
+eigenbasis, net overlap with the initial basis, refreshes) at 6 steps.
 
 Stages, in the order a process runs them (every run is one `suites.run` config; finished runs are skipped,
 so an interrupted study resumes, and two processes into the same --out share the work, each run claimed

@@ -22,6 +22,7 @@ import pytest
 
 from suites import run as cli
 from suites.core import profiles, records, registry
+from suites.launch import runs, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {
@@ -474,7 +475,7 @@ def test_the_lock_holder_rechecks_for_an_ok_record(tmp_path, adam_c4):
     """A sweep that planned a run, then got its lock after another sweep finished it, does not run it."""
     out = tmp_path / "out"
     records.write_record(adam_c4, out)
-    assert cli.run_config(_smoke_adam_config(), out) == "done"
+    assert runs.run_config(_smoke_adam_config(), out) == "done"
     assert json.loads((out / f"{adam_c4['run_id']}.json").read_text()) == adam_c4
 
 
@@ -528,7 +529,7 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, target):
         proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130
-    assert stderr.strip() == cli.INTERRUPTED and "Traceback" not in stderr
+    assert stderr.strip() == sweep.INTERRUPTED and "Traceback" not in stderr
     assert stdout == ""
     assert not [p for p in out.rglob("*") if p.is_file() and p.parent == out]  # no record, no temp file
 

@@ -7,8 +7,7 @@ never up, and no two modules import each other, however indirectly.
     evaluate  the suites' tasks and the code sandbox                   (imports core, train, measure)
     launch    one training run (recipe), its process, sweeps           (imports all of the above)
     entry     the `python -m suites.X` modules at the top of suites/   (import anything, imported by none
-              of the layers)
-"""
+              of the layers) """
 
 from __future__ import annotations
 

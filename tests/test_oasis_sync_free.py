@@ -2,8 +2,7 @@
 info is checked on the host, no device-changing copy, no tensor built from Python data), and its step
 compiles as one graph (`torch.compile(fullgraph=True)`) that computes what eager does. The guard is
 `suites.measure.dispatch.NoHostSync` in its strict mode (every tensor taken as a device tensor): what counts
-as a sync
-is listed there, once for the speed tool, the op-count check and these tests."""
+as a sync is listed there, once for the speed tool, the op-count check and these tests."""
 
 import copy
 

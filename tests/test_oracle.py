@@ -2,8 +2,7 @@
 caching allocator's statistics (GPU).
 
 The meter (`suites.measure.trackers.TensorTracker`) counts tensor storages at the dispatcher. Every other
-memory
-test
+memory test
 compares it with itself (an estimate against the same tracker on real tensors). Here it meets an oracle:
 
 * CPU: torch allocates CPU tensors with `posix_memalign` (c10 `alloc_cpu`), so their bytes are in glibc's

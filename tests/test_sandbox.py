@@ -3,7 +3,7 @@
 Each hostile completion is placed in front of (or around) problem 0's canonical solution, so that a program
 whose attack is *not* contained would pass; "fails" below therefore also means "the attack was stopped".
 Where a defence is layered (guard and kernel), the tests switch the other layer off to show each one holding
-on its own. The mechanisms themselves are described in suites/sandbox.py. The one exception is the
+on its own. The mechanisms themselves are described in suites/evaluate/sandbox.py. The one exception is the
 section on deliberate forgery: those programs *pass*, pinning the documented limit of the threat model.
 """
 

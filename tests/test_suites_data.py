@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from suites.evaluate.tasks import humaneval
-from suites.train import data, sources
+from suites.train import data, sources, tokenizers
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.load_tokenizer()
+    return tokenizers.load_tokenizer()
 
 
 def test_gsm8k_batches_are_seeded_and_supervise_only_the_answer(tok):

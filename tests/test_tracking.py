@@ -1,6 +1,5 @@
 """The tracking diagnostic (`suites.measure.tracking`): its scores against hand-computed subspaces, and wired
-to
-real methods (llama-tiny, the registry's builders): the layer inputs it measures are the ones a basis was
+to real methods (llama-tiny, the registry's builders): the layer inputs it measures are the ones a basis was
 computed from, refreshes are counted as the published rules say, and a frozen basis keeps overlap 1."""
 
 import math

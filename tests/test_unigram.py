@@ -1,6 +1,5 @@
 """The unigram reference (`suites.train.unigram`) against hand-computed values, and as the c4/gsm8k suites
-record
-it: from the run's own training tokens, on the evaluated tokens."""
+record it: from the run's own training tokens, on the evaluated tokens."""
 
 import math
 from collections import Counter

@@ -1,14 +1,13 @@
 """Model presets by name, as data: the shapes a profile or `--set model=` names, and the named model files
 with weights (`suites.train.models` builds and loads them). Imports nothing heavy, so a command line that
-names
-a model is checked in well under a second."""
+names a model is checked in well under a second."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 VOCAB_SP32K = 32000  # the offline LLaMA-format tokenizer (shared/data/tokenizers/mistral-v1-sp32k)
-VOCAB_BPE8K = 8192  # the project's byte-level BPE trained from Wikipedia (suites.train.data.PROJECT_BPE)
+VOCAB_BPE8K = 8192  # the project's Wikipedia BPE (suites.train.tokenizers.PROJECT_BPE)
 
 
 @dataclass(frozen=True)

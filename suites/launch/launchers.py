@@ -1,7 +1,6 @@
 """Where the runs of a sweep execute. `suites.run` plans the configs; a launcher runs each of them through
 `suites.launch.runs.run_config` (lock, skip when another sweep finished it, one record per run in --out) and
-yields
-each config with its outcome as it finishes, in any order:
+yields each config with its outcome as it finishes, in any order:
 
   Sequential        one run after another on this machine (the default)
   Parallel(K)       K runs at once on this machine; on GPUs each run gets its own devices

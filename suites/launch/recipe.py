@@ -428,10 +428,9 @@ def record(spec: dict, result: TrainResult, metrics: dict, *, started_at: str, w
 
 def estimate_for(cfg: dict) -> dict:
     """The fake-tensor estimate (`suites.measure.memory.measure`) of the configuration a CUDA run measured:
-    same
-    model, method and hyper-parameters, micro-batch, sequence, rank, dtype, checkpointing and lean blocks,
-    so every GPU record also checks the estimator; a data-parallel run's is the per-rank estimate of its
-    strategy and world size (fake process group: the run's own group is closed by then). A method the
+    same model, method and hyper-parameters, micro-batch, sequence, rank, dtype, checkpointing and lean
+    blocks, so every GPU record also checks the estimator; a data-parallel run's is the per-rank estimate of
+    its strategy and world size (fake process group: the run's own group is closed by then). A method the
     estimator cannot run is said in one line."""
     from suites.core import registry
     from suites.measure import memory

@@ -15,11 +15,12 @@ from pathlib import Path
 
 from suites.core import cli, files, profiles, records, registry
 
-EXIT_INTERRUPTED = cli.EXIT_INTERRUPTED
-
-# the sources that determine a pretrained base's weights: the loop, data, model, c4 task and AdamW adapter
+# the sources that determine a pretrained base's weights: the loop, data, tokenizers, model (and its presets),
+# c4 task and AdamW adapter
 BASE_CODE = tuple(records.REPO_ROOT / p for p in (
-    "suites/launch/recipe.py", "suites/train/data.py", "suites/train/sources.py", "suites/train/models.py",
+    "suites/launch/recipe.py",
+    "suites/train/data.py", "suites/train/tokenizers.py", "suites/train/sources.py", "suites/train/models.py",
+    "suites/core/presets.py",
     "suites/evaluate/tasks/c4.py",
     "baselines/adam.py", "baselines/_common.py"))
 
@@ -96,7 +97,7 @@ def launch(spec: dict, extra_env: dict | None = None) -> int:
             raise
     finally:
         Path(f.name).unlink(missing_ok=True)
-    if code in (EXIT_INTERRUPTED, -signal.SIGINT):  # the run alone got the Ctrl-C
+    if code in (cli.EXIT_INTERRUPTED, -signal.SIGINT):  # the run alone got the Ctrl-C
         raise KeyboardInterrupt
     return code
 
@@ -104,7 +105,7 @@ def launch(spec: dict, extra_env: dict | None = None) -> int:
 def ensure_base(cfg: dict) -> str:
     """Path of the pretrained base for a fine-tuning config; pretrains it (c4 suite, adam) the first time.
     Sweeps that need the same base wait for the one that is pretraining it."""
-    from suites.train.data import CACHE_DIR
+    from suites.train.sources import CACHE_DIR
 
     bcfg = base_config(cfg)
     home = CACHE_DIR / "bases" / records.config_hash(bcfg)

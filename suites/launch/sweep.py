@@ -10,7 +10,6 @@ from pathlib import Path
 from suites.core import cli, records
 from suites.launch import launchers
 
-EXIT_INTERRUPTED = cli.EXIT_INTERRUPTED
 INTERRUPTED = "interrupted: finished runs are recorded; run the same command again to resume"
 
 
@@ -62,7 +61,7 @@ def sweep(configs: list[dict], columns: tuple[str, ...], out: Path, desc: str, l
     except KeyboardInterrupt:
         bar.close()
         print(("\n" if sys.stderr.isatty() else "") + INTERRUPTED, file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return cli.EXIT_INTERRUPTED
     bar.close()
     wanted = {records.config_hash(c) for c in configs}
     latest = {}

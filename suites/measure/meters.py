@@ -12,8 +12,7 @@
   (and ``max_memory_reserved``). The breakdown comes from the tensor tracker running alongside; the
   allocator's own overhead (block rounding, library workspaces) is counted as "other".
 * ``cpu``: bytes of live tensor storages, tracked at the dispatcher (`suites.measure.trackers`).
-Deterministic:
-  the same run gives the same bytes, whatever the allocator does.
+Deterministic: the same run gives the same bytes, whatever the allocator does.
 * ``estimate``: the same tracker under ``FakeTensorMode``: the model and optimizer are made of fake
   tensors (build them inside `fake_construction()`), every op computes shapes only and
   nothing is allocated, so a 7B model is measured on a laptop.

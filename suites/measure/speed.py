@@ -23,8 +23,8 @@ LAUNCH_BOUND = {"hidden": 64, "intermediate": 172, "layers": 30, "heads": 4, "vo
 # -- building ------------------------------------------------------------------------------------------------
 
 def trained_config(method: str, rank: int, overrides: dict | None = None, *, refresh: bool = False) -> dict:
-    """The method's config as `suites.memory` makes it, but at the trained refresh period (its registry
-    default), or with the period key set to 1 when `refresh` (a refresh at every step)."""
+    """The method's config as `suites.measure.memory` makes it, but at the trained refresh period (its
+    registry default), or with the period key set to 1 when `refresh` (a refresh at every step)."""
     from suites.core.registry import method_defaults
     from suites.measure.memory import REFRESH_KEYS, method_config
 

@@ -50,8 +50,7 @@ def _scalar(func, args):
     Fake tensors have no data, so a Python scalar read from one (a loss printed, a `if t.max() > 0`
     guard, a principal angle logged) gets 1 / 1.0 / True. Memory does not depend on these values in
     the training steps measured here; shapes never come from them (a data-dependent shape still
-    raises).
-    """
+    raises). """
     from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor
 
     try:

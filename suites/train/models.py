@@ -175,7 +175,7 @@ def file_sha256(path: Path) -> str:
 
 
 def _cache_root() -> Path:
-    from suites.train.data import CACHE_DIR
+    from suites.train.sources import CACHE_DIR
 
     return CACHE_DIR / "models"
 
@@ -298,7 +298,7 @@ def _local_tokenizer_files(folder: Path) -> bool:
 
 
 def _project_tokenizer_for_vocab(vocab: int) -> str | None:
-    from suites.train.data import PROJECT_TOKENIZERS
+    from suites.train.tokenizers import PROJECT_TOKENIZERS
 
     by_vocab = {s.vocab: s.tokenizer for s in PRESETS.values() if s.tokenizer in PROJECT_TOKENIZERS}
     return by_vocab.get(vocab)
@@ -323,11 +323,11 @@ def tokenizer_source(cfg: dict) -> tuple[str, str]:
 
 def load_tokenizer(cfg: dict):
     """The tokenizer of a run: the project's for presets, the model's own for a model with weights."""
-    from suites.train import data
+    from suites.train import tokenizers
 
     kind, where = tokenizer_source(cfg)
     if kind == "project":
-        return data.load_tokenizer(where)
+        return tokenizers.load_tokenizer(where)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(where)
@@ -352,12 +352,12 @@ def run_fields(cfg: dict) -> dict:
     """What a run's config (and so its record and hash) says about the model: where its weights come
     from (`model_source`), which tokenizer reads its text, its prompt format, and `base: pretrained`
     when the model brings its own weights. Called once when a run is planned."""
-    from suites.train import data
+    from suites.train import data, tokenizers
 
     spec = weights_spec(cfg)
     if spec is None:
         name = PRESETS[cfg["model"]].tokenizer
-        data.check_tokenizer(name)
+        tokenizers.check_tokenizer(name)
         return {"model_source": {"kind": "preset", "spec": cfg["model"]}, "tokenizer": name,
                 "prompt_format": "plain"}
     source = resolve(spec)
@@ -365,7 +365,7 @@ def run_fields(cfg: dict) -> dict:
     if source.kind == "gguf":
         record.update(file=source.path.name, sha256=file_sha256(source.path))
     tokenizer = load_tokenizer(cfg)
-    fields = {"model_source": record, "tokenizer": data.tokenizer_id(tokenizer),
+    fields = {"model_source": record, "tokenizer": tokenizers.tokenizer_id(tokenizer),
               "prompt_format": data.prompt_format_of(tokenizer),
               "base_seed": None}  # the weights are the model's own: no seed of ours made them
     if carries_weights(cfg["model"]):

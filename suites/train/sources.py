@@ -26,6 +26,8 @@ from pathlib import Path
 
 from suites.core.records import REPO_ROOT
 
+CACHE_DIR = REPO_ROOT / ".cache"  # gitignored: tokenised streams, tokenizers, converted models, bases
+
 
 class DataMissing(FileNotFoundError):
     """A data file the run needs is not where it should be (user error: exit 2)."""

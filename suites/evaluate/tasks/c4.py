@@ -104,8 +104,7 @@ def reference(tokenizer, cfg: dict) -> dict:
 
 def tracking_batch(tokenizer, cfg: dict) -> dict:
     """The tracking diagnostic's held-out batch (`suites.measure.tracking`): the first `track_tokens` tokens
-    of the
-    C4 sample, one batch."""
+    of the C4 sample, one batch."""
     seq = cfg["seq_len"]
     rows = max(1, option(cfg, "track_tokens") // seq)
     return data.heldout_batches("c4", tokenizer, n_tokens=rows * seq, batch=rows, seq_len=seq)[0]

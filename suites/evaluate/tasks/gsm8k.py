@@ -106,8 +106,7 @@ def answer_scores(model, tokenizer, cfg: dict, device: str) -> dict:
 
 def reference(tokenizer, cfg: dict) -> dict:
     """The unigram reference (`suites.train.unigram`): the run's own training answer tokens, scored on the
-    answer
-    tokens of the evaluated test problems (the tokens `answer_nll` scores)."""
+    answer tokens of the evaluated test problems (the tokens `answer_nll` scores)."""
     from suites.train import unigram
 
     train = train_batches(tokenizer, {**cfg, "steps": cfg["steps"] * cfg["grad_accum"]})
@@ -118,8 +117,7 @@ def reference(tokenizer, cfg: dict) -> dict:
 
 def tracking_batch(tokenizer, cfg: dict) -> dict:
     """The tracking diagnostic's held-out batch (`suites.measure.tracking`): the first test problems, prompt
-    and
-    answer, `track_tokens // seq_len` of them (at least one), right-padded."""
+    and answer, `track_tokens // seq_len` of them (at least one), right-padded."""
     rows = max(1, option(cfg, "track_tokens") // cfg["seq_len"])
     return data.supervised_batch(data.gsm8k_eval_pairs(tokenizer, rows, prompt_format(cfg)), tokenizer)
 

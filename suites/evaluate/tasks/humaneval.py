@@ -8,8 +8,7 @@ template and continues the assistant turn from the fenced prompt code (`data.enc
 generation and canonical NLL alike.
 pass@1: one greedy completion per problem (`max_gen_toks` new tokens, cut at the usual stop strings),
 executed with the problem's tests in `suites.evaluate.sandbox` (a contained child process per program, a pool
-of
-them at a time, never inside the harness process); a program passes only if it exits 0 after its last
+of them at a time, never inside the harness process); a program passes only if it exits 0 after its last
 statement, so an accidental early exit fails (a program written to forge a pass is not stopped: see
 `suites.evaluate.sandbox`).
 `canonical_nll`: token-weighted NLL of the canonical solutions given their prompts.
