@@ -1,6 +1,6 @@
 """What a CUDA record carries beside the allocator's peaks: the fake-tensor estimate of the same configuration
-(`recipe.estimate_for`), so every GPU run also checks the estimator. The mapping from a run's config to the
-estimate's arguments is checked on CPU; the CUDA meter itself only where a GPU exists."""
+(`suites.measure.memory.estimate_for`), so every GPU run also checks the estimator. The mapping from a run's
+config to the estimate's arguments is checked on CPU; the CUDA meter itself only where a GPU exists."""
 
 import pytest
 import torch
@@ -25,11 +25,11 @@ def _config(method: str, **overrides) -> dict:
 ])
 def test_estimate_of_a_run_is_the_estimate_of_its_configuration(method, extra, implied, one_thread):
     cfg = {**_config(method, batch=3, seq_len=48, rank=4, checkpointing=True), **extra}
-    got = recipe.estimate_for(cfg)
+    got = memory.estimate_for(cfg)
     want = memory.measure("llama-tiny", method, batch=3, seq=48, rank=4, dtype="float32", checkpointing=True,
                           overrides={**extra, **implied}, kind="estimate")
     assert got["estimate_bytes"] == want["peak_bytes"]
-    assert got["estimate_bytes"] != recipe.estimate_for({**cfg, "batch": 1})["estimate_bytes"]
+    assert got["estimate_bytes"] != memory.estimate_for({**cfg, "batch": 1})["estimate_bytes"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

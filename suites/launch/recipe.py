@@ -426,29 +426,6 @@ def record(spec: dict, result: TrainResult, metrics: dict, *, started_at: str, w
     return rec
 
 
-def estimate_for(cfg: dict) -> dict:
-    """The fake-tensor estimate (`suites.measure.memory.measure`) of the configuration a CUDA run measured:
-    same model, method and hyper-parameters, micro-batch, sequence, rank, dtype, checkpointing and lean
-    blocks, so every GPU record also checks the estimator; a data-parallel run's is the per-rank estimate of
-    its strategy and world size (fake process group: the run's own group is closed by then). A method the
-    estimator cannot run is said in one line."""
-    from suites.core import registry
-    from suites.measure import memory
-
-    method = cfg["method"]
-    method_keys = (set(registry.method_defaults(method)) | set(registry.method_options(method))) - {"lr"}
-    overrides = {k: cfg[k] for k in method_keys if k in cfg}
-    try:
-        row = memory.measure(models.weights_spec(cfg) or cfg["model"], cfg["method"], batch=cfg["batch"],
-                             seq=cfg["seq_len"], rank=cfg["rank"], dtype=cfg["dtype"],
-                             checkpointing=cfg["checkpointing"], lean_blocks=cfg["lean_activations"],
-                             overrides=overrides, kind="estimate", world_size=cfg["world_size"],
-                             strategy=cfg.get("strategy"))
-    except (RuntimeError, ValueError) as exc:
-        return {"estimate_error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"}
-    return {"estimate_bytes": row["peak_bytes"], "estimate_breakdown": row["breakdown"]}
-
-
 def memory_pass_config(cfg: dict) -> dict | None:
     """The config of a separate memory pass when the run's own refresh period puts no basis refresh inside
     the memory window (DESIGN §5): the same run with every period set to 1, only warm-up and window long.
@@ -496,6 +473,8 @@ def run(spec: dict) -> dict:
             if full is not None:  # a sharded model cannot run forward on one rank alone
                 session.model = evaluation_model(session.cfg, spec.get("base_dir"), full)
         if result.memory is not None and result.memory.get("source") == "cuda":
+            from suites.measure.memory import estimate_for
+
             result.memory.update(estimate_for(session.cfg))
         if result.status == "ok":
             metrics = evaluate(session)

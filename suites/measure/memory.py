@@ -213,6 +213,29 @@ def measure(model: str, method: str, *, batch: int, seq: int, rank: int, dtype: 
     return row
 
 
+def estimate_for(cfg: dict) -> dict:
+    """The fake-tensor estimate (`measure`) of the configuration a CUDA run measured:
+    same model, method and hyper-parameters, micro-batch, sequence, rank, dtype, checkpointing and lean
+    blocks, so every GPU record also checks the estimator; a data-parallel run's is the per-rank estimate of
+    its strategy and world size (fake process group: the run's own group is closed by then). A method the
+    estimator cannot run is said in one line."""
+    from suites.core import registry
+    from suites.train import models
+
+    method = cfg["method"]
+    method_keys = (set(registry.method_defaults(method)) | set(registry.method_options(method))) - {"lr"}
+    overrides = {k: cfg[k] for k in method_keys if k in cfg}
+    try:
+        row = measure(models.weights_spec(cfg) or cfg["model"], cfg["method"], batch=cfg["batch"],
+                             seq=cfg["seq_len"], rank=cfg["rank"], dtype=cfg["dtype"],
+                             checkpointing=cfg["checkpointing"], lean_blocks=cfg["lean_activations"],
+                             overrides=overrides, kind="estimate", world_size=cfg["world_size"],
+                             strategy=cfg.get("strategy"))
+    except (RuntimeError, ValueError) as exc:
+        return {"estimate_error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"}
+    return {"estimate_bytes": row["peak_bytes"], "estimate_breakdown": row["breakdown"]}
+
+
 def check_distributed(batch: int, world_size: int, strategy: str | None, kind: str, loss: str,
                        overrides: dict | None) -> int:
     """The per-rank micro-batch; ValueError (one line) for a combination that cannot be measured."""
