@@ -33,7 +33,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     """Wraps one `make_optimizer([group])` per parameter; `step()` is a no-op because the work happened in
     backward. `param_groups` are the inner optimizers' own group dicts, so LR schedulers reach them."""
 
-    # every parameter is updated inside backward: data-parallel wrappers refuse it (`suites.distributed`)
+    # every parameter is updated inside backward: data-parallel wrappers refuse it
+    # (`suites.train.distributed`)
     steps_in_backward = True
 
     def __init__(self, param_groups: list[dict], make_optimizer):

@@ -10,7 +10,7 @@ What this adapter adds on top of the package, nothing in the update itself:
   zero (max_unorm is relative to the parameter norm, and GaLore zeroes the parameter before the update).
   `GaLoreAdamW8bitFixed` passes them by name. Its step also calls `torch.cuda.synchronize()` unconditionally,
   which raises on CPU-only torch: on CPU that call is made a no-op for the duration of the step
-  (`suites.patching.patched`: it raises if the attribute is gone and restores it on every exit).
+  (`suites.core.patching.patched`: it raises if the attribute is gone and restores it on every exit).
 * `state_dict()` holds each projector's matrix (a tensor) instead of the `GaLoreProjector` object, so a
   checkpoint loads with `torch.load(weights_only=True)` and a loaded optimizer owns its own projectors.
 * eps defaults to 1e-6, GaLore's own default (the torch default is 1e-8).
@@ -27,7 +27,7 @@ from galore_torch.galore_projector import GaLoreProjector
 
 from baselines._common import adam_kwargs, check_rank, one_of, positive_int, split_params
 from baselines._layerwise import LayerwiseOptimizer
-from suites.patching import patched
+from suites.core.patching import patched
 
 DEFAULTS = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "eps": 1e-6, "optim_bits": 32,
             "layerwise": False}
@@ -38,7 +38,8 @@ class _ProjectorStateMixin:
     """`state_dict()` holds each `GaLoreProjector` as its matrix; loading rebuilds it from the param group."""
 
     def gradient_projectors(self):
-        """[(weight, its current projector matrix)] for the tracking diagnostic (`suites.tracking`)."""
+        """[(weight, its current projector matrix)] for the tracking diagnostic
+        (`suites.measure.tracking`)."""
         return [(p, st["projector"].ortho_matrix) for p, st in self.state.items()
                 if "projector" in st and st["projector"].ortho_matrix is not None]
 

@@ -151,7 +151,7 @@ class LDAdamW(torch.optim.Optimizer):
         return float(total) / weights
 
     def gradient_projectors(self):
-        """[(weight, its current projector P_t)] for the tracking diagnostic (`suites.tracking`)."""
+        """[(weight, its current projector P_t)] for the tracking diagnostic (`suites.measure.tracking`)."""
         return [(p, st["proj"]) for p, st in self.state.items() if "proj" in st]
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -80,7 +80,7 @@ def _quantized(bnb, weight, layer, quant_type: str, double_quant: bool):
              "quant_storage": torch.uint8}
     if not isinstance(weight, FakeTensor):
         return bnb.nn.Params4bit(weight, requires_grad=False, module=layer, **attrs).to(weight.device)
-    # Estimates (suites.meters.fake_construction): Params4bit is a tensor subclass and cannot wrap a
+    # Estimates (suites.measure.meters.fake_construction): Params4bit is a tensor subclass and cannot wrap a
     # FakeTensor (another one). The codes come from the call Params4bit._quantize makes, and a fake parameter
     # holds them with the attributes Params4bit would carry; every op after this is bitsandbytes' own.
     # tests/test_memory.py checks that such an estimate equals a real CPU-tracked run byte for byte.

@@ -47,8 +47,8 @@ from reports.tables import (
     runs_table,
     sweep_table,
 )
-from suites.cli import Parser, UsageError, cli_main
-from suites.files import OutputError, atomic_write, check_output_dir
+from suites.core.cli import Parser, UsageError, cli_main
+from suites.core.files import OutputError, atomic_write, check_output_dir
 
 PROG = "python -m reports.build"
 SUITES = ("gsm8k", "humaneval", "c4")

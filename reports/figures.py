@@ -452,7 +452,7 @@ def subspace_drift(comps: list[Comparison], out: Path) -> dict[tuple, list[Path]
     return produced
 
 
-TRACKING_METHODS = ("oasis", "pca", "oasis-frozen", "compact")  # bases of layer inputs (suites.tracking)
+TRACKING_METHODS = ("oasis", "pca", "oasis-frozen", "compact")  # bases of layer inputs (measure.tracking)
 TRACKING_VARIED = ("subspace_lr", "refresh_every")  # each eta of oasis, each period of pca: one line each
 TRACKING_PANELS = (("captured", "captured variance ‖XU‖² / ‖XU*‖²\n(1 = the exact top-r basis)"),
                    ("overlap_init", "net overlap with the initial basis\n‖U₀ᵀU‖² / r"))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reports.stats import Stat
-from suites import selection
+from suites.core import selection
 
 # Fields without which a file cannot be placed in any table or figure.
 REQUIRED = ("schema", "run_id", "suite", "profile", "method", "status", "config", "config_hash")
@@ -477,7 +477,7 @@ def lr_line(gs: list[Group]) -> tuple[list[Group], list]:
 
 
 def validated_lr(gs: list[Group]) -> float | None:
-    """The learning rate chosen on the validation split (`suites.selection`: lowest mean `val_loss` over
+    """The learning rate chosen on the validation split (`suites.core.selection`: lowest mean `val_loss` over
     the seeds every rate of the method's lr ablation has); None when there is no such ablation or no
     `val_loss` in its records (older records: the modal rule below decides)."""
     pts, common = lr_line(gs)

@@ -2,7 +2,7 @@
 
 These are *other people's* numbers, measured in their setups (their hardware, batch sizes, token budgets).
 Reports print them beside ours, always labelled "published", and never mix them into our statistics.
-Model names use our preset names (`suites/models.py`) so a published entry can be matched to a record.
+Model names use our preset names (`suites/core/presets.py`) so a published entry can be matched to a record.
 """
 
 from __future__ import annotations

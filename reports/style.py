@@ -70,10 +70,10 @@ class MetricStyle:
     shown: bool = True  # a Markdown/LaTeX column and figure-panel candidate (the CSV keeps every metric)
 
 
-# Names as the suites record them (suites/tasks/*.py). Accuracy-type metrics are recorded as fractions
-# (lm-eval convention) and shown in percent. Order = column / panel order. Labels say what was measured
-# on what: the c4 suite's held-out loss is labelled with the recorded corpora (see metric_label), and its
-# C4 sample is C4 *train*-split documents the run never trained on, never "C4 validation".
+# Names as the suites record them (suites/evaluate/tasks/*.py). Accuracy-type metrics are recorded as
+# fractions (lm-eval convention) and shown in percent. Order = column / panel order. Labels say what was
+# measured on what: the c4 suite's held-out loss is labelled with the recorded corpora (see metric_label), and
+# its C4 sample is C4 *train*-split documents the run never trained on, never "C4 validation".
 C4_SAMPLE = "C4 sample (1,000 train-split docs, never trained on)"
 METRICS = {
     "accuracy": MetricStyle("GSM8K accuracy, strict match (%)", 100.0, 2, True),
@@ -87,7 +87,7 @@ METRICS = {
                                 "not C4 validation (nats/token)"),
     "val_loss": MetricStyle("validation-slice loss, chooses the learning rate (nats/token)"),
     "eval_ppl": MetricStyle("held-out perplexity", decimals=2, shown=False),
-    # the unigram reference (suites/unigram.py): shown as its own row under the metric it refers to
+    # the unigram reference (suites/train/unigram.py): shown as its own row under the metric it refers to
     "unigram_eval_loss": MetricStyle("unigram reference of the held-out loss", shown=False),
     "unigram_c4_sample_loss": MetricStyle("unigram reference on the C4 sample", shown=False),
     "unigram_val_loss": MetricStyle("unigram reference on the validation slice", shown=False),

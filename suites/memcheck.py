@@ -11,7 +11,7 @@ it with `--update --reason "..."` (the reason, the date and the git commit go in
 
 The baseline (JSON) holds
   tolerance   the relative change of a peak, either way, that fails the check (at most 0.01)
-  configs     named measurement configs: keyword arguments of `suites.memory.measure` plus `methods`;
+  configs     named measurement configs: keyword arguments of `suites.measure.memory.measure` plus `methods`;
               a deterministic CPU-tracked run of a smoke-size model and FakeTensor estimates at 1B/7B
   peaks       config name -> method -> peak bytes
   claims      ratios the project states publicly: {config, method, versus: [methods], max, target, note}:
@@ -32,8 +32,6 @@ measurements); every measurement is deterministic, so the pool changes the wall 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 import time
@@ -41,12 +39,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from suites import records
-from suites.cli import Parser, UsageError, cli_main
-from suites.files import OutputError, check_output_file, write_json
+from suites.core import regression
+from suites.core.cli import Parser, UsageError, cli_main
+from suites.core.files import write_json
+from suites.core.records import REPO_ROOT
 
 PROG = "python -m suites.memcheck"
-REPO = Path(__file__).resolve().parent.parent
+REPO = REPO_ROOT
 DEFAULT_BASELINE = REPO / "results" / "memory" / "baseline.json"
 MAX_TOLERANCE = 0.01
 MEASURE_KEYS = ("model", "kind", "batch", "seq", "rank", "dtype", "checkpointing", "attn", "loss",
@@ -57,17 +56,7 @@ MIB = 2**20
 
 def load_baseline(path: Path) -> dict:
     """The baseline at `path`, checked for shape; UsageError (one line) when it is not usable."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UsageError(f"baseline {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"baseline {path} is not readable JSON: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("configs"), dict):
-        raise UsageError(f"baseline {path} has no 'configs' object")
-    tol = data.get("tolerance")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= MAX_TOLERANCE:
-        raise UsageError(f"baseline {path}: tolerance must be a number in [0, {MAX_TOLERANCE}], got {tol!r}")
+    data = regression.load(path, MAX_TOLERANCE)
     for name, cfg in data["configs"].items():
         if not isinstance(cfg, dict):
             raise UsageError(f"baseline {path}: config {name!r} is not an object")
@@ -83,8 +72,7 @@ def load_baseline(path: Path) -> dict:
         if not _claim_is_well_formed(claim, data["configs"]):
             raise UsageError(f"baseline {path}: malformed claim {claim!r} (keys {', '.join(CLAIM_KEYS)}; "
                              "config one of the configs, method and versus among its methods, max > 0)")
-    if not isinstance(data.setdefault("history", []), list):
-        raise UsageError(f"baseline {path}: history must be a list")
+    regression.load_history(data, path)
     return data
 
 
@@ -101,8 +89,8 @@ def _claim_is_well_formed(claim, configs: dict) -> bool:
 
 def check_configs(configs: dict) -> None:
     """Reject, before minutes of measuring, a config whose model or method the suite does not know."""
-    from suites.memory import KINDS, load_config
-    from suites.registry import method_defaults
+    from suites.core.registry import method_defaults
+    from suites.measure.memory import KINDS, load_config
 
     for name, cfg in configs.items():
         try:
@@ -120,7 +108,7 @@ def check_configs(configs: dict) -> None:
 def measure_one(task: tuple[str, dict, str]) -> tuple[str, str, int, float, float]:
     """(config name, method, peak bytes, wall seconds, CPU seconds) of one measurement; what every pool
     worker runs."""
-    from suites.memory import measure
+    from suites.measure.memory import measure
 
     name, cfg, method = task
     kwargs = {k: v for k, v in cfg.items() if k in MEASURE_KEYS}
@@ -175,7 +163,8 @@ def measure_all(configs: dict, log=print, jobs: int = 1, baseline_peaks: dict | 
         # forkserver: workers fork from a clean server process that has imported torch and the methods once
         # (not from this process, and without paying the imports once per worker as spawn would)
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["suites.memory", "suites.registry", "transformers", "peft"])
+        context.set_forkserver_preload(["suites.measure.memory", "suites.core.registry", "transformers",
+                                        "peft"])
         # leaving the `with` terminates the workers, also on an error or Ctrl-C
         with context.Pool(jobs, initializer=_init_worker) as pool:
             for i, result in enumerate(pool.imap_unordered(measure_one, tasks), 1):
@@ -248,17 +237,11 @@ def check_claims(claims: list, peaks: dict) -> list[ClaimCheck]:
 
 # -- printing ----------------------------------------------------------------------------------------------
 
-def _table(header: tuple, lines: list[tuple], left: int) -> str:
-    """Columns aligned; the first `left` columns left-aligned, the rest (numbers) right-aligned."""
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
-    fmt = "  ".join(f"{{:{'<' if i < left else '>'}{w}}}" for i, w in enumerate(widths))
-    return "\n".join(fmt.format(*map(str, line)).rstrip() for line in (header, *lines))
-
-
 def format_rows(rows: list[Row]) -> str:
     lines = [(r.config, r.method, "-" if r.old is None else f"{r.old / MIB:.1f}", f"{r.new / MIB:.1f}",
               "-" if r.change is None else f"{r.change:+.2%}", r.verdict) for r in rows]
-    return _table(("config", "method", "baseline MiB", "measured MiB", "change", "verdict"), lines, left=2)
+    header = ("config", "method", "baseline MiB", "measured MiB", "change", "verdict")
+    return regression.table(header, lines, left=2)
 
 
 def format_claims(checks: list[ClaimCheck]) -> str:
@@ -281,7 +264,8 @@ def format_claims(checks: list[ClaimCheck]) -> str:
         lines.append((claim["config"], f"{claim['method']} / {versus}",
                       "-" if c.ratio is None else f"{c.ratio:.3f}", f"<= {claim['max']:.2f}",
                       "-" if target is None else f"<= {target:.2f}", verdict))
-    return _table(("claim config", "ratio", "measured", "claimed", "target", "verdict"), lines, left=2)
+    header = ("claim config", "ratio", "measured", "claimed", "target", "verdict")
+    return regression.table(header, lines, left=2)
 
 
 # -- updating ----------------------------------------------------------------------------------------------
@@ -290,8 +274,7 @@ def updated_baseline(baseline: dict, peaks: dict, reason: str) -> dict:
     changed = {f"{name}/{method}": [baseline["peaks"].get(name, {}).get(method), new]
                for name, methods in peaks.items() for method, new in methods.items()
                if baseline["peaks"].get(name, {}).get(method) != new}
-    entry = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-             "commit": records.git_commit(), "reason": reason, "changed": changed}
+    entry = regression.history_entry(reason, changed)
     return {**baseline, "peaks": peaks, "history": [*baseline["history"], entry]}
 
 
@@ -303,10 +286,8 @@ def _usable_cores() -> int:
 
 def parser() -> Parser:
     p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE, help=f"default: {DEFAULT_BASELINE}")
-    p.add_argument("--update", action="store_true",
-                   help="re-measure and rewrite the baseline's peaks (configs, tolerance, claims kept)")
-    p.add_argument("--reason", help="why the peaks changed (required with --update; kept in the history)")
+    regression.add_arguments(p, DEFAULT_BASELINE, "peaks",
+                           "re-measure and rewrite the baseline's peaks (configs, tolerance, claims kept)")
     p.add_argument("--jobs", type=int, default=_usable_cores(),
                    help="measurements in parallel, one process each (default: the usable cores)")
     p.add_argument("--quiet", action="store_true", help="print only problems and the verdict")
@@ -315,38 +296,29 @@ def parser() -> Parser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    if args.update and not (args.reason or "").strip():
-        raise UsageError('--update needs --reason "why the peaks changed" (it is kept in the baseline)')
-    if args.reason is not None and not args.update:
-        raise UsageError("--reason goes with --update")
+    regression.check_flags(args, "peaks")
     if args.jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
-    baseline = load_baseline(args.baseline)
+    base = load_baseline(args.baseline)
     if args.update:
-        try:
-            check_output_file(args.baseline, "--baseline")
-        except OutputError as exc:
-            raise UsageError(str(exc)) from None
-    check_configs(baseline["configs"])
-
-    def log(msg):
-        if not args.quiet:
-            print(msg, file=sys.stderr, flush=True)
+        regression.check_writable(args.baseline)
+    check_configs(base["configs"])
+    log = regression.logger(args.quiet)
 
     t0 = time.perf_counter()
-    n_tasks = sum(len(cfg["methods"]) for cfg in baseline["configs"].values())
+    n_tasks = sum(len(cfg["methods"]) for cfg in base["configs"].values())
     try:
-        peaks = measure_all(baseline["configs"], log, jobs=min(args.jobs, n_tasks),
-                            baseline_peaks=baseline["peaks"])
+        peaks = measure_all(base["configs"], log, jobs=min(args.jobs, n_tasks),
+                            baseline_peaks=base["peaks"])
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     seconds = time.perf_counter() - t0
-    rows = compare(baseline, peaks)
-    claims = check_claims(baseline["claims"], peaks)
+    rows = compare(base, peaks)
+    claims = check_claims(base["claims"], peaks)
     broken = [c for c in claims if not c.holds]
 
     if args.update:
-        write_json(args.baseline, updated_baseline(baseline, peaks, args.reason.strip()))
+        write_json(args.baseline, updated_baseline(base, peaks, args.reason.strip()))
         print(format_rows(rows))
         if claims:
             print("\n" + format_claims(claims))
@@ -360,19 +332,15 @@ def main(argv=None) -> int:
         print(format_rows(shown))
     if claims and (broken or not args.quiet):
         print("\n" + format_claims(claims if not args.quiet else broken))
-    grew, fell, new = ([r for r in rows if r.verdict == v] for v in ("GREW", "FELL", "NEW"))
-    tol = baseline["tolerance"]
-    if grew or fell or new or broken:
-        problems = [f"{len(x)} {what}" for x, what in ((grew, f"grew by more than {tol:.0%}"),
-                                                      (fell, f"fell by more than {tol:.0%}"),
-                                                      (new, "not in the baseline"), (broken, "broken claims"))
-                    if x]
+    tol = base["tolerance"]
+    moved = any(r.failed for r in rows)
+    if moved or broken:
+        problems = regression.problems(rows, tol, (broken, "broken claims"))
         print(f"\nmemcheck FAIL: {', '.join(problems)} of {len(rows)} peaks, {len(claims)} claims "
               f"({seconds:.0f} s)")
-        if grew or fell or new:
+        if moved:
             print("A peak that moved means the meter or the code changed (one that grew is a regression).\n"
-                  f'If the change is intended, run  {PROG} --update --reason "what changed and why"\n'
-                  "and commit the baseline.")
+                  + regression.update_hint(PROG))
         return 1
     held = f", {len(claims)} claims hold" if claims else ""
     print(f"\nmemcheck OK: {len(rows)} peaks within {tol:.0%} of the baseline{held} ({seconds:.0f} s)")

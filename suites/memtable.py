@@ -1,6 +1,7 @@
 """The whole field's training memory at Llama-2-7B scale, as one table: `python -m suites.memtable`.
 
-Every point is one `suites.memory.measure` estimate (FakeTensorMode, a real training step, CUDA's dropout
+Every point is one `suites.measure.memory.measure` estimate (FakeTensorMode, a real training step, CUDA's
+dropout
 mask): Llama-2-7B, rank 32, pure bf16, sequence 512, micro-batch 1-32, each method stock and with the generic
 tricks offered to every method alike (chunked loss, lean RMSNorm/SwiGLU), without and with activation
 checkpointing, plus OASIS-only options as extra rows. Points are written to the JSON file as they land (with
@@ -17,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from suites import cli, files
+from suites.core import cli, files
 
 PROG = "python -m suites.memtable"
 MODEL, RANK, SEQ, DTYPE = "llama-2-7b", 32, 512, "bfloat16"
@@ -55,7 +56,8 @@ def key(point: dict) -> str:
 
 
 def measure_point(point: dict) -> dict:
-    from suites import memory, records
+    from suites.core import records
+    from suites.measure import memory
 
     method, overrides = VARIANTS.get(point["row"], (point["row"], {}))
     row = memory.measure(MODEL, method, batch=point["batch"], seq=SEQ, rank=RANK, dtype=DTYPE,
@@ -66,7 +68,7 @@ def measure_point(point: dict) -> dict:
 
 
 def _worker(point: dict) -> dict:
-    from suites.cli import quiet_libraries
+    from suites.core.cli import quiet_libraries
 
     quiet_libraries()
     try:

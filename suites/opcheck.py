@@ -4,7 +4,8 @@
     python -m suites.opcheck --baseline PATH           # another baseline file
     python -m suites.opcheck --update --reason "why"   # re-count and rewrite the baseline
 
-The counts come from `suites.speed.count_method` (FakeTensorMode, deterministic: the same code gives the same
+The counts come from `suites.measure.speed.count_method` (FakeTensorMode, deterministic: the same code gives
+the same
 counts on any machine). A count that grew by more than the tolerance (2%) is a regression; one that fell by
 more than it means the code got faster or the counter changed: both fail until the baseline is updated with
 `--update --reason "..."` (the reason, the date, the git commit and every changed count go into the
@@ -12,8 +13,8 @@ baseline's `history`), and the baseline is committed. A count of 0 (host syncs) 
 
 The baseline (JSON) holds
   tolerance   the relative change of a count, either way, that fails the check (at most 0.05)
-  configs     named count configs: keyword arguments of `suites.speed.count_method` (model, batch, seq, rank,
-              dtype, attn) plus `methods`; small shapes, so the check costs CI well under two minutes
+  configs     named count configs: keyword arguments of `suites.measure.speed.count_method` (model, batch,
+  seq, rank, dtype, attn) plus `methods`; small shapes, so the check costs CI well under two minutes
   counts      config name -> method -> {ops, refresh_ops, syncs, refresh_syncs} (refresh_*: null for a
               method without a period; see `suites.speed`)
   history     one entry per `--update`: {date, commit, reason, changed}
@@ -26,20 +27,17 @@ cannot write, `--update` without `--reason`, `--reason` without `--update`).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from suites import records
-from suites.cli import Parser, UsageError, cli_main
-from suites.files import OutputError, check_output_file, write_json
-from suites.memcheck import _table
+from suites.core import records, regression
+from suites.core.cli import Parser, UsageError, cli_main
+from suites.core.files import write_json
 
 PROG = "python -m suites.opcheck"
-REPO = Path(__file__).resolve().parent.parent
+REPO = records.REPO_ROOT
 DEFAULT_BASELINE = REPO / "results" / "speed" / "opcheck-baseline.json"
 MAX_TOLERANCE = 0.05
 COUNT_KEYS = ("model", "batch", "seq", "rank", "dtype", "attn")
@@ -48,17 +46,7 @@ METRICS = ("ops", "refresh_ops", "syncs", "refresh_syncs")
 
 def load_baseline(path: Path) -> dict:
     """The baseline at `path`, checked for shape; UsageError (one line) when it is not usable."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UsageError(f"baseline {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"baseline {path} is not readable JSON: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("configs"), dict) or not data["configs"]:
-        raise UsageError(f"baseline {path} has no 'configs' object")
-    tol = data.get("tolerance")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= MAX_TOLERANCE:
-        raise UsageError(f"baseline {path}: tolerance must be a number in [0, {MAX_TOLERANCE}], got {tol!r}")
+    data = regression.load(path, MAX_TOLERANCE, nonempty=True)
     for name, cfg in data["configs"].items():
         if not isinstance(cfg, dict) or set(cfg) - {*COUNT_KEYS, "methods"} or not cfg.get("methods") \
                 or not all(k in cfg for k in ("model", "batch", "seq", "rank")):
@@ -70,15 +58,14 @@ def load_baseline(path: Path) -> dict:
                 v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in m.values())
                 for m in methods.values()) for methods in counts.values()):
         raise UsageError(f"baseline {path}: counts must map config -> method -> metric -> count >= 0 or null")
-    if not isinstance(data.setdefault("history", []), list):
-        raise UsageError(f"baseline {path}: history must be a list")
+    regression.load_history(data, path)
     return data
 
 
 def check_configs(configs: dict) -> None:
     """Reject, before counting, a config whose model or method the suite does not know."""
-    from suites.memory import load_config
-    from suites.registry import method_defaults
+    from suites.core.registry import method_defaults
+    from suites.measure.memory import load_config
 
     for name, cfg in configs.items():
         try:
@@ -91,7 +78,7 @@ def check_configs(configs: dict) -> None:
 
 def count_all(configs: dict, log=print) -> dict:
     """config -> method -> {ops, refresh_ops, syncs, refresh_syncs}."""
-    from suites.speed import count_method
+    from suites.measure.speed import count_method
 
     out: dict = {}
     for name, cfg in configs.items():
@@ -158,7 +145,8 @@ def format_rows(rows: list[Row]) -> str:
     def pct(c):
         return "-" if c is None else "new" if c == float("inf") else f"{c:+.2%}"
     lines = [(r.config, r.method, r.metric, num(r.old), num(r.new), pct(r.change), r.verdict) for r in rows]
-    return _table(("config", "method", "metric", "baseline", "counted", "change", "verdict"), lines, left=3)
+    header = ("config", "method", "metric", "baseline", "counted", "change", "verdict")
+    return regression.table(header, lines, left=3)
 
 
 def updated_baseline(baseline: dict, counts: dict, reason: str) -> dict:
@@ -167,37 +155,25 @@ def updated_baseline(baseline: dict, counts: dict, reason: str) -> dict:
                for name, methods in counts.items() for method, metrics in methods.items()
                for metric, value in metrics.items()
                if baseline["counts"].get(name, {}).get(method, {}).get(metric, "absent") != value}
-    entry = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-             "commit": records.git_commit(), "reason": reason, "changed": changed}
+    entry = regression.history_entry(reason, changed)
     return {**baseline, "counts": counts, "history": [*baseline["history"], entry]}
 
 
 def parser() -> Parser:
     p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE, help=f"default: {DEFAULT_BASELINE}")
-    p.add_argument("--update", action="store_true", help="re-count and rewrite the baseline's counts")
-    p.add_argument("--reason", help="why the counts changed (required with --update; kept in the history)")
+    regression.add_arguments(p, DEFAULT_BASELINE, "counts", "re-count and rewrite the baseline's counts")
     p.add_argument("--quiet", action="store_true", help="print only problems and the verdict")
     return p
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    if args.update and not (args.reason or "").strip():
-        raise UsageError('--update needs --reason "why the counts changed" (it is kept in the baseline)')
-    if args.reason is not None and not args.update:
-        raise UsageError("--reason goes with --update")
+    regression.check_flags(args, "counts")
     baseline = load_baseline(args.baseline)
     if args.update:
-        try:
-            check_output_file(args.baseline, "--baseline")
-        except OutputError as exc:
-            raise UsageError(str(exc)) from None
+        regression.check_writable(args.baseline)
     check_configs(baseline["configs"])
-
-    def log(msg):
-        if not args.quiet:
-            print(msg, file=sys.stderr, flush=True)
+    log = regression.logger(args.quiet)
 
     t0 = time.perf_counter()
     counts = count_all(baseline["configs"], log)
@@ -213,17 +189,12 @@ def main(argv=None) -> int:
     shown = rows if not args.quiet else [r for r in rows if r.failed]
     if shown:
         print(format_rows(shown))
-    grew, fell, new = ([r for r in rows if r.verdict == v] for v in ("GREW", "FELL", "NEW"))
     tol = baseline["tolerance"]
-    if grew or fell or new:
-        problems = [f"{len(x)} {what}" for x, what in ((grew, f"grew by more than {tol:.0%}"),
-                                                      (fell, f"fell by more than {tol:.0%}"),
-                                                      (new, "not in the baseline")) if x]
+    problems = regression.problems(rows, tol)
+    if problems:
         print(f"\nopcheck FAIL: {', '.join(problems)} of {len(rows)} counts ({seconds:.0f} s)")
         print("A count that grew is a regression (more kernels or host syncs per step); one that fell means "
-              "the code got leaner or the counter changed.\n"
-              f'If the change is intended, run  {PROG} --update --reason "what changed and why"\n'
-              "and commit the baseline.")
+              "the code got leaner or the counter changed.\n" + regression.update_hint(PROG))
         return 1
     print(f"\nopcheck OK: {len(rows)} counts within {tol:.0%} of the baseline ({seconds:.0f} s)")
     return 0

@@ -1,8 +1,8 @@
 """Run a suite for several methods under one budget: `python -m suites.run gsm8k --methods all`.
 
 Every run (one method × one point of a sweep) is its own process (`suites.worker`, which runs
-`suites.recipe`) and writes one JSON record under --out; this process only validates input, prepares the
-pretrained base once, orchestrates, and prints a summary. A sweep that is interrupted and started again
+`suites.launch.recipe`) and writes one JSON record under --out; this process only validates input, prepares
+the pretrained base once, orchestrates, and prints a summary. A sweep that is interrupted and started again
 skips every run whose config already has an `ok` record; two sweeps into the same --out never run the
 same config twice (each run is claimed with a lock file under <out>/.locks/).
 
@@ -17,24 +17,17 @@ Exit status: 0 all runs ok; 1 some run ended diverged/oom/error (its record says
 from __future__ import annotations
 
 import argparse
-import ctypes
 import itertools
-import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from suites import cli, files, launchers, profiles, records, registry
-from suites.cli import UsageError
+from suites.core import cli, files, profiles, records, registry
+from suites.core.cli import UsageError
+from suites.launch import launchers, runs, sweep
 
 PROG = "python -m suites.run"
-SUITES = ("gsm8k", "humaneval", "c4")  # suites.tasks.SUITES, without importing the task modules
-EXIT_INTERRUPTED = cli.EXIT_INTERRUPTED
-INTERRUPTED = "interrupted: finished runs are recorded; run the same command again to resume"
+SUITES = ("gsm8k", "humaneval", "c4")  # suites.evaluate.tasks.SUITES, without importing the task modules
 ENVIRONMENT = (
     ("OASIS_DATA_DIR", "folder of the offline data (default <repo>/../shared/data)"),
     ("OASIS_THREADS", "intra-op threads of each run (default: half the cores, at least 1)"),
@@ -54,7 +47,8 @@ def _what_differs() -> str:
         "what differs between methods:\n"
         "  Every method of a profile shares data order, steps, tokens, batch, sequence length, schedule,\n"
         "  rank and evaluation. Per method: the learning rate (the profile's table `lrs` in\n"
-        "  suites/profiles.py; --set lr.METHOD=X), the method's own hyper-parameters (its DEFAULTS in\n"
+        "  suites/core/profiles.py; --set lr.METHOD=X), the method's own hyper-parameters "
+        "(its DEFAULTS in\n"
         "  baselines/), and the published optimizer constants that replace the profile's shared\n"
         f"  {', '.join(f'{k}={shared[k]}' for k in keys)} (--set KEY.METHOD=X overrides them):\n"
         f"    {own}\n"
@@ -77,7 +71,8 @@ def parser() -> argparse.ArgumentParser:
             f"methods:\n  all = {', '.join(registry.MISSION_METHODS)}\n"
             f"  extras: {', '.join(registry.EXTRA_METHODS)}\n\n"
             + _what_differs()
-            + "\nprofile keys (suites/profiles.py) and method hyper-parameters can be set with --set;\n"
+            + "\nprofile keys (suites/core/profiles.py) and method hyper-parameters can be set with "
+            "--set;\n"
             "'lr=X' sets every method's learning rate, 'lr.NAME=X' one method's.\n\n"
             f"environment:\n{env}\n\n"
             "exit status: 0 all runs ok, 1 some run diverged/oom/error, 2 bad input, 130 interrupted"
@@ -215,7 +210,7 @@ def _device(choice: str, remote: bool = False) -> str:
 
 
 def _check_rank(cfg: dict) -> None:
-    from suites.models import linear_shapes, model_config, weights_spec
+    from suites.train.models import linear_shapes, model_config, weights_spec
 
     shapes = linear_shapes(model_config(weights_spec(cfg) or cfg["model"]))
     name, (d_out, d_in) = min(shapes.items(), key=lambda kv: min(kv[1]))
@@ -255,36 +250,10 @@ def _check_hub_base(base: str) -> None:
         raise
 
 
-# the sources that determine a pretrained base's weights: the loop, data, model, c4 task and AdamW adapter
-BASE_CODE = tuple(Path(__file__).resolve().parent.parent / p for p in (
-    "suites/recipe.py", "suites/data.py", "suites/sources.py", "suites/models.py", "suites/tasks/c4.py",
-    "baselines/adam.py", "baselines/_common.py"))
-
-
-def base_config(cfg: dict) -> dict:
-    """The c4 pretraining run that makes the base of a fine-tuning config: same model, device and dtype, the
-    profile's `base_seed` (so every run seed fine-tunes one base), and a digest of the code that trains it,
-    so that the cached base (keyed by this config's hash) is rebuilt when that code changes."""
-    prof = profiles.profile("c4", cfg["profile"])
-    prof.update(model=cfg["model"], steps=cfg["base_steps"], seed=cfg["base_seed"],
-                base_seed=cfg["base_seed"], dtype=cfg["dtype"])
-    prof["lrs"] = {"default": cfg["base_lr"]}
-    prof["mem_window"] = min(prof["mem_window"], prof["steps"] - 1)
-    prof["warmup_steps"] = max(1, prof["steps"] // 10)
-    from suites.models import run_fields
-
-    adam = registry.method_defaults("adam")
-    base = profiles.resolve("c4", cfg["profile"], prof, "adam", adam, cfg["device"])
-    base.update(run_fields(base))
-    base["purpose"] = "base"
-    base["base_code"] = records.code_digest(BASE_CODE)
-    return base
-
-
 def check_environment(args, configs: list[dict]) -> None:
     """Second pass, with the libraries: device, rank, data, base; fills in each config's device."""
-    from suites.data import DataMissing
-    from suites.tasks import get as get_suite
+    from suites.evaluate.tasks import get as get_suite
+    from suites.train.sources import DataMissing
 
     device = _device(args.device, remote=args.launcher == "slurm")
     world = max(cfg["world_size"] for cfg in configs) if configs else 1
@@ -294,7 +263,7 @@ def check_environment(args, configs: list[dict]) -> None:
         if world > torch.cuda.device_count():
             raise UsageError(f"{world} processes need {world} GPUs (one each); "
                              f"{torch.cuda.device_count()} visible")
-    from suites.models import run_fields
+    from suites.train.models import run_fields
 
     for cfg in configs:
         cfg["device"] = device
@@ -312,7 +281,7 @@ def check_environment(args, configs: list[dict]) -> None:
             _check_rank(cfg)
         for cfg in configs:
             if suite.FINETUNE and cfg["base"] == "c4":
-                cfg["base_hash"] = records.config_hash(base_config(cfg))
+                cfg["base_hash"] = records.config_hash(runs.base_config(cfg))
     except (DataMissing, ValueError) as exc:  # ModelUnavailable is a ValueError: one line, exit 2
         raise UsageError(str(exc)) from None
 
@@ -324,192 +293,9 @@ def plan(args) -> tuple[list[dict], str]:
     except ValueError as exc:  # OutputError, ProfileError, an unknown method: the input, nothing else ran
         raise UsageError(str(exc)) from None
     check_environment(args, configs)
-    from suites.tasks import get as get_suite
+    from suites.evaluate.tasks import get as get_suite
 
     return configs, get_suite(args.suite).SUMMARY
-
-
-# ------------------------------------------------------------------------------------------- running
-
-
-def _die_with_parent():
-    """Child processes die with this one (Linux), so a killed sweep leaves no run behind."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """Ask a run to stop as Ctrl-C would (it unwinds and exits quietly); kill it if it does not."""
-    try:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def worker_command(spec_path: str, world_size: int) -> list[str]:
-    """The command of one run: the worker, or torchrun starting N of them (PyTorch's own launcher: one
-    machine, a rendezvous on a free local port, the ranks' environment, and a failed rank stops the rest)."""
-    if world_size == 1:
-        return [sys.executable, "-m", "suites.worker", spec_path]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
-            "-m", "suites.worker", spec_path]
-
-
-def launch(spec: dict, extra_env: dict | None = None) -> int:
-    """Run one spec in its own process (N under torchrun); returns its exit status. KeyboardInterrupt when
-    it was interrupted."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="oasis-run-", delete=False) as f:
-        json.dump(spec, f)
-    world_size = spec["config"].get("world_size", 1)
-    env = {**os.environ, **(extra_env or {})}
-    if world_size > 1:
-        env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its warning (threads: recipe)
-    try:
-        proc = subprocess.Popen(
-            worker_command(f.name, world_size),
-            cwd=records.REPO_ROOT, env=env,
-            preexec_fn=_die_with_parent if os.name == "posix" else None,
-        )
-        try:
-            code = proc.wait()
-        except BaseException:
-            _stop(proc)
-            raise
-    finally:
-        Path(f.name).unlink(missing_ok=True)
-    if code in (EXIT_INTERRUPTED, -signal.SIGINT):  # the run alone got the Ctrl-C
-        raise KeyboardInterrupt
-    return code
-
-
-def ensure_base(cfg: dict) -> str:
-    """Path of the pretrained base for a fine-tuning config; pretrains it (c4 suite, adam) the first time.
-    Sweeps that need the same base wait for the one that is pretraining it."""
-    from suites.data import CACHE_DIR
-
-    bcfg = base_config(cfg)
-    home = CACHE_DIR / "bases" / records.config_hash(bcfg)
-    lock = home.with_name(home.name + ".lock")
-    with files.exclusive_lock(lock) as held:
-        if held:
-            return _pretrain_base(bcfg, home)
-    print("waiting for another sweep that is pretraining the same base", file=sys.stderr)
-    with files.exclusive_lock(lock, wait=True):
-        return _pretrain_base(bcfg, home)
-
-
-def _pretrain_base(bcfg: dict, home: Path) -> str:
-    model_dir = home / "model"
-    if (model_dir / "config.json").exists():
-        return str(model_dir)
-    print(
-        f"pretraining the base once ({bcfg['model']}, {bcfg['steps']} steps of the c4 suite); cached in "
-        f"{home.relative_to(records.REPO_ROOT)}",
-        file=sys.stderr,
-    )
-    launch({"config": bcfg, "out_dir": str(home), "save_dir": str(model_dir), "position": 1})
-    if not (model_dir / "config.json").exists():
-        rec = next(iter(records.load_records(home)), None)
-        why = rec["error"] if rec else "the pretraining process died"
-        raise RuntimeError(f"base pretraining failed: {why}")
-    return str(model_dir)
-
-
-def failure_record(cfg: dict, why: str) -> dict:
-    """The parent's record for a run whose process died before writing its own."""
-    return records.make_record(cfg, status="error", error=why, started_at=records.now(), wall_s=0.0)
-
-
-def run_config(cfg: dict, out: Path, env: dict | None = None) -> str:
-    """Run one config under its lock (`env`: extra environment of its processes, e.g. its GPUs). Returns
-    'ran', 'locked' (another sweep is running it now) or 'done' (another sweep finished it after this one
-    planned)."""
-    with records.run_lock(out, cfg) as held:
-        if not held:
-            return "locked"
-        if records.has_ok_record(out, cfg):
-            return "done"
-        spec = {"config": cfg, "out_dir": str(out), "position": 1}
-        path = out / f"{records.run_id(cfg)}.json"
-        before = path.stat().st_mtime_ns if path.exists() else None
-        try:
-            if cfg.get("base_hash"):
-                spec["base_dir"] = ensure_base(cfg)
-            code = launch(spec, env)
-            if not path.exists() or path.stat().st_mtime_ns == before:
-                why = f"run process exited with code {code} before writing its record"
-                records.write_record(failure_record(cfg, why), out)
-        except RuntimeError as exc:
-            records.write_record(failure_record(cfg, str(exc)), out)
-    return "ran"
-
-
-def summary(rows: list[dict], columns: tuple[str, ...]) -> str:
-    """The table printed after a sweep: peak memory, the suite's summary metrics, speed, wall time."""
-    width = max(14, *(len(c) for c in columns))
-    heads = " ".join(f"{c:>{width}}" for c in columns)
-    lines = [f"{'method':<18} {'status':<9} {'peak MiB':>9} {heads} {'tokens/s':>9} {'wall s':>7}  run_id"]
-    for rec in rows:
-        mem = rec.get("memory") or {}
-        peak = f"{mem['peak_bytes'] / 2**20:.1f}" if mem.get("peak_bytes") is not None else "-"
-        values = []
-        for column in columns:
-            metric = (rec.get("metrics") or {}).get(column)
-            values.append(f"{metric:.4f}" if isinstance(metric, (int, float)) else "-")
-        speed = rec.get("speed") or {}
-        tps = f"{speed['tokens_per_s']:.0f}" if speed.get("tokens_per_s") else "-"
-        lines.append(
-            f"{rec['method']:<18} {rec['status']:<9} {peak:>9} {' '.join(f'{v:>{width}}' for v in values)} "
-            f"{tps:>9} {rec.get('wall_s') or 0:>7.1f}  {rec['run_id']}"
-        )
-        if rec.get("error"):
-            lines.append(f"{'':<18} {rec['error'][:100]}")
-    return "\n".join(lines)
-
-
-def sweep(configs: list[dict], columns: tuple[str, ...], out: Path, desc: str, launcher=None) -> int:
-    """Run every config that has no ok record yet (through `launcher`, default one after another here),
-    then print the summary; the exit status."""
-    from tqdm import tqdm
-
-    launcher = launcher or launchers.Sequential()
-    done = records.completed_hashes(out)
-    todo = [c for c in configs if records.config_hash(c) not in done]
-    if len(todo) < len(configs):
-        print(
-            f"resuming: {len(configs) - len(todo)} of {len(configs)} runs already have an ok record in {out}",
-            file=sys.stderr,
-        )
-    bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc=desc, unit="run", position=0,
-               dynamic_ncols=True, disable=bool(os.environ.get("OASIS_NO_PROGRESS")))
-    try:
-        for cfg, outcome in launcher.run(todo, out):
-            bar.set_postfix(method=cfg["method"], refresh=True)
-            if outcome != "ran":
-                why = "is running it" if outcome == "locked" else "finished it"
-                bar.write(f"skipped {records.run_id(cfg)}: another sweep into {out} {why}", sys.stderr)
-            bar.update(1)
-    except KeyboardInterrupt:
-        bar.close()
-        print(("\n" if sys.stderr.isatty() else "") + INTERRUPTED, file=sys.stderr)
-        return EXIT_INTERRUPTED
-    bar.close()
-    wanted = {records.config_hash(c) for c in configs}
-    latest = {}
-    for rec in records.load_records(out, recursive=False):
-        if rec["config_hash"] in wanted:
-            latest[rec["config_hash"]] = rec
-    rows = [latest[records.config_hash(c)] for c in configs if records.config_hash(c) in latest]
-    print(summary(rows, columns))
-    print(f"records: {out}/ ({len(rows)} runs)")
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
 def check_launcher(args) -> None:
@@ -525,7 +311,7 @@ def check_launcher(args) -> None:
 
 
 def make_launcher(args, configs: list[dict]):
-    """The launcher of the command line (`suites.launchers`); checks that --parallel fits the GPUs."""
+    """The launcher of the command line (`suites.launch.launchers`); checks that --parallel fits the GPUs."""
     if args.launcher == "local":
         if args.parallel == 1:
             return launchers.Sequential()
@@ -548,7 +334,8 @@ def _main(argv: list[str] | None) -> int:
     check_launcher(args)
     configs, columns = plan(args)
     launcher = make_launcher(args, configs)
-    return sweep(configs, columns, Path(args.out), desc=f"{args.suite}/{args.profile}", launcher=launcher)
+    return sweep.sweep(configs, columns, Path(args.out), desc=f"{args.suite}/{args.profile}",
+                       launcher=launcher)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,12 +1,12 @@
 """The committed CPU study (v2), one command: `python -m suites.study`.
 
 What it is for (issue 20): a study in which OASIS's mechanism is exercised. On c4 with llama-cpu (the
-`study` profile of suites/profiles.py: batch 4 x 128 tokens, rank 32), every method trains for
+`study` profile of suites/core/profiles.py: batch 4 x 128 tokens, rank 32), every method trains for
 STUDY_STEPS optimizer steps, the horizon at which adam ends at least 0.5 nats below the unigram reference
 of its own training tokens (`metrics.unigram_eval_loss`, in every record). How the horizon was measured:
 one adam run with the loss curve every 200 steps (`--set eval_every=200`), see the README. The records
-carry the tracking diagnostic (suites.tracking: captured variance, angle to the exact top-r eigenbasis,
-net overlap with the initial basis, refreshes) at 6 steps.
+carry the tracking diagnostic (suites.measure.tracking: captured variance, angle to the exact top-r
+eigenbasis, net overlap with the initial basis, refreshes) at 6 steps.
 
 Stages, in the order a process runs them (every run is one `suites.run` config; finished runs are skipped,
 so an interrupted study resumes, and two processes into the same --out share the work, each run claimed
@@ -17,7 +17,7 @@ by a lock: start two on a 2-core machine):
                  (selection.beyond_the_edge; run by the main stage before it chooses). Each
                  method's rate is then chosen on `val_loss`, the loss on a validation slice of Wikipedia
                  (the tokens after the eval_loss tokens of the validation file: never trained on, never
-                 reported as a result; `suites.selection`). oasis-frozen and oasis-notransport, ablations
+                 reported as a result; `suites.core.selection`). oasis-frozen and oasis-notransport, ablations
                  of oasis, take oasis's chosen rate (RATE_FROM): they isolate the basis update and the
                  moment transport at the same step size.
   period-pca     pca with refresh_every 20 / 50 / 200, seed 0 (published: 200; the study's rows use 50 so
@@ -48,7 +48,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from suites import cli, profiles, records, run, selection
+from suites import run
+from suites.core import cli, profiles, records, selection
+from suites.launch import sweep
 
 PROG = "python -m suites.study"
 SUITE, PROFILE = "c4", "study"
@@ -102,7 +104,7 @@ def stage_configs(stage: Stage, out: str) -> list[dict]:
 
 
 def methods() -> list[str]:
-    from suites import registry
+    from suites.core import registry
 
     return registry.resolve_methods(METHODS)
 
@@ -267,7 +269,7 @@ def _main(argv: list[str] | None) -> int:
     status = 0
     for name, configs, columns in planned:
         print(f"\n== {name} ==")
-        code = run.sweep(configs, columns, Path(args.out), desc=name)
+        code = sweep.sweep(configs, columns, Path(args.out), desc=name)
         if code == cli.EXIT_INTERRUPTED:
             return code
         status = max(status, code)
@@ -289,7 +291,7 @@ def _run_main(out: str) -> int:
                 for cfg in missing:  # grid points not run yet, or a rate past the edge
                     print(f"\n== lr: {method} at lr {cfg['lr']:g} ==")
                     configs, columns = run.plan(run.parser().parse_args(lr_argv(method, cfg["lr"], out)))
-                    code = run.sweep(configs, columns, Path(out), desc=f"lr-{method}")
+                    code = sweep.sweep(configs, columns, Path(out), desc=f"lr-{method}")
                     if code == cli.EXIT_INTERRUPTED:
                         return code
                 before = {records.config_hash(c) for c in missing}
@@ -311,7 +313,7 @@ def _run_main(out: str) -> int:
                 continue
             print(f"\n== main: {method} at lr {lr:g} (best {selection.METRIC} of {len(found)} rates) ==")
             configs, columns = run.plan(run.parser().parse_args(main_argv(method, lr, out)))
-            code = run.sweep(configs, columns, Path(out), desc=f"main-{method}")
+            code = sweep.sweep(configs, columns, Path(out), desc=f"main-{method}")
             if code == cli.EXIT_INTERRUPTED:
                 return code
             status = max(status, code)

@@ -1,5 +1,5 @@
 """The process of one run: `python -m suites.worker SPEC.json` (started by `suites.run`; the run itself is
-`suites.recipe`). Exit status: 0 ok, 3 the run ended diverged/oom/error (its record says why), 130
+`suites.launch.recipe`). Exit status: 0 ok, 3 the run ended diverged/oom/error (its record says why), 130
 interrupted (no record).
 
 Ctrl-C in a terminal reaches every process of the sweep at once. The sweep (`suites.run`) says so in one
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m suites.worker SPEC.json (started by python -m suites.run)", file=sys.stderr)
         return 2
-    from suites.cli import offline_env, quiet_libraries
+    from suites.core.cli import offline_env, quiet_libraries
 
     offline_env()
     quiet_libraries()
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    from suites import recipe
+    from suites.launch import recipe
 
     spec = json.loads(Path(argv[0]).read_text())
     return 0 if recipe.run(spec)["status"] == "ok" else EXIT_FAILED_RUN

@@ -11,9 +11,9 @@ tokens than the other (labels -100 on part of it), so a plain 1/k weighting woul
 import pytest
 import torch
 
-from suites import recipe
-from suites.models import build_model, llama_config
-from suites.registry import build_method, method_defaults
+from suites.core.registry import build_method, method_defaults
+from suites.launch import recipe
+from suites.train.models import build_model, llama_config
 
 STEPS = 4
 

@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from baselines._common import LLAMA_PROJECTIONS
-from suites.models import build_model, llama_config
-from suites.registry import (
+from suites.core.registry import (
     ALL_METHODS,
     EXTRA_METHODS,
     MISSION_METHODS,
@@ -25,6 +24,7 @@ from suites.registry import (
     method_defaults,
     resolve_methods,
 )
+from suites.train.models import build_model, llama_config
 
 RANK = 8
 VOCAB = 512
@@ -403,7 +403,7 @@ def test_lora_trains_adapters_only_or_also_every_unadapted_parameter(name, train
 
 
 def test_pretraining_profiles_train_lora_unadapted_parameters_and_fine_tuning_profiles_do_not():
-    from suites import profiles
+    from suites.core import profiles
 
     for suite, table in profiles.PROFILES.items():
         for prof_name, prof in table.items():

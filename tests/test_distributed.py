@@ -1,5 +1,6 @@
-"""Data-parallel training through the harness's own step (`suites.recipe.optimizer_step` with
-`suites.distributed`): 2 gloo ranks, each on its rows of every micro-batch (`distributed.shard`), against one
+"""Data-parallel training through the harness's own step (`suites.launch.recipe.optimizer_step` with
+`suites.train.distributed`): 2 gloo ranks, each on its rows of every micro-batch (`distributed.shard`),
+against one
 process on the whole batch, for adam, pca, oasis, ldadam and galore, on a tiny transformers Llama in float64,
 6 optimizer steps of 2 micro-batches each (gradient accumulation under `no_sync`).
 
@@ -27,7 +28,7 @@ OVERRIDES = {"pca": {"refresh_every": 2}, "galore": {"update_proj_gap": 2}}  # r
 
 
 def _cfg(method: str, world: int, strategy: str = "ddp") -> dict:
-    from suites.registry import method_defaults
+    from suites.core.registry import method_defaults
 
     return {**method_defaults(method), **OVERRIDES.get(method, {}), "lr": 1e-2, "weight_decay": 0.01,
             "betas": method_defaults(method).get("betas", (0.9, 0.999)), "eps": 1e-8, "rank": RANK, "seed": 0,
@@ -66,7 +67,8 @@ def _full(t):
 def _train(method: str, world: int, strategy: str = "ddp"):
     """Build (recipe.build_parallel_method: alone, DDP or FSDP2) and train through recipe.optimizer_step;
     what the test compares. The tiny Llama stands in for the configured model."""
-    from suites import distributed, recipe
+    from suites.launch import recipe
+    from suites.train import distributed
 
     cfg = _cfg(method, world, strategy)
     if world > 1:  # in a spawned rank process only: FSDP2 may build a second copy of "the" model
@@ -111,7 +113,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from suites import distributed
+    from suites.train import distributed
 
     distributed.init({"world_size": world, "device": "cpu"})
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from suites.registry import ALL_METHODS
+from suites.core.registry import ALL_METHODS
 
 REPO = Path(__file__).resolve().parent.parent
 

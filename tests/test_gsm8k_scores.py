@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from suites import data
-from suites.tasks import gsm8k
+from suites.evaluate.tasks import gsm8k
+from suites.train import data, tokenizers
 
 LIMIT = 6
 CFG = {"eval_limit": LIMIT, "eval_batch": 4, "max_gen_toks": 256, "prompt_format": "plain"}
@@ -40,7 +40,7 @@ def _last_answer_position(ids: list[int], tok) -> int:
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.load_tokenizer()
+    return tokenizers.load_tokenizer()
 
 
 def test_oracle_scores_every_final_answer_and_no_loss(tok):

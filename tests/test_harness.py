@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from suites import profiles, records
 from suites import run as cli
+from suites.core import profiles, records
+from suites.launch import runs, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {
@@ -221,7 +222,7 @@ def test_paper_profile_offline_fails_clearly(tmp_path, capsys):
 
 
 def test_profiles_share_budgets_and_differ_only_in_lr():
-    from suites.registry import method_defaults
+    from suites.core.registry import method_defaults
 
     prof = profiles.profile("gsm8k", "cpu")
     cfgs = {m: profiles.resolve("gsm8k", "cpu", prof, m, method_defaults(m), "cpu") for m in ("adam",)}
@@ -253,7 +254,7 @@ def test_quality_runs_keep_the_published_refresh_periods():
     every periodic method trains with the period its paper publishes. The one exception is the c4 `study`
     profile (issue 20): there every periodic method must refresh >= 10 times inside the horizon, so its
     periods are 50 and suites.study ablates the published 200 (tests/test_study.py)."""
-    from suites.registry import method_defaults
+    from suites.core.registry import method_defaults
 
     published = {("galore", "update_proj_gap"): 200, ("pca", "refresh_every"): 200,
                  ("compact", "refresh_every"): 50, ("apollo", "update_proj_gap"): 200}
@@ -269,7 +270,7 @@ def test_quality_runs_keep_the_published_refresh_periods():
 
 
 def test_lr_schedule_warms_up_then_decays():
-    from suites.recipe import lr_factor
+    from suites.launch.recipe import lr_factor
 
     f = lr_factor("cosine", warmup=4, steps=20, min_ratio=0.1)
     values = [f(i) for i in range(20)]
@@ -369,7 +370,7 @@ def test_unknown_key_lists_each_known_key_once(capsys):
 def test_help_lists_every_method_and_what_differs():
     proc = run_cli("--help")
     assert proc.returncode == 0
-    from suites.registry import ALL_METHODS, method_defaults
+    from suites.core.registry import ALL_METHODS, method_defaults
 
     for name in ALL_METHODS:
         assert name in proc.stdout
@@ -393,7 +394,7 @@ def test_registry_reads_defaults_without_importing_the_methods():
     # one source of truth: what the registry reads is what each module defines
     import importlib
 
-    from suites import registry
+    from suites.core import registry
 
     for name in registry.ALL_METHODS:
         module_name, pinned = registry._METHODS[name]
@@ -402,7 +403,7 @@ def test_registry_reads_defaults_without_importing_the_methods():
 
 
 def test_non_literal_defaults_are_refused(tmp_path):
-    from suites.registry import read_defaults
+    from suites.core.registry import read_defaults
 
     good = tmp_path / "good.py"
     good.write_text("import torch\nDEFAULTS = {'betas': (0.9, 0.99), 'flag': True, 'n': 3}\n")
@@ -437,7 +438,7 @@ def test_dtype_aliases_resolve_to_the_canonical_name():
 
 
 def test_every_periodic_profile_key_is_read_by_some_method():
-    from suites.registry import ALL_METHODS, method_defaults
+    from suites.core.registry import ALL_METHODS, method_defaults
 
     read = {k for m in ALL_METHODS for k in method_defaults(m)}
     assert set(profiles.PERIODIC_KEYS) <= read  # a key no method reads is dead (regenerate_every was)
@@ -450,8 +451,8 @@ def test_every_periodic_profile_key_is_read_by_some_method():
 
 
 def _smoke_adam_config() -> dict:
-    from suites.models import run_fields
-    from suites.registry import method_defaults
+    from suites.core.registry import method_defaults
+    from suites.train.models import run_fields
 
     prof = profiles.profile("c4", "smoke")
     cfg = profiles.resolve("c4", "smoke", prof, "adam", method_defaults("adam"), "cpu")
@@ -474,7 +475,7 @@ def test_the_lock_holder_rechecks_for_an_ok_record(tmp_path, adam_c4):
     """A sweep that planned a run, then got its lock after another sweep finished it, does not run it."""
     out = tmp_path / "out"
     records.write_record(adam_c4, out)
-    assert cli.run_config(_smoke_adam_config(), out) == "done"
+    assert runs.run_config(_smoke_adam_config(), out) == "done"
     assert json.loads((out / f"{adam_c4['run_id']}.json").read_text()) == adam_c4
 
 
@@ -528,13 +529,13 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, target):
         proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130
-    assert stderr.strip() == cli.INTERRUPTED and "Traceback" not in stderr
+    assert stderr.strip() == sweep.INTERRUPTED and "Traceback" not in stderr
     assert stdout == ""
     assert not [p for p in out.rglob("*") if p.is_file() and p.parent == out]  # no record, no temp file
 
 
 def test_gpu_profile_is_one_epoch_of_gsm8k_and_the_whole_test_set():
-    from suites import data
+    from suites.train import data
 
     prof = profiles.profile("gsm8k", "gpu")
     train = len(data.gsm8k_examples("train"))
@@ -618,7 +619,7 @@ def test_slurm_jobs_ask_for_the_runs_gpus_partition_and_time(tmp_path, monkeypat
     (stub / "srun").write_text("#!/bin/sh\nexit 0\n")
     (stub / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{stub}{os.pathsep}{os.environ['PATH']}")
-    from suites.launchers import Submitit
+    from suites.launch.launchers import Submitit
 
     launcher = Submitit("slurm", tmp_path / "jobs", timeout_min=120, partition="gpu", gpus=True,
                         cpus_per_task=8)

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from suites.lean import apply_lean_activations
-from suites.models import build_model, llama_config
+from suites.train.lean import apply_lean_activations
+from suites.train.models import build_model, llama_config
 
 
 def _saved_bytes(fn):

@@ -10,8 +10,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from suites import memory, run
-from suites.models import build_model
-from suites.registry import build_method, method_defaults, method_options
+from suites.core.registry import build_method, method_defaults, method_options
+from suites.train.models import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 QV = "q_proj,v_proj"

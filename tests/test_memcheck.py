@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from suites import memcheck
-from suites.cli import cli_main
+from suites.core.cli import cli_main
 
 SMOKE = {"kind": "cpu", "batch": 2, "seq": 16, "rank": 4, "dtype": "fp32", "methods": ["adam", "lora"]}
 REPO = Path(__file__).resolve().parent.parent
@@ -27,7 +27,7 @@ def run(argv) -> int:
 @pytest.fixture(scope="module", autouse=True)
 def micro_model(tmp_path_factory):
     """A llama-tiny with a 512-token vocabulary, as a config.json: each measurement takes ~1 s."""
-    from suites.models import llama_config
+    from suites.train.models import llama_config
 
     path = tmp_path_factory.mktemp("model") / "config.json"
     path.write_text(llama_config("llama-tiny", vocab_size=512).to_json_string())
@@ -175,7 +175,7 @@ def test_update_checks_the_baseline_can_be_written_before_measuring(tmp_path, me
 
 def test_update_checks_before_measuring_also_as_root(tmp_path, measured, monkeypatch, capsys):
     """Root writes anywhere, so the refusal the file system would give a user is simulated for this file."""
-    from suites import files
+    from suites.core import files
 
     monkeypatch.setattr(memcheck, "measure_all", _no_measuring)
     path = _write(tmp_path, measured)

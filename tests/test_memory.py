@@ -1,4 +1,4 @@
-"""suites.memory (real training steps under FakeTensorMode) and suites.lean (chunked loss)."""
+"""suites.memory (real training steps under FakeTensorMode) and suites.train.lean (chunked loss)."""
 
 import contextlib
 import functools
@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from baselines._common import LLAMA_PROJECTIONS
-from suites import lean
-from suites.memory import main, make_batch, measure
-from suites.meters import CudaDropout, make_meter
-from suites.models import build_model
-from suites.registry import build_method, method_defaults
+from suites.core.registry import build_method, method_defaults
+from suites.measure.memory import make_batch, measure
+from suites.measure.meters import CudaDropout, make_meter
+from suites.memory import main
+from suites.train import lean
+from suites.train.models import build_model
 
 TINY = dict(batch=2, seq=16, rank=4)
 
@@ -299,13 +300,13 @@ def test_bad_json_path_is_refused_before_measuring(tmp_path, capsys, monkeypatch
 def test_mask_patch_refuses_to_measure_without_its_target(monkeypatch):
     import transformers.masking_utils as masking
 
-    import suites.memory
+    import suites.measure.memory
 
     original = masking.is_tracing
     measure("llama-tiny", "adam", kind="estimate", **TINY)
     assert masking.is_tracing is original  # put back after the run
     # a transformers release that renamed the function: the estimate stops instead of measuring another mask
-    monkeypatch.setattr(suites.memory, "MASK_TRACING_CHECK", "is_tracing_renamed")
+    monkeypatch.setattr(suites.measure.memory, "MASK_TRACING_CHECK", "is_tracing_renamed")
     with pytest.raises(AttributeError, match="is_tracing_renamed: it does not exist"):
         measure("llama-tiny", "adam", kind="estimate", **TINY)
 

@@ -16,9 +16,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from suites.memory import cast_params, main, measure, method_config
-from suites.models import build_model
-from suites.registry import build_method
+from suites.core.registry import build_method
+from suites.measure.memory import cast_params, measure, method_config
+from suites.memory import main
+from suites.train.models import build_model
 
 N = 2
 SEQ, RANK = 16, 4

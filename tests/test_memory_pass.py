@@ -3,9 +3,10 @@ window with the period forced to 1, and the trajectory that is trained and evalu
 
 import pytest
 
-from suites import profiles, recipe, records
-from suites.models import run_fields
-from suites.registry import method_defaults
+from suites.core import profiles, records
+from suites.core.registry import method_defaults
+from suites.launch import recipe
+from suites.train.models import run_fields
 
 
 def _config(method: str, **overrides) -> dict:

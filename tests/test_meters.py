@@ -5,8 +5,9 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-from suites.meters import CATEGORIES, fake_construction, make_meter
-from suites.models import build_model
+from suites.measure.meters import fake_construction, make_meter
+from suites.measure.trackers import CATEGORIES
+from suites.train.models import build_model
 
 F32 = 4
 

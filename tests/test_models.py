@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from suites import data, models, profiles
 from suites import run as cli
+from suites.core import profiles
+from suites.train import data, models, sources, tokenizers
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOL = "smollm2-135m"
@@ -42,7 +43,7 @@ def test_preset_is_a_random_init_read_with_the_project_tokenizer():
     fields = models.run_fields(cfg)
     assert fields == {"model_source": {"kind": "preset", "spec": "llama-tiny"},
                       "tokenizer": "mistral-v1-sp32k", "prompt_format": "plain"}
-    assert data.tokenizer_id(models.load_tokenizer(cfg)) == "mistral-v1-sp32k"
+    assert tokenizers.tokenizer_id(models.load_tokenizer(cfg)) == "mistral-v1-sp32k"
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_local_folder_with_its_own_tokenizer_uses_it(saved_tiny, tmp_path):
     copy.mkdir()
     for f in folder.iterdir():
         (copy / f.name).write_bytes(f.read_bytes())
-    data.load_tokenizer().save_pretrained(copy)
+    tokenizers.load_tokenizer().save_pretrained(copy)
     fields = models.run_fields(cfg_for(str(copy)))
     assert fields["tokenizer"] == "local:with-tokenizer"
 
@@ -85,9 +86,9 @@ def smol():
 
 @pytest.mark.slow  # dequantizes SmolLM2 the first time (about a minute), then seconds
 def test_gguf_is_converted_once_into_a_cache_named_by_its_digest_and_is_pretrained(smol):
-    from suites.tasks import gsm8k
+    from suites.evaluate.tasks import gsm8k
 
-    path = data.data_dir() / models.WEIGHTS[SMOL]
+    path = sources.data_dir() / models.WEIGHTS[SMOL]
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert smol["model_source"] == {"kind": "gguf", "spec": SMOL, "file": path.name, "sha256": digest}
     cached = ROOT / ".cache" / "models" / f"{path.stem.lower()}-{digest[:12]}-c{models.CONVERSION}"
@@ -195,7 +196,7 @@ def test_chat_supervision_marks_exactly_the_assistant_answer(smol):
 
 
 def test_plain_format_supervises_the_answer_after_the_lm_eval_prompt():
-    tok = data.load_tokenizer()
+    tok = tokenizers.load_tokenizer()
     p, a = data.encode_pair(tok, "plain", "What is 2+3?", "5\n#### 5")
     assert tok.decode(p, skip_special_tokens=True) == "Question: What is 2+3?\nAnswer:"
     assert a[-1] == tok.eos_token_id and tok.decode(a, skip_special_tokens=True).strip() == "5\n#### 5"
@@ -206,9 +207,10 @@ def test_plain_format_supervises_the_answer_after_the_lm_eval_prompt():
 
 TRAIN_SNIPPET = """
 import sys
-from suites import data
-texts = [d["text"] for d in data.read_jsonl(data.require("wikipedia-en/train-00000-of-00010.jsonl.gz"))][:40]
-sys.stdout.write(data.train_wiki_bpe(texts, 600).to_str())
+from suites.train import sources, tokenizers
+rows = sources.read_jsonl(sources.require("wikipedia-en/train-00000-of-00010.jsonl.gz"))
+texts = [d["text"] for d in rows][:40]
+sys.stdout.write(tokenizers.train_wiki_bpe(texts, 600).to_str())
 """
 
 
@@ -225,15 +227,15 @@ def test_bpe_training_is_deterministic_across_processes():
 
 
 def test_bpe_cache_is_keyed_by_what_determines_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(sources, "CACHE_DIR", tmp_path)
     shard = "train-00000-of-00010.jsonl.gz"
-    tok = data.wiki_bpe(vocab=500, shard=shard, docs=20)
-    again = data.wiki_bpe(vocab=500, shard=shard, docs=20)
-    other = data.wiki_bpe(vocab=500, shard=shard, docs=21)
+    tok = tokenizers.wiki_bpe(vocab=500, shard=shard, docs=20)
+    again = tokenizers.wiki_bpe(vocab=500, shard=shard, docs=20)
+    other = tokenizers.wiki_bpe(vocab=500, shard=shard, docs=21)
     assert tok.oasis_id == again.oasis_id != other.oasis_id
     assert len(list((tmp_path / "tokenizers").iterdir())) == 2
     key = json.loads((tmp_path / "tokenizers" / tok.oasis_id / "key.json").read_text())
-    shard_bytes = (data.data_dir() / "wikipedia-en" / shard).read_bytes()
+    shard_bytes = (sources.data_dir() / "wikipedia-en" / shard).read_bytes()
     assert key["shard_sha256"] == hashlib.sha256(shard_bytes).hexdigest() and key["vocab"] == 500
     # special tokens sit where the Llama configs expect them, and BOS is prepended like LLaMA's
     assert [tok.pad_token_id, tok.bos_token_id, tok.eos_token_id] == [0, 1, 2]
@@ -267,7 +269,7 @@ def test_cpu_profiles_use_presets_shaped_like_an_llm():
         assert share <= 0.25, (name, share)
         assert models.parameter_counts(model.config)["total"] == sum(p.numel() for p in model.parameters())
         # the vocabulary is the project BPE's (trained on first use, not here: the check reads its settings)
-        assert model.config.vocab_size == data.PROJECT_BPE[models.PRESETS[name].tokenizer]["vocab"]
+        assert model.config.vocab_size == tokenizers.PROJECT_BPE[models.PRESETS[name].tokenizer]["vocab"]
 
 
 def test_code_pairs_supervise_the_function_body_only():
@@ -275,7 +277,7 @@ def test_code_pairs_supervise_the_function_body_only():
     docstring, the loss is on the body (and EOS) only; checked against `ast` on the same file."""
     import ast
 
-    tok = data.load_tokenizer()
+    tok = tokenizers.load_tokenizer()
     path = next(p for p in data.stdlib_sources() if p.name == "stat.py")
     pairs = data.function_pairs(path)
     tree = ast.parse(path.read_text())

@@ -9,7 +9,7 @@ import torch
 
 import oasis.linear
 from oasis import OasisConfig, prepare
-from suites.models import build_model, llama_config
+from suites.train.models import build_model, llama_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,7 @@ import torch
 from baselines.pca import PeriodicPCATracker
 from oasis import LLAMA_TARGETS, OasisAdamW, OjaTracker, compress
 from oasis.subspace import oja_step, orthonormalize, orthonormalize_cholesky, top_singular_value
-from suites.models import build_model, llama_config
+from suites.train.models import build_model, llama_config
 from tests.oasis_reference import ReferenceOasisAdamW, ReferenceOjaTracker
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from oasis import OasisConfig, prepare, transport_moments
-from suites.models import build_model, llama_config
+from suites.train.models import build_model, llama_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from oasis import CompressedLinear
-from suites.meters import make_meter
-from suites.models import build_model, llama_config
-from suites.registry import build_method, method_defaults
+from suites.core.registry import build_method, method_defaults
+from suites.measure.meters import make_meter
+from suites.train.models import build_model, llama_config
 
 RANK, VOCAB, F32 = 8, 512, 4
 COMMON = {"lr": 3e-3, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "rank": RANK, "seed": 0}

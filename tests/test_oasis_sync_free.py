@@ -1,8 +1,8 @@
 """OASIS's forward, backward and optimizer step read nothing back to the host (no `.item()`, no linalg whose
 info is checked on the host, no device-changing copy, no tensor built from Python data), and its step
 compiles as one graph (`torch.compile(fullgraph=True)`) that computes what eager does. The guard is
-`suites.dispatch.NoHostSync` in its strict mode (every tensor taken as a device tensor): what counts as a sync
-is listed there, once for the speed tool, the op-count check and these tests."""
+`suites.measure.dispatch.NoHostSync` in its strict mode (every tensor taken as a device tensor): what counts
+as a sync is listed there, once for the speed tool, the op-count check and these tests."""
 
 import copy
 
@@ -11,7 +11,7 @@ import torch
 
 from baselines import ldadam, pca
 from oasis import OasisConfig, prepare
-from suites.dispatch import HostSyncError, NoHostSync
+from suites.measure.dispatch import HostSyncError, NoHostSync
 from tests.tiny_lm import TinyLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")

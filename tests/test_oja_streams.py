@@ -300,8 +300,8 @@ def test_centred_statistics_are_reduced_across_ranks():
 
 
 def test_the_harness_option_reaches_every_tracker():
-    from suites.models import build_model, llama_config
-    from suites.registry import build_method, method_defaults
+    from suites.core.registry import build_method, method_defaults
+    from suites.train.models import build_model, llama_config
 
     common = {"lr": 1e-3, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "rank": 4, "seed": 0}
     model = build_model(llama_config("llama-tiny", vocab_size=64), seed=0)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from suites import opcheck
-from suites.cli import cli_main
+from suites.core.cli import cli_main
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = {"batch": 1, "seq": 8, "rank": 4, "dtype": "bf16", "methods": ["adam", "oasis"]}
@@ -28,7 +28,7 @@ def run(argv) -> int:
 @pytest.fixture(scope="module", autouse=True)
 def micro_model(tmp_path_factory):
     """llama-tiny with a 512-token vocabulary, as a config.json: each count takes about a second."""
-    from suites.models import llama_config
+    from suites.train.models import llama_config
 
     path = tmp_path_factory.mktemp("model") / "config.json"
     path.write_text(llama_config("llama-tiny", vocab_size=512).to_json_string())

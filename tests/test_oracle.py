@@ -1,7 +1,8 @@
 """The memory meter against measures that know nothing of it: the C allocator's own books (CPU) and the CUDA
 caching allocator's statistics (GPU).
 
-The meter (`suites.meters.TensorTracker`) counts tensor storages at the dispatcher. Every other memory test
+The meter (`suites.measure.trackers.TensorTracker`) counts tensor storages at the dispatcher. Every other
+memory test
 compares it with itself (an estimate against the same tracker on real tensors). Here it meets an oracle:
 
 * CPU: torch allocates CPU tensors with `posix_memalign` (c10 `alloc_cpu`), so their bytes are in glibc's
@@ -31,10 +32,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from suites.memory import make_batch, method_config
-from suites.meters import make_meter
-from suites.models import build_model, llama_config
-from suites.registry import MISSION_METHODS, build_method
+from suites.core.registry import MISSION_METHODS, build_method
+from suites.measure.memory import make_batch, method_config
+from suites.measure.meters import make_meter
+from suites.train.models import build_model, llama_config
 
 MIB = 2**20
 BOUND = 1 * MIB

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from suites import data, records
-from suites.models import build_model, llama_config
+from suites.core import records
+from suites.train import tokenizers
+from suites.train.models import build_model, llama_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_KEYS = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -23,7 +24,7 @@ def test_paper_profile_runs_two_accumulated_steps_on_a_local_model(tmp_path):
 
     model_dir = tmp_path / "tiny-llama"
     build_model(llama_config("llama-tiny"), dtype=torch.bfloat16, seed=0).save_pretrained(model_dir)
-    data.load_tokenizer().save_pretrained(model_dir)  # a folder with weights brings its tokenizer
+    tokenizers.load_tokenizer().save_pretrained(model_dir)  # a folder with weights brings its tokenizer
     out = tmp_path / "out"
     tiny = ["steps=2", "mem_window=1", "batch=1", "grad_accum=2", "seq_len=256", "eval_limit=2",
             "eval_batch=2", "max_gen_toks=4", "rank=8", "refresh_every=1", "update_proj_gap=1",

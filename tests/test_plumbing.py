@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from suites import cli, dtypes, files
+from suites.core import cli, dtypes, files
 
 
 def test_atomic_write_is_world_readable_and_replaces(tmp_path):
@@ -100,7 +100,7 @@ def test_cli_main_exit_codes(capsys):
 def test_patched_restores_on_every_exit_and_refuses_a_missing_target():
     import types
 
-    from suites.patching import patched
+    from suites.core.patching import patched
 
     owner = types.SimpleNamespace(f="original")
     owner.__name__ = "owner"
@@ -123,8 +123,8 @@ def test_patched_restores_on_every_exit_and_refuses_a_missing_target():
 def test_fake_construction_restores_module_apply_and_refuses_a_missing_one(monkeypatch):
     from torch import nn
 
-    from suites.meters import fake_construction
-    from suites.models import build_model
+    from suites.measure.meters import fake_construction
+    from suites.train.models import build_model
 
     original = nn.Module._apply
     with pytest.raises(ValueError, match="inside"), fake_construction():
@@ -141,8 +141,8 @@ def test_fake_construction_restores_module_apply_and_refuses_a_missing_one(monke
 def test_galore8bit_cpu_step_patches_cuda_synchronize_only_during_the_step(monkeypatch):
     import torch
 
-    from suites.models import build_model
-    from suites.registry import build_method, method_defaults
+    from suites.core.registry import build_method, method_defaults
+    from suites.train.models import build_model
 
     model = build_model("llama-tiny")
     cfg = {**method_defaults("galore8bit"), "lr": 1e-3, "weight_decay": 0.0, "betas": (0.9, 0.999),

@@ -6,10 +6,10 @@ import hashlib
 
 import torch
 
-from suites import profiles, recipe, records
-from suites import run as cli
-from suites.models import run_fields
-from suites.registry import method_defaults
+from suites.core import profiles, records
+from suites.core.registry import method_defaults
+from suites.launch import recipe, runs
+from suites.train.models import run_fields
 
 
 def _config(suite: str, profile: str = "smoke", **overrides) -> dict:
@@ -52,27 +52,27 @@ def test_records_name_the_machine_and_the_base():
 def test_the_base_is_keyed_by_its_seed_and_code_not_by_the_run_seed(tmp_path, monkeypatch):
     cfg = _config("gsm8k", "cpu")
     assert cfg["base"] == "c4"
-    key = records.config_hash(cli.base_config(cfg))
-    assert records.config_hash(cli.base_config({**cfg, "seed": 7})) == key
-    assert records.config_hash(cli.base_config({**cfg, "base_seed": 7})) != key
+    key = records.config_hash(runs.base_config(cfg))
+    assert records.config_hash(runs.base_config({**cfg, "seed": 7})) == key
+    assert records.config_hash(runs.base_config({**cfg, "base_seed": 7})) != key
     # a change to what the code does changes the key; a comment does not
     copies = []
-    for path in cli.BASE_CODE:
+    for path in runs.BASE_CODE:
         copy = tmp_path / path.name
         copy.write_text(path.read_text())
         copies.append(copy)
-    monkeypatch.setattr(cli, "BASE_CODE", tuple(copies))
-    assert records.config_hash(cli.base_config(cfg)) == key
+    monkeypatch.setattr(runs, "BASE_CODE", tuple(copies))
+    assert records.config_hash(runs.base_config(cfg)) == key
     copies[0].write_text(copies[0].read_text() + "\n# a comment\n")
-    assert records.config_hash(cli.base_config(cfg)) == key
+    assert records.config_hash(runs.base_config(cfg)) == key
     copies[0].write_text(copies[0].read_text() + "\nEXTRA = 1\n")
-    assert records.config_hash(cli.base_config(cfg)) != key
+    assert records.config_hash(runs.base_config(cfg)) != key
 
 
 def test_git_commit_is_dirty_for_code_but_not_for_the_tools_outputs(tmp_path, monkeypatch):
     import subprocess
 
-    from suites import records
+    from suites.core import records
 
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,

@@ -6,9 +6,9 @@ test tests/test_oasis_checkpointing.py catches that through the statistics thems
 import pytest
 import torch
 
-from suites import recipe
-from suites.models import build_model, enable_checkpointing, llama_config
-from suites.registry import build_method, method_defaults
+from suites.core.registry import build_method, method_defaults
+from suites.launch import recipe
+from suites.train.models import build_model, enable_checkpointing, llama_config
 
 
 def test_recipe_builds_a_checkpointed_model_when_asked():

@@ -442,7 +442,7 @@ def test_reference_config_is_the_profile_default_when_a_sweep_ties():
 
 def test_fixtures_follow_the_harness_record_schema():
     """Every well-formed fixture passes the harness's own validator (schema, keys, config_hash)."""
-    from suites.records import validate_record
+    from suites.core.records import validate_record
 
     checked = 0
     for p in sorted(FIXTURES.rglob("*.json")):

@@ -13,7 +13,7 @@ from reports.build import build
 from reports.compare import compare
 from reports.load import group_runs, load, reference_groups
 from reports.tables import main_table, references_table
-from suites import records
+from suites.core import records
 
 BASE = {"suite": "c4", "profile": "study", "model": "llama-cpu", "batch": 4, "seq_len": 128, "steps": 100,
         "rank": 32}

@@ -3,7 +3,7 @@
 Each hostile completion is placed in front of (or around) problem 0's canonical solution, so that a program
 whose attack is *not* contained would pass; "fails" below therefore also means "the attack was stopped".
 Where a defence is layered (guard and kernel), the tests switch the other layer off to show each one holding
-on its own. The mechanisms themselves are described in suites/sandbox.py. The one exception is the
+on its own. The mechanisms themselves are described in suites/evaluate/sandbox.py. The one exception is the
 section on deliberate forgery: those programs *pass*, pinning the documented limit of the threat model.
 """
 
@@ -20,8 +20,9 @@ import time
 
 import pytest
 
-from suites import data, sandbox
-from suites.tasks import humaneval
+from suites.evaluate import sandbox
+from suites.evaluate.tasks import humaneval
+from suites.train import data
 
 LANDLOCK = sandbox.landlock_abi()
 needs_landlock = pytest.mark.skipif(LANDLOCK < 1, reason="the kernel has no Landlock")
@@ -309,7 +310,7 @@ def test_an_output_flood_never_reaches_the_harness_memory(problems):
     # A fresh harness process, so that its peak RSS is its own and not pytest's. VmHWM is the peak of this
     # address space; ru_maxrss would also carry the peak of the pytest process it was forked from.
     harness = textwrap.dedent(f"""
-        from suites import sandbox
+        from suites.evaluate import sandbox
         outcome = sandbox.run({program(problems, before=flood)!r}, 30.0)
         peak_kib = next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:'))
         print(outcome.passed, int(peak_kib) * 1024)

@@ -1,4 +1,4 @@
-"""suites.dispatch counts what it says (compute ops, host syncs, linalg calls, device provenance) and
+"""suites.measure.dispatch counts what it says (compute ops, host syncs, linalg calls, device provenance) and
 suites.speed counts a training step as it would run on CUDA (foreach AdamW, a forced refresh on a second
 build), refusing --kind cuda without a GPU.
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from suites.dispatch import DispatchCounter, HostSyncError, NoHostSync
+from suites.measure.dispatch import DispatchCounter, HostSyncError, NoHostSync
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -92,7 +92,7 @@ def test_device_provenance_host_scalars_do_not_sync_and_python_data_sent_to_the_
 @pytest.fixture(scope="module")
 def micro_model(tmp_path_factory):
     """llama-tiny (2 decoder layers) with a 512-token vocabulary, as a config.json, and a 4-layer one."""
-    from suites.models import llama_config
+    from suites.train.models import llama_config
 
     folder = tmp_path_factory.mktemp("model")
     paths = {}
@@ -104,7 +104,7 @@ def micro_model(tmp_path_factory):
 
 
 def _count(model, method, **kw):
-    from suites.speed import count_step
+    from suites.measure.speed import count_step
 
     return count_step(model, method, batch=1, seq=8, rank=4, **kw)
 
@@ -129,7 +129,7 @@ def test_a_forced_refresh_step_runs_one_svd_per_projected_matrix_and_the_trained
 
 
 def test_count_method_amortises_over_the_trained_period(micro_model):
-    from suites.speed import count_method
+    from suites.measure.speed import count_method
 
     row = count_method(micro_model[2], "galore", batch=1, seq=8, rank=4)
     steady, refresh = row["step"]["ops"], row["refresh"]["ops"]

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from suites import profiles, records, selection, study
+from suites import study
+from suites.core import profiles, records, selection
 
 
 def _stage(name):
@@ -141,7 +142,7 @@ def test_main_runs_each_method_at_its_validated_rate_and_waits_for_unfinished_lr
         (tmp_path / f"{held['run_id']}.json").write_text(json.dumps(held))
         other_sweep.close()
 
-    monkeypatch.setattr(study.run, "sweep", fake_sweep)
+    monkeypatch.setattr(study.sweep, "sweep", fake_sweep)
     monkeypatch.setattr(study.time, "sleep", fake_sleep)
     assert study._run_main(out) == 0
     rates = {c["method"]: sorted({x["lr"] for x in ran if x["method"] == c["method"]}) for c in ran}

@@ -7,13 +7,13 @@ import os
 import pytest
 import torch
 
-from suites import data
-from suites.tasks import humaneval
+from suites.evaluate.tasks import humaneval
+from suites.train import data, sources, tokenizers
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.load_tokenizer()
+    return tokenizers.load_tokenizer()
 
 
 def test_gsm8k_batches_are_seeded_and_supervise_only_the_answer(tok):
@@ -45,7 +45,7 @@ def test_wikipedia_batches_are_packed_and_seeded(tok):
 
 def test_missing_data_names_the_expected_path(tmp_path, monkeypatch):
     monkeypatch.setenv("OASIS_DATA_DIR", str(tmp_path))
-    with pytest.raises(data.DataMissing, match=str(tmp_path / "gsm8k" / "train.jsonl")):
+    with pytest.raises(sources.DataMissing, match=str(tmp_path / "gsm8k" / "train.jsonl")):
         data.gsm8k_examples("train")
 
 

@@ -1,5 +1,5 @@
-"""The tracking diagnostic (`suites.tracking`): its scores against hand-computed subspaces, and wired to
-real methods (llama-tiny, the registry's builders): the layer inputs it measures are the ones a basis was
+"""The tracking diagnostic (`suites.measure.tracking`): its scores against hand-computed subspaces, and wired
+to real methods (llama-tiny, the registry's builders): the layer inputs it measures are the ones a basis was
 computed from, refreshes are counted as the published rules say, and a frozen basis keeps overlap 1."""
 
 import math
@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from suites import profiles, recipe, tracking
-from suites.models import run_fields
-from suites.registry import method_defaults
+from suites.core import profiles
+from suites.core.registry import method_defaults
+from suites.launch import recipe
+from suites.measure import tracking
+from suites.train.models import run_fields
 
 
 def _diag_inputs(d=12, n=400, seed=0):

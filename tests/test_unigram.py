@@ -1,5 +1,5 @@
-"""The unigram reference (`suites.unigram`) against hand-computed values, and as the c4/gsm8k suites record
-it: from the run's own training tokens, on the evaluated tokens."""
+"""The unigram reference (`suites.train.unigram`) against hand-computed values, and as the c4/gsm8k suites
+record it: from the run's own training tokens, on the evaluated tokens."""
 
 import math
 from collections import Counter
@@ -7,10 +7,11 @@ from collections import Counter
 import pytest
 import torch
 
-from suites import data, models, profiles, unigram
-from suites.models import run_fields
-from suites.registry import method_defaults
-from suites.tasks import c4, gsm8k
+from suites.core import profiles
+from suites.core.registry import method_defaults
+from suites.evaluate.tasks import c4, gsm8k
+from suites.train import data, models, unigram
+from suites.train.models import run_fields
 
 
 def _batch(rows, labels=None):

@@ -42,8 +42,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from oasis.subspace import OJA_NORMS, OjaTracker, largest_principal_angle, oja_step  # noqa: E402
-from suites import files, records  # noqa: E402
-from suites.cli import Parser, UsageError, cli_main  # noqa: E402
+from suites.core import files, records  # noqa: E402
+from suites.core.cli import Parser, UsageError, cli_main  # noqa: E402
 
 PROG = "python tools/oja_study.py"
 SCALE_FREE_ETAS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
@@ -256,7 +256,8 @@ def _summary(rows: dict) -> dict:
 
 def train_one(steps: int, norm: str, eta: float, every: int, probe_every: int, tmp: str,
               seed: int = 0) -> dict:
-    from suites import data, recipe
+    from suites.launch import recipe
+    from suites.train import data
 
     cfg = _config(steps, norm, eta, every, tmp, seed)
     session = recipe.setup({"config": cfg})

@@ -136,7 +136,7 @@ class PhaseCounts:
 
 def _placeholder(t: torch.Tensor):
     """What a scalar read returns where there is no value (fake tensors): 1, 1.0 or True by dtype, as the
-    memory meters answer (`suites.meters`); nothing measured here depends on it."""
+    memory meters answer (`suites.measure.meters`); nothing measured here depends on it."""
     return True if t.dtype is torch.bool else (1.0 if t.dtype.is_floating_point else 1)
 
 
@@ -221,7 +221,7 @@ class DispatchCounter(TorchDispatchMode):
     # -- device provenance --
     def add_roots(self, roots) -> None:
         """Mark the tensors of `roots` as device tensors (module docstring)."""
-        from suites.meters import _walk_tensors
+        from suites.measure.trackers import _walk_tensors
 
         for root in roots if isinstance(roots, (list, tuple)) else [roots]:
             if isinstance(root, nn.Module):
@@ -265,7 +265,7 @@ class DispatchCounter(TorchDispatchMode):
         self.counts.setdefault(self.current, PhaseCounts()).syncs[name] += 1
         if self.raise_on_sync:
             raise HostSyncError(f"host synchronisation in phase {self.current!r}: {name} ({func}); "
-                                "see suites.dispatch for what counts as one")
+                                "see suites.measure.dispatch for what counts as one")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -17,7 +17,7 @@ import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
-from suites import files
+from suites.core import files
 
 SCHEMA = "oasis-bench/run-record/1"
 STATUSES = ("ok", "diverged", "oom", "error")
@@ -40,7 +40,7 @@ RECORD_KEYS = (
     "started_at",
     "wall_s",
 )
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def config_hash(config: dict) -> str:
@@ -163,7 +163,8 @@ def make_record(config: dict, *, status: str, error: str | None = None, metrics:
     """A run record (DESIGN §3.4) in the schema's key order; the one place a record is assembled.
     `comm` (bytes all-reduced per step) exists in data-parallel records only; `subspace` holds the drift
     of an optimizer that reports it and the tracking diagnostic's `refreshes` and `tracking` rows
-    (`suites.tracking`), None when there is neither. `commit`: `git_commit()` read when the run started
+    (`suites.measure.tracking`), None when there is neither. `commit`: `git_commit()` read when the run
+    started
     (the code it imported then); a checkout that changes during a long run does not rename its code."""
     subspace = {**({"drift": drift} if drift is not None else {}), **(tracking or {})} or None
     return {
@@ -206,7 +207,7 @@ def record_path(record: dict, out_dir: str | os.PathLike) -> Path:
 
 
 def write_record(record: dict, out_dir: str | os.PathLike) -> Path:
-    """Write `record` as `<out_dir>/<run_id>.json` atomically and world-readable (`suites.files`)."""
+    """Write `record` as `<out_dir>/<run_id>.json` atomically and world-readable (`suites.core.files`)."""
     validate_record(record)
     return files.write_json(record_path(record, out_dir), record)
 

@@ -1,8 +1,9 @@
-"""Data: where it lives, the tokenizer, and deterministic batches.
+"""Data: deterministic batches (where data lives: `suites.train.sources`; tokenizers:
+`suites.train.tokenizers`).
 
 Data are read from `OASIS_DATA_DIR` (default `<repo>/../shared/data`) and never copied into the
 repository; a dataset that is not there is read from the Hugging Face Hub when that is allowed
-(`suites.sources`, which also notes what each run read for its record). Every batch list is a pure
+(`suites.train.sources`, which also notes what each run read for its record). Every batch list is a pure
 function of (data, tokenizer, seed, sizes), so every method of a profile sees the same data in the same
 order. Tokenised streams are cached under `.cache/tokens/`
 (gitignored) because each run is its own process and would otherwise tokenise the same text again.
@@ -11,7 +12,6 @@ order. Tokenised streams are cached under `.cache/tokens/`
 from __future__ import annotations
 
 import ast
-import gzip
 import hashlib
 import io
 import json
@@ -22,196 +22,22 @@ from pathlib import Path
 
 import torch
 
-from suites import files
+from suites.core import files
+from suites.train import sources
+from suites.train.tokenizers import tokenizer_id
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CACHE_DIR = REPO_ROOT / ".cache"
-TOKENIZER_NAME = "mistral-v1-sp32k"
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
 
-class DataMissing(FileNotFoundError):
-    """A data file the run needs is not where it should be (user error: exit 2)."""
-
-
-def data_dir() -> Path:
-    env = os.environ.get("OASIS_DATA_DIR")
-    return Path(env) if env else (REPO_ROOT.parent / "shared" / "data")
-
-
-def require(relative: str) -> Path:
-    path = data_dir() / relative
-    if not path.exists():
-        raise DataMissing(
-            f"missing data: expected {path} (put the offline copy there or set OASIS_DATA_DIR "
-            f"to the folder that holds {relative.split('/')[0]}/)"
-        )
-    return path
-
-
-def read_jsonl(path: Path):
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
-
-
-def load_tokenizer(name: str = TOKENIZER_NAME):
-    """A tokenizer of the project's own, by name: `mistral-v1-sp32k` (the offline LLaMA SentencePiece; its
-    converted fast form is cached, converting is slow) or `wikibpe-<vocab>` (a byte-level BPE the project
-    trains from the Wikipedia train shards, cached; see `wiki_bpe`)."""
-    if name == TOKENIZER_NAME:
-        return _sp32k()
-    if name in PROJECT_BPE:
-        return wiki_bpe(**PROJECT_BPE[name])
-    raise ValueError(f"unknown tokenizer {name!r}; choose from {', '.join(PROJECT_TOKENIZERS)}")
-
-
-def check_tokenizer(name: str) -> None:
-    """DataMissing (naming the path) unless the data a project tokenizer is made from is present."""
-    if name == TOKENIZER_NAME:
-        require(f"tokenizers/{TOKENIZER_NAME}")
-    elif name in PROJECT_BPE:
-        require(f"wikipedia-en/{PROJECT_BPE[name]['shard']}")
-    else:
-        raise ValueError(f"unknown tokenizer {name!r}; choose from {', '.join(PROJECT_TOKENIZERS)}")
-
-
-def _sp32k():
-    from transformers import AutoTokenizer
-
-
-    source = require(f"tokenizers/{TOKENIZER_NAME}")
-    digest = hashlib.sha256((source / "tokenizer.model").read_bytes()).hexdigest()[:12]
-    cached = CACHE_DIR / "tokenizers" / f"{TOKENIZER_NAME}-{digest}"
-    if (cached / "tokenizer.json").exists():
-        tok = AutoTokenizer.from_pretrained(cached)
-    else:
-        tok = AutoTokenizer.from_pretrained(source)
-        files.atomic_dir(cached, tok.save_pretrained)  # a concurrent run's identical copy may win
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.unk_token  # padding positions are masked out of attention and loss
-    tok.model_max_length = 1 << 30  # we pack and truncate ourselves
-    tok.oasis_id = TOKENIZER_NAME
-    return tok
-
-
-# ---------------------------------------------------------------- the project's own BPE vocabulary
-
-# Byte-level BPE trained by the project (issue 12: a CPU model shaped like an LLM needs a small vocabulary).
-# Bump when the training code changes what it produces: it is part of the cache key.
-BPE_CODE_VERSION = 1
-BPE_SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: the pad/bos/eos ids of suites.models.llama_config
-PROJECT_BPE = {
-    # name -> wiki_bpe arguments: the first shard of the Wikipedia train split, every document, file order
-    "wikibpe-8k": dict(vocab=8192, shard="train-00000-of-00010.jsonl.gz", docs=None),
-}
-PROJECT_TOKENIZERS = (TOKENIZER_NAME, *PROJECT_BPE)
-
-
-def wiki_bpe_key(*, vocab: int, shard: str, docs: int | None) -> dict:
-    """Everything that determines the trained vocabulary (the cache key): training code version,
-    `tokenizers` version, vocabulary size, special tokens, and the exact bytes of the training documents."""
-    import tokenizers
-
-    source = require(f"wikipedia-en/{shard}")
-    return {
-        "code": BPE_CODE_VERSION,
-        "tokenizers": tokenizers.__version__,
-        "vocab": vocab,
-        "specials": list(BPE_SPECIALS),
-        "min_frequency": 2,
-        "shard": shard,
-        "shard_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
-        "docs": docs,
-    }
-
-
-def train_wiki_bpe(texts, vocab: int):
-    """A byte-level BPE `tokenizers.Tokenizer` trained on `texts` (in the given order), single-threaded
-    so that the result cannot depend on thread scheduling; BOS is prepended by the post-processor like
-    the LLaMA tokenizer does."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    bos = BPE_SPECIALS[1]
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, 1)]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab,
-        min_frequency=2,
-        special_tokens=list(BPE_SPECIALS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    texts = list(texts)
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by `tokenizers` at every parallel section
-    try:
-        tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    finally:
-        if previous is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
-    return tok
-
-
-def _wrap_bpe(tokenizer_json: Path):
-    from transformers import PreTrainedTokenizerFast
-
-    tok = PreTrainedTokenizerFast(
-        tokenizer_file=str(tokenizer_json), pad_token=BPE_SPECIALS[0], bos_token=BPE_SPECIALS[1],
-        eos_token=BPE_SPECIALS[2],
-    )
-    tok.model_max_length = 1 << 30
-    return tok
-
-
-def wiki_bpe(*, vocab: int, shard: str, docs: int | None):
-    """The project's BPE tokenizer, trained once from `docs` documents (all when None) of one Wikipedia
-    train shard in file order and cached under .cache/tokenizers/ by a digest of `wiki_bpe_key`."""
-    from suites.files import atomic_dir, write_json
-
-    key = wiki_bpe_key(vocab=vocab, shard=shard, docs=docs)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    name = f"wikibpe{vocab}-{digest}"
-    cached = CACHE_DIR / "tokenizers" / name
-
-    def fill(tmp: Path) -> None:
-        texts = [d["text"] for d in read_jsonl(require(f"wikipedia-en/{shard}"))][: docs or None]
-        train_wiki_bpe(texts, vocab).save(str(tmp / "tokenizer.json"))
-        write_json(tmp / "key.json", key)
-
-    if not (cached / "tokenizer.json").exists():
-        atomic_dir(cached, fill)
-    tok = _wrap_bpe(cached / "tokenizer.json")
-    tok.oasis_id = name
-    return tok
-
-
-def tokenizer_id(tokenizer) -> str:
-    """The name that identifies a tokenizer in cache keys and records (set by the loaders)."""
-    return getattr(tokenizer, "oasis_id", None) or str(tokenizer.name_or_path)
-
-
-# part of every token cache key: bump when what a cache file holds changes (2: the rows' provenance beside
-# the tokens, so a cached run's record still names the rows it was made from)
 TOKEN_CACHE_FORMAT = 2
 
 
 def _cached_tokens(key: dict, make, read_as: str) -> torch.Tensor:
     """A 1-D int32 token tensor cached under .cache/tokens/<digest of key>.pt with the provenance of the
     documents it was packed from (`make() -> (tokens, provenance)`), noted in `sources.used` as `read_as`."""
-    from suites import sources
-
     key = {**key, "format": TOKEN_CACHE_FORMAT}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = CACHE_DIR / "tokens" / f"{digest}.pt"
+    path = sources.CACHE_DIR / "tokens" / f"{digest}.pt"
     if path.exists():
         saved = torch.load(path)
     else:
@@ -226,8 +52,6 @@ def _cached_tokens(key: dict, make, read_as: str) -> torch.Tensor:
 
 def _packed(documents, fields_source: str, tokenizer, n_tokens: int, fields=("text",)):
     """(the first `n_tokens` tokens of `documents` packed, the provenance of the documents packed)."""
-    from suites import sources
-
     digest = sources.RowDigest(fields)
     tokens = _pack(sources.texts(documents, digest), tokenizer, n_tokens)
     return tokens, {"source": fields_source, "rows": digest.rows, "sha256": digest.hexdigest()}
@@ -264,10 +88,8 @@ def _blocks_to_batches(tokens: torch.Tensor, batch: int, seq_len: int, n_batches
 
 def wikipedia_train_batches(tokenizer, *, steps: int, batch: int, seq_len: int, seed: int) -> list[dict]:
     """`steps` packed batches of the c4 suite's training corpus: the Wikipedia train shards offline,
-    documents in a seeded order; from the Hub, C4 en train in stream order (`suites.sources`). The packed
-    blocks are shuffled by the seed either way."""
-    from suites import sources
-
+    documents in a seeded order; from the Hub, C4 en train in stream order (`suites.train.sources`). The
+    packed blocks are shuffled by the seed either way."""
     n_tokens = steps * batch * seq_len
     if sources.source("c4-corpus", "train") == "hub":
         where = sources.DATASETS["c4-corpus"].describe("train")
@@ -275,16 +97,17 @@ def wikipedia_train_batches(tokenizer, *, steps: int, batch: int, seq_len: int, 
         tokens = _cached_tokens(key, lambda: _packed(sources.hub_rows("c4-corpus", "train"), where, tokenizer,
                                                      n_tokens), "c4-corpus/train")
         return _blocks_to_batches(tokens, batch, seq_len, steps, seed)
-    shards = sorted(require("wikipedia-en").glob("train-*.jsonl.gz"))
+    shards = sorted(sources.require("wikipedia-en").glob("train-*.jsonl.gz"))
     if not shards:
-        raise DataMissing(f"missing data: expected train-*.jsonl.gz under {data_dir() / 'wikipedia-en'}")
+        raise sources.DataMissing(
+            f"missing data: expected train-*.jsonl.gz under {sources.data_dir() / 'wikipedia-en'}")
 
     def docs():
         rng = random.Random(seed)
         order = list(shards)
         rng.shuffle(order)
         for shard in order:
-            documents = [{"text": d["text"]} for d in read_jsonl(shard)]
+            documents = [{"text": d["text"]} for d in sources.read_jsonl(shard)]
             rng.shuffle(documents)
             yield from documents
 
@@ -300,15 +123,13 @@ def wikipedia_train_batches(tokenizer, *, steps: int, batch: int, seq_len: int, 
     return _blocks_to_batches(tokens, batch, seq_len, steps, seed)
 
 
-# held-out corpus -> (dataset, split) of suites.sources
+# held-out corpus -> (dataset, split) of suites.train.sources
 HELDOUT = {"wikipedia": ("c4-corpus", "validation"), "c4": ("c4-sample", "train")}
 
 
 def heldout_batches(corpus: str, tokenizer, *, n_tokens: int, batch: int, seq_len: int) -> list[dict]:
     """The first `n_tokens` tokens of a held-out corpus in file order: "wikipedia" (the c4 suite's
     validation corpus: Wikipedia offline, C4 en validation from the Hub) or "c4" (the C4 sample)."""
-    from suites import sources
-
     name, split = HELDOUT[corpus]
     n_blocks = max(1, n_tokens // seq_len)
     key = {"corpus": corpus, "n": n_blocks * seq_len, "tok": tokenizer_id(tokenizer)}
@@ -316,7 +137,7 @@ def heldout_batches(corpus: str, tokenizer, *, n_tokens: int, batch: int, seq_le
         path = sources.offline_path(name, split)
         key["file"] = path.name
         where = f"offline:{sources.DATASETS[name].offline[split]}"
-        documents = lambda: read_jsonl(path)  # noqa: E731
+        documents = lambda: sources.read_jsonl(path)  # noqa: E731
     else:
         where = sources.DATASETS[name].describe(split)
         key["source"] = where
@@ -406,8 +227,6 @@ def gsm8k_prompt(question: str) -> str:
 
 def gsm8k_examples(split: str) -> list[dict]:
     """GSM8K's `split` ("train" or "test") in its order, from the offline copy or `openai/gsm8k` (main)."""
-    from suites import sources
-
     return sources.rows("gsm8k", split)
 
 
@@ -531,9 +350,7 @@ def code_train_batches(tokenizer, *, steps: int, batch: int, seq_len: int, seed:
     loss on the bodies only; functions longer than seq_len are skipped."""
     files = stdlib_sources()
     if not files:
-        raise DataMissing(f"missing data: no Python sources under {sysconfig.get_paths()['stdlib']}")
-    from suites import sources
-
+        raise sources.DataMissing(f"missing data: no Python sources under {sysconfig.get_paths()['stdlib']}")
     order = list(files)
     random.Random(seed).shuffle(order)
     pairs, digest = [], sources.RowDigest(("prompt", "body"))
@@ -557,6 +374,4 @@ def code_train_batches(tokenizer, *, steps: int, batch: int, seq_len: int, seed:
 
 def humaneval_problems(limit: int | None) -> list[dict]:
     """The first `limit` HumanEval problems (all when None), offline or from `openai/openai_humaneval`."""
-    from suites import sources
-
     return sources.rows("humaneval", "test")[: limit or None]

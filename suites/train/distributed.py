@@ -7,8 +7,8 @@ Semantics (the same global batch as the single-process run, so the two are compa
     one seeded order (`shard`), so N ranks see exactly the single process's tokens.
   - The model is wrapped in `DistributedDataParallel` (or built on FSDP2 shards: `ShardedDataParallel`),
     which averages gradients over ranks. Each rank weights its micro-batch loss by its share of the *global*
-    step's supervised tokens, times N (`suites.recipe.optimizer_step`), so the averaged gradient equals the
-    single process's token-weighted gradient of the whole step.
+    step's supervised tokens, times N (`suites.launch.recipe.optimizer_step`), so the averaged gradient equals
+    the single process's token-weighted gradient of the whole step.
   - Gradient accumulation: the step's earlier micro-batches run under `no_sync()`; one all-reduce per step.
   - Optimizers that track a basis from activations (OASIS, periodic PCA: `optimizer.stats_reduce`) sum their
     statistics over ranks before every basis update, so every rank holds the same basis at every step.
@@ -153,10 +153,10 @@ def build_sharded(method: str, make_net, cfg: dict, mesh, before_shard=None):
     ...). If that leaves trainable parameters outside the shards (a builder that replaces modules or adds
     parameters: oasis, lora), a fresh model goes through the builder with `cfg["shard"]`: a callable a
     builder may call as `shard(model)` after changing the model and before building its optimizer (as
-    `oasis.prepare(..., shard=...)` does); it calls `before_shard(model)` when given (`suites.memory` casts
-    the model to its dtype) and applies `fully_shard`. A builder that does not call it cannot run under fsdp
-    (`Unsupported`)."""
-    from suites.registry import build_method
+    `oasis.prepare(..., shard=...)` does); it calls `before_shard(model)` when given (`suites.measure.memory`
+    casts the model to its dtype) and applies `fully_shard`. A builder that does not call it cannot run under
+    fsdp (`Unsupported`)."""
+    from suites.core.registry import build_method
 
     net = make_net()
     shards = fully_shard_model(net, mesh)
@@ -312,7 +312,7 @@ class ShardedDataParallel:
     """FSDP2 (`fully_shard`, see `build_sharded`) in place of DDP: the same interface as `DataParallel`
     (model, no_sync, counter, backend), plus the sharded parameters and a full state dict for evaluation.
     FSDP2 averages the reduce-scattered gradients over ranks, as DDP's all-reduce does, so the loss weights
-    of `suites.recipe.optimizer_step` hold unchanged."""
+    of `suites.launch.recipe.optimizer_step` hold unchanged."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, shards: list):
         from torch.distributed.fsdp import FSDPModule

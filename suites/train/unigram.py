@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from suites.data import IGNORE
+from suites.train.data import IGNORE
 
 SMOOTHING = 0.5
 

@@ -6,7 +6,7 @@ dataset points at the local jsonl copy, with `max_gen_toks` new tokens. On the s
 the reference solutions (`answer_scores`): `answer_nll`, the teacher-forced `final_answer_acc_tf` and
 `gen_ceiling`, the share of solutions that fit in the generation budget.
 
-Prompt format (`cfg["prompt_format"]`, from `suites.models.run_fields`): `plain` trains and evaluates on
+Prompt format (`cfg["prompt_format"]`, from `suites.train.models.run_fields`): `plain` trains and evaluates on
 "Question: ...\nAnswer: ..."; `chat` (instruct models) puts the question in the user turn and the
 solution in the assistant turn of the model's own chat template, and lm-eval renders its prompts with
 the same template (`apply_chat_template=True`, task `gsm8k_local_chat`: the user turn is the question).
@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from suites import data, files, sources
-from suites.profiles import option
-from suites.tasks._eval import ppl, scored_batches
+from suites.core import files
+from suites.core.profiles import option
+from suites.evaluate.tasks._eval import ppl, scored_batches
+from suites.train import data, sources
 
 FINETUNE = True
 HEADLINE = "accuracy"
@@ -104,9 +105,9 @@ def answer_scores(model, tokenizer, cfg: dict, device: str) -> dict:
 
 
 def reference(tokenizer, cfg: dict) -> dict:
-    """The unigram reference (`suites.unigram`): the run's own training answer tokens, scored on the answer
-    tokens of the evaluated test problems (the tokens `answer_nll` scores)."""
-    from suites import unigram
+    """The unigram reference (`suites.train.unigram`): the run's own training answer tokens, scored on the
+    answer tokens of the evaluated test problems (the tokens `answer_nll` scores)."""
+    from suites.train import unigram
 
     train = train_batches(tokenizer, {**cfg, "steps": cfg["steps"] * cfg["grad_accum"]})
     pairs = data.gsm8k_eval_pairs(tokenizer, cfg["eval_limit"], prompt_format(cfg))
@@ -115,8 +116,8 @@ def reference(tokenizer, cfg: dict) -> dict:
 
 
 def tracking_batch(tokenizer, cfg: dict) -> dict:
-    """The tracking diagnostic's held-out batch (`suites.tracking`): the first test problems, prompt and
-    answer, `track_tokens // seq_len` of them (at least one), right-padded."""
+    """The tracking diagnostic's held-out batch (`suites.measure.tracking`): the first test problems, prompt
+    and answer, `track_tokens // seq_len` of them (at least one), right-padded."""
     rows = max(1, option(cfg, "track_tokens") // cfg["seq_len"])
     return data.supervised_batch(data.gsm8k_eval_pairs(tokenizer, rows, prompt_format(cfg)), tokenizer)
 

@@ -1,4 +1,4 @@
-"""The child side of `suites.sandbox`: run as a script, it contains itself, then runs `program.py`.
+"""The child side of `suites.evaluate.sandbox`: run as a script, it contains itself, then runs `program.py`.
 
 Stdlib only, and as few imports as possible: it starts once per program. The harness passes, as integer
 arguments: the token pipe's read end, the result pipe's write end, the address-space, process, file-size

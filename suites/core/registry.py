@@ -13,7 +13,7 @@ Names and defaults are read without importing torch: `DEFAULTS` must be a litera
 strings, booleans and tuples), which the registry reads from the module's source, so that a command line
 is checked in well under a second and the module stays the one place that defines its defaults.
 
-    from suites.registry import build_method, method_defaults
+    from suites.core.registry import build_method, method_defaults
     cfg = {"lr": 1e-3, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "rank": 8, "seed": 0}
     model, optimizer = build_method("galore", model, {**method_defaults("galore"), **cfg})
 """

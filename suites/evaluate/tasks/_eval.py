@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from suites.data import IGNORE
+from suites.train.data import IGNORE
 
 
 @torch.no_grad()

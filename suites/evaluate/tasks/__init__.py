@@ -2,7 +2,7 @@
 
 Each module exposes
     FINETUNE: bool                                   starts from a pretrained base (else random init)
-    check_data() -> None                             raises data.DataMissing naming the expected path
+    check_data() -> None                             raises sources.DataMissing naming the expected path
     train_batches(tokenizer, cfg) -> list[dict]      deterministic in cfg["seed"]; same for every method
     evaluate(model, tokenizer, cfg, device) -> dict  the suite's metrics (one shared function per suite)
     before_training(model, tokenizer, cfg, device) -> dict
@@ -22,4 +22,4 @@ SUITES = ("gsm8k", "humaneval", "c4")
 def get(suite: str):
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
-    return importlib.import_module(f"suites.tasks.{suite}")
+    return importlib.import_module(f"suites.evaluate.tasks.{suite}")

@@ -42,11 +42,13 @@ from typing import Any
 
 import torch
 
-from suites import distributed, files, models, records, tracking
-from suites.meters import Meter, make_meter
-from suites.profiles import PERIODIC_KEYS, option
-from suites.registry import build_method
-from suites.tasks import get as get_suite
+from suites.core import files, records
+from suites.core.profiles import PERIODIC_KEYS, option
+from suites.core.registry import build_method
+from suites.evaluate.tasks import get as get_suite
+from suites.measure import tracking
+from suites.measure.meters import Meter, make_meter
+from suites.train import distributed, models
 
 # ------------------------------------------------------------------------------------------- setup
 
@@ -67,7 +69,7 @@ class Session:
     """Everything one run holds while it trains and is evaluated."""
 
     cfg: dict
-    suite: ModuleType  # suites.tasks.<suite>: train_batches, evaluate, HEADLINE
+    suite: ModuleType  # suites.evaluate.tasks.<suite>: train_batches, evaluate, HEADLINE
     tokenizer: Any
     batches: list[dict]  # this process's micro-batches, in training order (cycled)
     model: torch.nn.Module
@@ -117,7 +119,8 @@ def setup(spec: dict) -> Session:
 
 
 def build_tracking(cfg: dict, suite: ModuleType, tokenizer, model, optimizer) -> tracking.Tracking | None:
-    """The tracking diagnostic (`suites.tracking`) when `track_points` > 0, in a one-process run (a sharded
+    """The tracking diagnostic (`suites.measure.tracking`) when `track_points` > 0, in a one-process run (a
+    sharded
     model cannot run the diagnostic's forward on one rank alone); it measures whatever bases the optimizer
     exposes, nothing when it exposes none."""
     if not option(cfg, "track_points") or cfg["world_size"] > 1:
@@ -165,13 +168,13 @@ def build_batches(suite: ModuleType, tokenizer, cfg: dict) -> list[dict]:
 
 def build_model(cfg: dict, base_dir: str | None) -> torch.nn.Module:
     """The model a method is built on: random init (`base: random`), the project's pretrained c4 base
-    (`base: c4`, from `base_dir`) or a model's own weights (`suites.models`); in cfg's dtype, on cfg's
+    (`base: c4`, from `base_dir`) or a model's own weights (`suites.train.models`); in cfg's dtype, on cfg's
     device."""
     model = models.load_model(cfg, base_dir)
     if cfg["checkpointing"]:
         models.enable_checkpointing(model)
     if cfg.get("lean_activations"):
-        from suites.lean import apply_lean_activations
+        from suites.train.lean import apply_lean_activations
 
         if not apply_lean_activations(model):
             raise ValueError("lean_activations=true but the model has no RMSNorm/SwiGLU modules to patch")
@@ -216,7 +219,7 @@ class TrainResult:
     error: str | None = None
     curve: list = field(default_factory=list)  # [step, train_loss, eval_loss|None]
     drift: list | None = None  # [step, radians] when the optimizer tracks a basis
-    tracking: dict | None = None  # {refreshes, tracking: [...]} of the tracking diagnostic (suites.tracking)
+    tracking: dict | None = None  # {refreshes, tracking: [...]}: suites.measure.tracking
     memory: dict | None = None
     speed: dict | None = None
     comm: dict | None = None  # bytes all-reduced per optimizer step (data-parallel runs)
@@ -392,10 +395,10 @@ def _progress(cfg: dict, position: int):
 def evaluate(session: Session) -> dict:
     """The suite's shared evaluation of the trained model (the same function for every method), with the
     same suite's metrics before the first step under `step0`, so a record shows what training changed."""
-    from suites import sources
+    from suites.train import sources
 
     metrics = session.suite.evaluate(session.model, session.tokenizer, session.cfg, session.device)
-    reference = getattr(session.suite, "reference", None)  # the suite's unigram reference (suites.unigram)
+    reference = getattr(session.suite, "reference", None)  # suites.train.unigram
     if reference is not None:
         metrics.update(reference(session.tokenizer, session.cfg))
     # the source, row count and row digest of every split the run read (training and evaluation)
@@ -421,28 +424,6 @@ def record(spec: dict, result: TrainResult, metrics: dict, *, started_at: str, w
     if distributed.is_main():
         records.write_record(rec, spec["out_dir"])
     return rec
-
-
-def estimate_for(cfg: dict) -> dict:
-    """The fake-tensor estimate (`suites.memory.measure`) of the configuration a CUDA run measured: same
-    model, method and hyper-parameters, micro-batch, sequence, rank, dtype, checkpointing and lean blocks,
-    so every GPU record also checks the estimator; a data-parallel run's is the per-rank estimate of its
-    strategy and world size (fake process group: the run's own group is closed by then). A method the
-    estimator cannot run is said in one line."""
-    from suites import memory, registry
-
-    method = cfg["method"]
-    method_keys = (set(registry.method_defaults(method)) | set(registry.method_options(method))) - {"lr"}
-    overrides = {k: cfg[k] for k in method_keys if k in cfg}
-    try:
-        row = memory.measure(models.weights_spec(cfg) or cfg["model"], cfg["method"], batch=cfg["batch"],
-                             seq=cfg["seq_len"], rank=cfg["rank"], dtype=cfg["dtype"],
-                             checkpointing=cfg["checkpointing"], lean_blocks=cfg["lean_activations"],
-                             overrides=overrides, kind="estimate", world_size=cfg["world_size"],
-                             strategy=cfg.get("strategy"))
-    except (RuntimeError, ValueError) as exc:
-        return {"estimate_error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"}
-    return {"estimate_bytes": row["peak_bytes"], "estimate_breakdown": row["breakdown"]}
 
 
 def memory_pass_config(cfg: dict) -> dict | None:
@@ -492,6 +473,8 @@ def run(spec: dict) -> dict:
             if full is not None:  # a sharded model cannot run forward on one rank alone
                 session.model = evaluation_model(session.cfg, spec.get("base_dir"), full)
         if result.memory is not None and result.memory.get("source") == "cuda":
+            from suites.measure.memory import estimate_for
+
             result.memory.update(estimate_for(session.cfg))
         if result.status == "ok":
             metrics = evaluate(session)

@@ -6,7 +6,8 @@ validates on the held-out Wikipedia validation shard: `eval_loss`, `eval_ppl` (r
 documents of C4's en *train* split that the suite never trains on (a C4-like sample, not C4 validation).
 Each on its first `eval_tokens` tokens.
 
-Without the offline folder and with the Hub allowed (`suites.sources`), the suite reads C4 itself: it trains
+Without the offline folder and with the Hub allowed (`suites.train.sources`), the suite reads C4 itself: it
+trains
 on `allenai/c4` en train in stream order after the 1,000 documents of the sample, validates on `allenai/c4`
 en validation (`eval_loss`), and scores the same C4 sample, read from the Hub's first en train shard.
 `metrics.data` of the record names what was read; `config.train_corpus` / `eval_corpus` name the offline
@@ -17,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from suites import data, sources, unigram
-from suites.profiles import option
-from suites.tasks._eval import mean_nll, ppl
+from suites.core.profiles import option
+from suites.evaluate.tasks._eval import mean_nll, ppl
+from suites.train import data, sources, unigram
 
 FINETUNE = False
 HEADLINE = "eval_loss"
@@ -35,8 +36,8 @@ def check_data() -> None:
     sources.check("c4-corpus", "train", "validation")
     if sources.source("c4-corpus", "train") == "offline" and not list(
             sources.offline_path("c4-corpus", "train").glob("train-*.jsonl.gz")):
-        raise data.DataMissing(
-            f"missing data: expected train-*.jsonl.gz under {data.data_dir() / 'wikipedia-en'}"
+        raise sources.DataMissing(
+            f"missing data: expected train-*.jsonl.gz under {sources.data_dir() / 'wikipedia-en'}"
         )
 
 
@@ -90,7 +91,8 @@ def evaluate(model, tokenizer, cfg: dict, device: str) -> dict:
 
 
 def reference(tokenizer, cfg: dict) -> dict:
-    """The unigram reference (`suites.unigram`) of the run's own training tokens on each evaluated corpus."""
+    """The unigram reference (`suites.train.unigram`) of the run's own training tokens on each
+    evaluated corpus."""
     train = train_batches(tokenizer, {**cfg, "steps": cfg["steps"] * cfg["grad_accum"]})
     size = unigram.vocab_size(tokenizer)
     out = {f"unigram_{name}_loss": unigram.unigram_nll(train, eval_batches(corpus, tokenizer, cfg), size)
@@ -101,8 +103,8 @@ def reference(tokenizer, cfg: dict) -> dict:
 
 
 def tracking_batch(tokenizer, cfg: dict) -> dict:
-    """The tracking diagnostic's held-out batch (`suites.tracking`): the first `track_tokens` tokens of the
-    C4 sample, one batch."""
+    """The tracking diagnostic's held-out batch (`suites.measure.tracking`): the first `track_tokens` tokens
+    of the C4 sample, one batch."""
     seq = cfg["seq_len"]
     rows = max(1, option(cfg, "track_tokens") // seq)
     return data.heldout_batches("c4", tokenizer, n_tokens=rows * seq, batch=rows, seq_len=seq)[0]

@@ -16,6 +16,7 @@ a sha256 over the fields the suite reads (`digest`), equal for equal rows whatev
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -23,7 +24,36 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from suites import data
+from suites.core.records import REPO_ROOT
+
+CACHE_DIR = REPO_ROOT / ".cache"  # gitignored: tokenised streams, tokenizers, converted models, bases
+
+
+class DataMissing(FileNotFoundError):
+    """A data file the run needs is not where it should be (user error: exit 2)."""
+
+
+def data_dir() -> Path:
+    env = os.environ.get("OASIS_DATA_DIR")
+    return Path(env) if env else (REPO_ROOT.parent / "shared" / "data")
+
+
+def require(relative: str) -> Path:
+    path = data_dir() / relative
+    if not path.exists():
+        raise DataMissing(
+            f"missing data: expected {path} (put the offline copy there or set OASIS_DATA_DIR "
+            f"to the folder that holds {relative.split('/')[0]}/)"
+        )
+    return path
+
+
+def read_jsonl(path: Path):
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
 
 
 @dataclass(frozen=True)
@@ -43,7 +73,7 @@ class Dataset:
     hub: str  # the Hub repository (a local folder in tests)
     config: str | None
     fields: tuple[str, ...]  # what the suite reads of a row (and the digest covers)
-    offline: dict[str, str]  # split -> a file or folder under data.data_dir()
+    offline: dict[str, str]  # split -> a file or folder under data_dir()
     splits: dict[str, HubSplit] = field(default_factory=dict)
 
     def describe(self, split: str) -> str:
@@ -85,7 +115,7 @@ def hub_allowed() -> bool:
 
 
 def offline_path(name: str, split: str) -> Path:
-    return data.data_dir() / DATASETS[name].offline[split]
+    return data_dir() / DATASETS[name].offline[split]
 
 
 def source(name: str, split: str) -> str:
@@ -98,7 +128,7 @@ def source(name: str, split: str) -> str:
     if hub_allowed():
         return "hub"
     top = ds.offline[split].split("/")[0]
-    raise data.DataMissing(
+    raise DataMissing(
         f"missing data: {path} does not exist and the Hub is off; put the offline copy there (or set "
         f"OASIS_DATA_DIR to a folder holding {top}/), or allow the Hub (HF_HUB_OFFLINE=0 "
         f"HF_DATASETS_OFFLINE=0) to read {ds.describe(split).removeprefix('hub:')}")
@@ -157,7 +187,7 @@ def rows(name: str, split: str) -> list[dict]:
     digest = RowDigest(ds.fields)
     if source(name, split) == "offline":
         path = offline_path(name, split)
-        out = [digest.add({f: r[f] for f in ds.fields}) for r in data.read_jsonl(path)]
+        out = [digest.add({f: r[f] for f in ds.fields}) for r in read_jsonl(path)]
         where = f"offline:{ds.offline[split]}"
     else:
         out = [digest.add(r) for r in hub_rows(name, split)]

@@ -30,50 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # torch and transformers load where they are used: `suites.profiles` reads PRESETS while a
+if TYPE_CHECKING:  # torch and transformers load where they are used: `suites.core.presets` is read while a
     import torch  # command line is checked, which must answer in well under a second
     from transformers import LlamaConfig, LlamaForCausalLM
 
-VOCAB_SP32K = 32000  # the offline LLaMA-format tokenizer (shared/data/tokenizers/mistral-v1-sp32k)
-VOCAB_BPE8K = 8192  # the project's byte-level BPE trained from Wikipedia (suites.data.PROJECT_BPE)
+from suites.core.presets import PRESETS, WEIGHTS, carries_weights  # noqa: F401 (WEIGHTS: the named files)
 
-
-@dataclass(frozen=True)
-class Shape:
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int | None = None
-    vocab: int = VOCAB_SP32K
-    tied: bool = False
-    max_positions: int = 4096
-    rope_theta: float = 10000.0
-    tokenizer: str = "mistral-v1-sp32k"  # the project tokenizer a preset reads text with
-
-
-PRESETS: dict[str, Shape] = {
-    # project-own small configs (CPU profiles and tests)
-    "llama-tiny": Shape(64, 172, 2, 4, vocab=VOCAB_SP32K, tied=True, max_positions=512),
-    "llama-mini": Shape(256, 688, 4, 4, vocab=VOCAB_SP32K, tied=True, max_positions=1024),
-    # shaped like an LLM at CPU scale (issue 12): the 8k BPE vocabulary keeps embeddings (tied with the
-    # lm_head) under 25% of the parameters, so the linear layers dominate compute and memory as at 7B
-    "llama-cpu": Shape(256, 688, 8, 4, vocab=VOCAB_BPE8K, tied=True, max_positions=1024,
-                       tokenizer="wikibpe-8k"),
-    # published shapes (GaLore / OASIS papers)
-    "llama-60m": Shape(512, 1376, 8, 8),
-    "llama-130m": Shape(768, 2048, 12, 12),
-    "llama-350m": Shape(1024, 2736, 24, 16),
-    "llama-1b": Shape(2048, 5461, 24, 32),
-    "llama-2-7b": Shape(4096, 11008, 32, 32),
-    "llama-3.2-1b": Shape(2048, 8192, 16, 32, kv_heads=8, vocab=128256, tied=True, max_positions=131072,
-                          rope_theta=500000.0),
-}
-
-# named model files under the data folder (OASIS_DATA_DIR), loaded with their weights
-WEIGHTS: dict[str, str] = {
-    "smollm2-135m": "models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf",
-}
 GGUF_PACKAGES = ("gguf", "accelerate")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -169,14 +131,9 @@ class Source:
         return self.kind != "preset"
 
 
-def carries_weights(spec: str) -> bool:
-    """True when `spec` names a model with weights (anything but a preset); cheap, touches no file."""
-    return spec not in PRESETS
-
-
 def resolve(spec: str) -> Source:
     """Classify a model spec; ModelUnavailable (one line) when it names nothing loadable here."""
-    from suites.data import data_dir
+    from suites.train.sources import data_dir
 
     spec = str(spec)
     if spec in PRESETS:
@@ -218,7 +175,7 @@ def file_sha256(path: Path) -> str:
 
 
 def _cache_root() -> Path:
-    from suites.data import CACHE_DIR
+    from suites.train.sources import CACHE_DIR
 
     return CACHE_DIR / "models"
 
@@ -255,7 +212,7 @@ def ensure_converted(path: Path) -> Path:
         import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from suites.files import write_json
+        from suites.core.files import write_json
 
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -275,7 +232,7 @@ def ensure_converted(path: Path) -> Path:
                                          "transformers": transformers.__version__, "conversion": CONVERSION,
                                          "gguf": _version("gguf"), "dtype": "float32"})
 
-    from suites.files import atomic_dir
+    from suites.core.files import atomic_dir
 
     return atomic_dir(final, fill)
 
@@ -341,7 +298,7 @@ def _local_tokenizer_files(folder: Path) -> bool:
 
 
 def _project_tokenizer_for_vocab(vocab: int) -> str | None:
-    from suites.data import PROJECT_TOKENIZERS
+    from suites.train.tokenizers import PROJECT_TOKENIZERS
 
     by_vocab = {s.vocab: s.tokenizer for s in PRESETS.values() if s.tokenizer in PROJECT_TOKENIZERS}
     return by_vocab.get(vocab)
@@ -366,11 +323,11 @@ def tokenizer_source(cfg: dict) -> tuple[str, str]:
 
 def load_tokenizer(cfg: dict):
     """The tokenizer of a run: the project's for presets, the model's own for a model with weights."""
-    from suites import data
+    from suites.train import tokenizers
 
     kind, where = tokenizer_source(cfg)
     if kind == "project":
-        return data.load_tokenizer(where)
+        return tokenizers.load_tokenizer(where)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(where)
@@ -395,12 +352,12 @@ def run_fields(cfg: dict) -> dict:
     """What a run's config (and so its record and hash) says about the model: where its weights come
     from (`model_source`), which tokenizer reads its text, its prompt format, and `base: pretrained`
     when the model brings its own weights. Called once when a run is planned."""
-    from suites import data
+    from suites.train import data, tokenizers
 
     spec = weights_spec(cfg)
     if spec is None:
         name = PRESETS[cfg["model"]].tokenizer
-        data.check_tokenizer(name)
+        tokenizers.check_tokenizer(name)
         return {"model_source": {"kind": "preset", "spec": cfg["model"]}, "tokenizer": name,
                 "prompt_format": "plain"}
     source = resolve(spec)
@@ -408,7 +365,7 @@ def run_fields(cfg: dict) -> dict:
     if source.kind == "gguf":
         record.update(file=source.path.name, sha256=file_sha256(source.path))
     tokenizer = load_tokenizer(cfg)
-    fields = {"model_source": record, "tokenizer": data.tokenizer_id(tokenizer),
+    fields = {"model_source": record, "tokenizer": tokenizers.tokenizer_id(tokenizer),
               "prompt_format": data.prompt_format_of(tokenizer),
               "base_seed": None}  # the weights are the model's own: no seed of ours made them
     if carries_weights(cfg["model"]):
@@ -421,7 +378,7 @@ def load_model(cfg: dict, base_dir: str | None = None):
     the project's pretrained base (`base: c4`, read from `base_dir`), or a model's own weights."""
     from transformers import AutoModelForCausalLM
 
-    from suites import dtypes
+    from suites.core import dtypes
 
     device, dtype = cfg["device"], dtypes.torch_dtype(cfg["dtype"])
     attn = "eager" if device == "cpu" else "sdpa"

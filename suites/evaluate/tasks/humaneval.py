@@ -7,10 +7,10 @@ code itself; `chat` (instruct models) asks for the function in the user turn of 
 template and continues the assistant turn from the fenced prompt code (`data.encode_code`), in training,
 generation and canonical NLL alike.
 pass@1: one greedy completion per problem (`max_gen_toks` new tokens, cut at the usual stop strings),
-executed with the problem's tests in `suites.sandbox` (a contained child process per program, a pool of
-them at a time, never inside the harness process); a program passes only if it exits 0 after its last
+executed with the problem's tests in `suites.evaluate.sandbox` (a contained child process per program, a pool
+of them at a time, never inside the harness process); a program passes only if it exits 0 after its last
 statement, so an accidental early exit fails (a program written to forge a pass is not stopped: see
-`suites.sandbox`).
+`suites.evaluate.sandbox`).
 `canonical_nll`: token-weighted NLL of the canonical solutions given their prompts.
 """
 
@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from suites import data, sandbox, sources
-from suites.tasks._eval import mean_nll, ppl
+from suites.evaluate import sandbox
+from suites.evaluate.tasks._eval import mean_nll, ppl
+from suites.train import data, sources
 
 FINETUNE = True
 HEADLINE = "pass@1"
@@ -80,7 +81,8 @@ def greedy_completions(
 def run_program(program: str, timeout: float) -> bool:
     """True when `program` exited 0 after its last statement within `timeout` s, in the sandbox.
 
-    An accidental early exit fails; a program written to forge a pass is not stopped (`suites.sandbox`).
+    An accidental early exit fails; a program written to forge a pass is not stopped
+    (`suites.evaluate.sandbox`).
     """
     return sandbox.run(program, timeout).passed
 

@@ -1,6 +1,6 @@
 """Where the runs of a sweep execute. `suites.run` plans the configs; a launcher runs each of them through
-`suites.run.run_config` (lock, skip when another sweep finished it, one record per run in --out) and yields
-each config with its outcome as it finishes, in any order:
+`suites.launch.runs.run_config` (lock, skip when another sweep finished it, one record per run in --out) and
+yields each config with its outcome as it finishes, in any order:
 
   Sequential        one run after another on this machine (the default)
   Parallel(K)       K runs at once on this machine; on GPUs each run gets its own devices
@@ -28,7 +28,7 @@ LAUNCHERS = ("local", "slurm", "submitit-local")
 
 class Sequential:
     def run(self, configs: list[dict], out: Path) -> Iterator[tuple[dict, str]]:
-        from suites.run import run_config
+        from suites.launch.runs import run_config
 
         for cfg in configs:
             yield cfg, run_config(cfg, out)
@@ -42,7 +42,7 @@ class Parallel:
         self.k, self.devices = k, devices
 
     def run(self, configs: list[dict], out: Path) -> Iterator[tuple[dict, str]]:
-        from suites.run import run_config
+        from suites.launch.runs import run_config
 
         slots: queue.Queue = queue.Queue()
         if self.devices is None:
@@ -76,7 +76,7 @@ class Parallel:
 
 def run_job(cfg: dict, out: str) -> str:
     """The body of one submitit job: the run under its lock, exactly as on this machine."""
-    from suites.run import run_config
+    from suites.launch.runs import run_config
 
     return run_config(cfg, Path(out))
 
@@ -109,8 +109,8 @@ class Submitit:
     def run(self, configs: list[dict], out: Path) -> Iterator[tuple[dict, str]]:
         import submitit
 
-        from suites import records
-        from suites.run import failure_record
+        from suites.core import records
+        from suites.launch.runs import failure_record
 
         if not configs:
             return

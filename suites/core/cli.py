@@ -1,7 +1,7 @@
 """Command-line plumbing shared by every entry point (`suites.run`, `suites.memory`, `suites.memcheck`,
 `reports.build`): one-line usage errors with exit status 2, a clean Ctrl-C, and the offline environment.
 
-    from suites.cli import Parser, UsageError, cli_main
+    from suites.core.cli import Parser, UsageError, cli_main
     def main(argv=None) -> int:
         args = parser().parse_args(argv)       # bad arguments raise UsageError
         ...
@@ -14,6 +14,7 @@ This module imports nothing heavy (no torch), so that bad input is reported in w
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -84,3 +85,25 @@ def positive_int(text: str) -> int:
 def nonnegative_int(text: str) -> int:
     """argparse type: an integer >= 0, with its own one-line message."""
     return _int_at_least(text, 0, "an integer >= 0")
+
+
+def key_value(text: str):
+    """`--set key=value` (JSON value, else the text) for argparse."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        value = json.loads(value)
+    except json.JSONDecodeError:
+        pass
+    return key, value
+
+
+def dtype_name(text: str) -> str:
+    """A `--dtype` of `suites.core.dtypes` (any alias), canonical, for argparse."""
+    try:
+        from suites.core import dtypes
+
+        return dtypes.canonical(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -60,8 +60,8 @@ import sys
 import warnings
 from dataclasses import dataclass
 
-from suites import sandbox_child
-from suites.sandbox_child import landlock_abi
+from suites.evaluate import sandbox_child
+from suites.evaluate.sandbox_child import landlock_abi
 
 __all__ = ["Limits", "Outcome", "landlock_abi", "nproc_enforced", "run", "run_many"]
 

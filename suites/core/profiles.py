@@ -18,7 +18,7 @@ import copy
 
 import yaml
 
-from suites import dtypes
+from suites.core import dtypes
 
 # Hyper-parameters that make a method recompute its projection every N optimizer steps. Quality runs keep
 # each method's published period (GaLore 200, PCA 200, CompAct 50); when it puts no refresh inside the
@@ -28,7 +28,7 @@ PERIODIC_KEYS = ("refresh_every", "update_proj_gap")
 
 # Keys every training profile has (values here are only the types' witnesses; profiles set them all).
 _TRAIN = dict(
-    model="llama-tiny",  # preset in suites.models.PRESETS
+    model="llama-tiny",  # preset in suites.core.presets.PRESETS
     base="random",  # "random" (random init) | "c4" (pretrained by this project's c4 suite) | hub id
     base_steps=0,  # optimizer steps of the c4 pretraining that makes a "c4" base
     base_lr=3e-3,  # learning rate of that pretraining (AdamW)
@@ -49,7 +49,7 @@ _TRAIN = dict(
     betas=(0.9, 0.999),
     eps=1e-8,
     rank=8,
-    lean_activations=False,  # suites.lean: memory-lean RMSNorm/SwiGLU autograd, applied to every method alike
+    lean_activations=False,  # suites.train.lean: lean RMSNorm/SwiGLU autograd, for every method alike
     eval_limit=4,  # problems / documents evaluated (None = all)
     eval_batch=8,
     max_gen_toks=32,  # greedy generation budget for accuracy / pass@1
@@ -61,7 +61,7 @@ _TRAIN = dict(
 _OPTIONAL = dict(
     eval_every=0,  # evaluate the suite's headline metric every N optimizer steps into the loss curve (0: off)
     val_tokens=0,  # tokens of a validation slice of the training corpus (c4: `val_loss`; 0: off)
-    track_points=0,  # steps of the tracking diagnostic (suites.tracking), spread over the run (0: off)
+    track_points=0,  # steps of the tracking diagnostic (suites.measure.tracking) over the run; 0: off
     track_tokens=1024,  # held-out tokens the tracking diagnostic measures each basis on
 )
 _TRAIN.update(_OPTIONAL)
@@ -446,7 +446,7 @@ def apply_overrides(prof: dict, overrides: list[tuple[str, str]], method_keys: d
 
     `lr=X` sets every method's learning rate; `lr.NAME=X` sets one method's.
     """
-    from suites.registry import option_witnesses
+    from suites.core.registry import option_witnesses
 
     prof = copy.deepcopy(prof)
     method_keys = {**option_witnesses(), **method_keys}  # options (lora_targets, ...) are method keys too
@@ -488,7 +488,7 @@ def _apply_pretrained(prof: dict, given: set) -> None:
     """A profile's `pretrained` budget replaces its own when the model brings its own weights (a 135M
     pretrained model in place of a tiny random one: fewer, shorter steps keep a smoke run short on CPU);
     keys set on the command line stay as given."""
-    from suites.models import carries_weights
+    from suites.core.presets import carries_weights
 
     if "pretrained" in prof and carries_weights(prof["model"]):
         prof.update({k: v for k, v in prof["pretrained"].items() if k not in given})
@@ -528,7 +528,7 @@ def resolve(suite: str, profile_name: str, prof: dict, method: str, defaults: di
             cfg[key] = value
         elif key != "lr":
             cfg[key] = prof.get(key, value)
-    from suites.registry import method_options
+    from suites.core.registry import method_options
 
     # a method's options are in its config only when set, so a run of the defaults keeps its hash
     cfg.update({k: prof[k] for k in method_options(method) if k in prof})
