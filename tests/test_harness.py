@@ -385,7 +385,7 @@ def test_help_lists_every_method_and_what_differs():
 def test_registry_reads_defaults_without_importing_the_methods():
     probe = (
         "import sys\n"
-        "from suites import registry\n"
+        "from suites.core import registry\n"
         "d = {m: registry.method_defaults(m) for m in registry.ALL_METHODS}\n"
         "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))\n"
     )

@@ -362,7 +362,8 @@ PROFILES: dict[str, dict[str, dict]] = {
 }
 
 
-# what a suite's records say about its data (suites/tasks/c4.py: offline it trains and validates on Wikipedia)
+# what a suite's records say about its data (suites/evaluate/tasks/c4.py: offline it trains and validates
+# on Wikipedia)
 SUITE_FIELDS = {"c4": {"train_corpus": "wikipedia-en train", "eval_corpus": "wikipedia-en validation"}}
 
 # profile entries that are not --set keys

@@ -1,8 +1,8 @@
 """Choosing a method's learning rate (study v2, issue 20): on the validation split, never on the reported
 numbers. `val_loss` is the c4 suite's loss on the slice of the Wikipedia validation file after the
-`eval_loss` tokens (suites/tasks/c4.py), disjoint from training and from every reported metric. The rate
-with the lowest mean `val_loss` over its ok runs wins; ties go to the smaller rate. A winner at an edge of
-the rates tried is no optimum, so the grid grows past it by one factor of 2 (`beyond_the_edge`) up to
+`eval_loss` tokens (suites/evaluate/tasks/c4.py), disjoint from training and from every reported metric.
+The rate with the lowest mean `val_loss` over its ok runs wins; ties go to the smaller rate. A winner at an
+edge of the rates tried is no optimum, so the grid grows past it by one factor of 2 (`beyond_the_edge`) up to
 MAX_EXTENSIONS times. suites.study runs the
 main rows at that rate and reports.load picks the same row for the main table, through this one rule.
 """

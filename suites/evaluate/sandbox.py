@@ -49,7 +49,7 @@ interpreter usually lives where another uid cannot read it, so the child is not 
 the harness runs as root, fork bombs are contained by the guard (fork, spawn, subprocess and ctypes are
 unavailable) and by the process-group kill at the end of the run; `nproc_enforced()` says which applies.
 
-The child side (limits, Landlock, capabilities, guard) is `suites/sandbox_child.py`, run as a script.
+The child side (limits, Landlock, capabilities, guard) is `suites/evaluate/sandbox_child.py`, run as a script.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Stdlib only, and as few imports as possible: it starts once per program. The harness passes, as integer
 arguments: the token pipe's read end, the result pipe's write end, the address-space, process, file-size
-and CPU-second limits, and whether to apply Landlock and the guard. See suites/sandbox.py for the design
-and its threat model (the program runs in this process, so it can reach the token: accidental early exits
-fail, deliberate forgery is not stopped).
+and CPU-second limits, and whether to apply Landlock and the guard. See suites/evaluate/sandbox.py for the
+design and its threat model (the program runs in this process, so it can reach the token: accidental early
+exits fail, deliberate forgery is not stopped).
 """
 
 from __future__ import annotations
