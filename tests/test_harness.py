@@ -527,7 +527,16 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, target):
         os.killpg(proc.pid, signal.SIGINT)
     else:
         proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        # seen twice, only in full-suite runs on an overloaded 2-core machine, never alone: leave evidence
+        tree = subprocess.run(["ps", "-o", "pid,ppid,stat,etime,wchan:20,cmd", "-g", str(proc.pid)],
+                              capture_output=True, text=True).stdout
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the sweep did not exit within 120 s of SIGINT; its process group:\n{tree}\n"
+                    f"stderr tail:\n{stderr[-2000:]}")
     assert proc.returncode == 130
     assert stderr.strip() == sweep.INTERRUPTED and "Traceback" not in stderr
     assert stdout == ""
