@@ -296,11 +296,14 @@ def _run_main(out: str) -> int:
                         return code
                 before = {records.config_hash(c) for c in missing}
                 found, missing = lr_records(owner, out, frozenset(given_up))
+                newly = set()
                 for cfg in missing:  # ran here and left no record (not held by another sweep): no value
                     with records.run_lock(out, cfg) as free:
                         if free:
-                            given_up.add(records.config_hash(cfg))
-                found, missing = lr_records(owner, out, frozenset(given_up))
+                            newly.add(records.config_hash(cfg))
+                if newly:  # reading the records and planning the stage again only when something changed
+                    given_up |= newly
+                    found, missing = lr_records(owner, out, frozenset(given_up))
                 progressed |= {records.config_hash(c) for c in missing} != before  # not all held elsewhere
             if missing:
                 continue
