@@ -60,9 +60,20 @@ def test_main_rows_at_a_chosen_rate_reuse_the_lr_stages_seed_0_run():
     assert len(lr_runs) == 18
     for (method, lr), digest in lr_runs.items():
         main = study.configs_of(study.main_argv(method, lr, "unused-out"))
-        assert sorted(c["seed"] for c in main) == [0, 1, 2]
+        five = method in ("oasis", "pca")
+        assert sorted(c["seed"] for c in main) == ([0, 1, 2, 3, 4] if five else [0, 1, 2])
         (seed0,) = [c for c in main if c["seed"] == 0]
         assert records.config_hash(seed0) == digest, (method, lr)
+
+
+def test_the_comparisons_that_isolate_the_basis_run_five_seeds_at_their_methods_rate():
+    lr = 2e-3
+    seeds = {m: sorted(c["seed"] for c in study.configs_of(study.main_argv(m, lr, "unused-out")))
+             for m in ("oasis", "oasis-frozen", "pca", "adam", "oasis-notransport", "galore")}
+    assert seeds["oasis"] == seeds["oasis-frozen"] == seeds["pca"] == [0, 1, 2, 3, 4]
+    assert seeds["adam"] == seeds["oasis-notransport"] == seeds["galore"] == [0, 1, 2]
+    main = dict(study.plan_rows("unused-out"))[study.MAIN]
+    assert sum(c["method"] == "oasis-frozen" for c in main) == 5
 
 
 def test_periodic_methods_refresh_at_least_ten_times_inside_the_horizon():
@@ -92,8 +103,9 @@ def test_plan_hours_follow_the_measured_step_times(tmp_path, capsys):
     assert study.main(["--plan", "--timings", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     # 6 methods x 3 rates + pca 2 + galore 2 + 2 methods x 4 ranks + oasis 3 steps + 6 methods x 2 seeds
-    # + 2 oasis ablations x 3 seeds (rates past a grid's edge are not known before its runs)
-    runs = 18 + 2 + 2 + 8 + 3 + 12 + 6
+    # + 2 oasis ablations x 3 seeds + oasis, oasis-frozen and pca x 2 more seeds (rates past a grid's edge
+    # are not known before its runs)
+    runs = 18 + 2 + 2 + 8 + 3 + 12 + 6 + 6
     hours = runs * (profiles.STUDY_STEPS * 0.5 + 10) / 3600
     total = [line for line in out.splitlines() if line.strip().startswith("total")][0].split()
     assert int(total[1]) == runs
@@ -152,7 +164,7 @@ def test_main_runs_each_method_at_its_validated_rate_and_waits_for_unfinished_lr
     assert rates["oasis"] == [pytest.approx(base["oasis"] * 4), pytest.approx(base["oasis"] * 8)]
     assert rates["oasis-frozen"] == rates["oasis-notransport"] == [pytest.approx(base["oasis"] * 4)]
     assert rates["adam"] == [pytest.approx(base["adam"] / 2), pytest.approx(base["adam"])]
-    assert len(waits) == 1 and len(ran) == 8 * 3 + 6
+    assert len(waits) == 1 and len(ran) == 8 * 3 + 3 * 2 + 6  # 3 seeds each, 5 for oasis, frozen and pca
 
 
 # ------------------------------------------------------------------------------- the grid past its edge
