@@ -111,7 +111,7 @@ def build(results: Path, out: Path, log=print, warn=None) -> dict:
                 metrics = figures.panel_metrics([g for _, pts in lines for g in pts], comp.headline())
                 if key == "lr":  # the selection metric beside the headline: why a row's rate was chosen
                     metrics = list(dict.fromkeys(["val_loss", *metrics]))
-                caption = f"{title}: {comp.suite} ({comp.profile} profile), {comp.seeds_caption}"
+                caption = f"{title}: {comp.suite} ({comp.profile} profile), {comp.sweep_seeds_caption(key)}"
                 written += sweep_table(f"{stem}_{comp.suite}_{comp.profile}", caption, comp, key,
                                        metrics).write(out)
     for d in (figures.loss_curves(comps, out), figures.subspace_drift(comps, out),

@@ -97,6 +97,20 @@ class Comparison:
         word = "seed" if len(self.seeds) == 1 else "seeds"
         return f"{word} {seeds_text(self.seeds)} (n={len(self.seeds)})"
 
+    def sweep_seeds_caption(self, key: str) -> str:
+        """The seeds an ablation's points are on: the main rows' seeds, or fewer where a line's points lack
+        some (each line then keeps the seeds all its points have)."""
+        on = {tuple(g.seeds) for _, pts in self.sweeps[key] for g in pts}
+        if on == {tuple(self.seeds)}:
+            return self.seeds_caption
+        if len(on) == 1:
+            (seeds,) = on
+            word = "seed" if len(seeds) == 1 else "seeds"
+            return (f"{word} {seeds_text(seeds)} (n={len(seeds)}; the main rows use seeds "
+                    f"{seeds_text(self.seeds)})")
+        return ("each line on the seeds all its points have (n per row; the main rows use "
+                f"{seeds_text(self.seeds)})")
+
     def headline(self) -> str | None:
         recorded = {m for g in self.rows for r in g.ok_runs for m in (r.get("metrics") or {})
                     if g.values("metrics", m)}

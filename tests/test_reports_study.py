@@ -125,6 +125,14 @@ def test_a_one_seed_ablation_is_drawn_on_its_seed(results):
     assert any("on seed(s) 0, the seeds all its points have" in n for n in comp.seed_notes)
 
 
+def test_a_one_seed_ablation_table_names_its_seed_not_the_main_rows(results, tmp_path):
+    build(results, tmp_path / "out")
+    text = (tmp_path / "out" / "table3_rank_ablation_c4_study.md").read_text()
+    caption = text.splitlines()[0]
+    assert caption.endswith("seed 0 (n=1; the main rows use seeds 0,1,2)**"), caption
+    assert "Every point is the mean over seed 0 (n=1; the main rows use seeds 0,1,2)" in text
+
+
 def test_a_metric_zero_everywhere_gets_no_panel(results):
     comp = _comp(results)
     # even asked for first (a headline that is 0 everywhere, like strict accuracy at CPU scale)
