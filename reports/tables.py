@@ -607,9 +607,10 @@ def sweep_table(name: str, caption: str, comp: Comparison, key: str, metrics: li
                           + _diff_cols(comp.vs_adam(g, "metrics", m))]
                        + _stat_cols(peak)[:3])
     notes = [f"Each line holds configurations identical except `{key}` (and seed). Every point is the mean "
-             f"over {comp.seeds_caption}, the seeds of the reference configuration in "
-             f"table1_main_{comp.suite}_{comp.profile}; points lacking one are dropped (see MISSING.md). "
-             "± is the half-width of the 95% t-interval; status counts every record of the point.",
+             f"over {comp.sweep_seeds_caption(key)}: the seeds of the reference configuration in "
+             f"table1_main_{comp.suite}_{comp.profile}, or those all points of a line have where some lack "
+             "one (see MISSING.md). ± is the half-width of the 95% t-interval; a single seed shows its value "
+             "alone; status counts every record of the point.",
              f"Δ vs adam: per-seed differences against adam's reference row; {DAGGER} marks a 95% interval "
              "that excludes 0."]
     return Table(name, caption, header, rows, csv_header, raw, notes)
