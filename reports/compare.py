@@ -30,10 +30,12 @@ HEADLINE = {"gsm8k": ("answer_nll", "accuracy"), "humaneval": ("canonical_nll", 
             "c4": ("eval_loss", "c4_sample_loss", "c4_eval_loss")}
 SWEEP_KEYS = ("rank", "subspace_lr", "lr", "refresh_every", "update_proj_gap")
 # paired differences against chosen references, each on the seeds its pair has: adam again, what isolates
-# OASIS's mechanism (its own frozen basis, its basis without moment transport) and the periodic alternative
-# it replaces (pca)
+# OASIS's mechanism (its own frozen basis, its basis without moment transport), the periodic alternative
+# it replaces (pca), and the gradient-subspace methods it competes with (galore, ldadam), so that a table
+# shows where OASIS loses as plainly as where it wins
 REFERENCE_PAIRS = (("oasis", "adam"), ("oasis", "oasis-frozen"), ("oasis", "pca"),
-                   ("oasis", "oasis-notransport"), ("pca", "oasis-frozen"))
+                   ("oasis", "oasis-notransport"), ("pca", "oasis-frozen"), ("oasis", "galore"),
+                   ("oasis", "ldadam"))
 RATIO_KEYS = ("model", "dtype", "batch", "seq_len")  # an adam row compared with another row matches these
 
 

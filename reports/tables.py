@@ -449,7 +449,8 @@ def references_table(comp: Comparison) -> Table | None:
              f"configuration, over the seeds both methods have (n); {DAGGER} marks an interval that excludes "
              "0. oasis − adam: does OASIS keep Adam's quality; oasis − oasis-frozen isolates the online "
              "basis update; oasis − pca compares online tracking with periodic recomputation; oasis − "
-             "oasis-notransport isolates the moment transport."]
+             "oasis-notransport isolates the moment transport; oasis − galore and oasis − ldadam compare it "
+             "with the gradient-subspace methods (peak memory of each row: table1_main)."]
     return Table(f"table1_references_{comp.suite}_{comp.profile}", caption, header, rows, csv_header, raw,
                  notes)
 

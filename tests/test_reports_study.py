@@ -109,6 +109,21 @@ def test_oasis_against_its_frozen_basis_and_pca_is_paired_by_seed(results):
         assert rows[("oasis", ref)][3] == "3"
 
 
+def test_oasis_against_galore_and_ldadam_is_paired_on_the_seeds_they_share(results):
+    """The comparisons OASIS can lose are in the table too, each on its own shared seeds."""
+    galore, ldadam = [6.0, 6.05], [6.5]  # galore on seeds 0-1, ldadam on seed 0 only
+    for seed, loss in enumerate(galore):
+        _write(results, "galore", seed, {"eval_loss": loss, "unigram_eval_loss": UNIGRAM[seed]}, lr=1e-3)
+    _write(results, "ldadam", 0, {"eval_loss": ldadam[0], "unigram_eval_loss": UNIGRAM[0]}, lr=1e-3)
+    table = references_table(_comp(results))
+    rows = {(r[0], r[1]): r for r in table.rows if r[2].startswith("held-out loss")}
+    diffs = [LOSS["oasis"][s] - galore[s] for s in (0, 1)]  # +0.25, +0.25
+    assert rows[("oasis", "galore")][3] == "2"
+    assert rows[("oasis", "galore")][4].startswith(f"{statistics.fmean(diffs):+.3f}")
+    assert rows[("oasis", "ldadam")][3] == "1"
+    assert rows[("oasis", "ldadam")][4].startswith(f"{LOSS['oasis'][0] - ldadam[0]:+.3f}".replace("-", "−"))
+
+
 def test_the_main_row_is_at_the_rate_chosen_on_validation(results):
     refs = {g.method: g for g in reference_groups(group_runs(load(results).runs))}
     # 1e-3 is the modal rate (every other method uses it, and its eval_loss 5.0 is adam's best): the
