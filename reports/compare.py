@@ -39,6 +39,11 @@ REFERENCE_PAIRS = (("oasis", "adam"), ("oasis", "oasis-frozen"), ("oasis", "pca"
 RATIO_KEYS = ("model", "dtype", "batch", "seq_len")  # an adam row compared with another row matches these
 
 
+def _seeds_caption(seeds, more: str = "") -> str:
+    word = "seed" if len(seeds) == 1 else "seeds"
+    return f"{word} {seeds_text(seeds)} (n={len(seeds)}{more})"
+
+
 def sweep_lines(groups: list[Group], key: str) -> list[tuple[Group, list[Group]]]:
     """Groups that differ only in `key` (and seed) form one line: [(first group, points sorted by key)].
     Only lines with at least two values of `key` are an ablation."""
@@ -96,8 +101,7 @@ class Comparison:
 
     @property
     def seeds_caption(self) -> str:
-        word = "seed" if len(self.seeds) == 1 else "seeds"
-        return f"{word} {seeds_text(self.seeds)} (n={len(self.seeds)})"
+        return _seeds_caption(self.seeds)
 
     def sweep_seeds_caption(self, key: str) -> str:
         """The seeds an ablation's points are on: the main rows' seeds, or fewer where a line's points lack
@@ -107,9 +111,7 @@ class Comparison:
             return self.seeds_caption
         if len(on) == 1:
             (seeds,) = on
-            word = "seed" if len(seeds) == 1 else "seeds"
-            return (f"{word} {seeds_text(seeds)} (n={len(seeds)}; the main rows use seeds "
-                    f"{seeds_text(self.seeds)})")
+            return _seeds_caption(seeds, f"; the main rows use seeds {seeds_text(self.seeds)}")
         return ("each line on the seeds all its points have (n per row; the main rows use "
                 f"{seeds_text(self.seeds)})")
 
