@@ -1,4 +1,4 @@
-"""Evaluation helpers shared by the suites: token-weighted NLL over labelled batches."""
+"""Evaluation helpers shared by the suites: token-weighted NLL over labelled batches, the prompt format."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from suites.train.data import IGNORE
+
+
+def prompt_format(cfg: dict) -> str:
+    """How a fine-tuning suite formats prompts (`run_fields` records it; older configs lack it: plain)."""
+    return cfg.get("prompt_format", "plain")
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ import torch
 
 from suites.core import files
 from suites.core.profiles import option
-from suites.evaluate.tasks._eval import ppl, scored_batches
+from suites.evaluate.tasks._eval import ppl, prompt_format, scored_batches
 from suites.train import data, sources
 
 FINETUNE = True
@@ -47,10 +47,6 @@ def train_batches(tokenizer, cfg: dict) -> list[dict]:
         tokenizer, steps=cfg["steps"], batch=cfg["batch"], seq_len=cfg["seq_len"], seed=cfg["seed"],
         fmt=prompt_format(cfg),
     )
-
-
-def prompt_format(cfg: dict) -> str:
-    return cfg.get("prompt_format", "plain")
 
 
 def final_number_span(tokenizer, answer: str, answer_ids: list[int]) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from suites.evaluate import sandbox
-from suites.evaluate.tasks._eval import mean_nll, ppl
+from suites.evaluate.tasks._eval import mean_nll, ppl, prompt_format
 from suites.train import data, sources
 
 FINETUNE = True
@@ -37,10 +37,6 @@ def train_batches(tokenizer, cfg: dict) -> list[dict]:
         tokenizer, steps=cfg["steps"], batch=cfg["batch"], seq_len=cfg["seq_len"], seed=cfg["seed"],
         fmt=prompt_format(cfg),
     )
-
-
-def prompt_format(cfg: dict) -> str:
-    return cfg.get("prompt_format", "plain")
 
 
 def truncate(completion: str) -> str:
