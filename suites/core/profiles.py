@@ -103,6 +103,20 @@ _LRS_FT_CPU = {
     "qlora": 3e-3,
     "default": 1e-3,
 }
+# the paper profiles fine-tune Llama-2-7B (gsm8k) and Llama-3.2-1B (humaneval) at the same rates
+_LRS_PAPER_FT = {
+    "adam": 1e-5,
+    "lora": 2e-4,
+    "galore": 1e-5,
+    "ldadam": 1e-5,
+    "pca": 1e-5,
+    "oasis": 1e-5,
+    "apollo": 1e-5,
+    "apollo-mini": 1e-5,
+    "adam-mini": 1e-5,
+    "qlora": 2e-4,
+    "default": 1e-5,
+}
 _LRS_PT = {
     "adam": 1e-3,
     "lora": 1e-3,
@@ -264,19 +278,7 @@ PROFILES: dict[str, dict[str, dict]] = {
             eval_limit=None,
             eval_batch=32,
             max_gen_toks=256,
-            lrs={
-                "adam": 1e-5,
-                "lora": 2e-4,
-                "galore": 1e-5,
-                "ldadam": 1e-5,
-                "pca": 1e-5,
-                "oasis": 1e-5,
-                "apollo": 1e-5,
-                "apollo-mini": 1e-5,
-                "adam-mini": 1e-5,
-                "qlora": 2e-4,
-                "default": 1e-5,
-            },
+            lrs=dict(_LRS_PAPER_FT),
         ),
     },
     "humaneval": {
@@ -344,19 +346,7 @@ PROFILES: dict[str, dict[str, dict]] = {
             eval_limit=None,
             eval_batch=16,
             max_gen_toks=512,
-            lrs={
-                "adam": 1e-5,
-                "lora": 2e-4,
-                "galore": 1e-5,
-                "ldadam": 1e-5,
-                "pca": 1e-5,
-                "oasis": 1e-5,
-                "apollo": 1e-5,
-                "apollo-mini": 1e-5,
-                "adam-mini": 1e-5,
-                "qlora": 2e-4,
-                "default": 1e-5,
-            },
+            lrs=dict(_LRS_PAPER_FT),
         ),
     },
 }
